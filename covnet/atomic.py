@@ -1,0 +1,39 @@
+"""Write-to-temporary-then-rename, so that an interrupted job never leaves a file that looks finished."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """A hidden name next to ``path`` that keeps its suffixes (SimpleITK picks the format by them)."""
+    path = Path(path)
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path; on success rename it onto ``path``, on failure delete it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(final)
+    try:
+        yield temporary
+        os.replace(temporary, final)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)

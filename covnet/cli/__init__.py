@@ -1,0 +1,1 @@
+"""Thin argparse front ends: parse flags, call one function, print."""

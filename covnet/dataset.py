@@ -1,0 +1,154 @@
+"""``raw/dataset.json`` as a typed object, case discovery and raw-data validation.
+
+The format is nnU-Net v2's: images ``imagesTr/CASE_0000<ending>``, labels ``labelsTr/CASE<ending>``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from covnet.atomic import write_json
+from covnet.errors import CovnetError
+from covnet.io import Geometry, is_image_file, read_geometry, read_image
+
+CHANNEL_SUFFIX = "_0000"
+COVID_LABELS = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
+COVID_REGIONS = {"lungs": [1, 2, 3], "infection": [3]}
+
+
+@dataclass
+class DatasetDescription:
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    num_training: int
+    file_ending: str = ".nii.gz"
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
+    name: str = "covnet"
+
+    @property
+    def label_values(self) -> list[int]:
+        return sorted(self.labels.values())
+
+    @property
+    def foreground_labels(self) -> dict[str, int]:
+        return {name: value for name, value in self.labels.items() if value != 0}
+
+    def group_of(self, case: str) -> str:
+        """The patient a case belongs to; a case without a group is its own patient."""
+        return self.groups.get(case, case)
+
+    def to_json(self) -> dict:
+        data = {"name": self.name, "channel_names": self.channel_names, "labels": self.labels,
+                "numTraining": self.num_training, "file_ending": self.file_ending}
+        if self.regions:
+            data["regions"] = self.regions
+        if self.groups:
+            data["groups"] = self.groups
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict, source: str | os.PathLike = "dataset.json") -> "DatasetDescription":
+        for key in ("channel_names", "labels"):
+            if key not in data:
+                raise CovnetError(source, f"has no '{key}' entry")
+        labels = {str(name): int(value) for name, value in data["labels"].items()}
+        if labels.get("background") != 0:
+            raise CovnetError(source, "labels must declare background as 0")
+        regions = {str(name): [int(v) for v in values] for name, values in data.get("regions", {}).items()}
+        for name, values in regions.items():
+            unknown = set(values) - set(labels.values())
+            if unknown:
+                raise CovnetError(source, f"region '{name}' uses undeclared label values {sorted(unknown)}")
+        return cls(channel_names={str(k): str(v) for k, v in data["channel_names"].items()}, labels=labels,
+                   num_training=int(data.get("numTraining", 0)), file_ending=str(data.get("file_ending", ".nii.gz")),
+                   regions=regions, groups={str(k): str(v) for k, v in data.get("groups", {}).items()},
+                   name=str(data.get("name", "covnet")))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DatasetDescription":
+        path = Path(path)
+        if not path.is_file():
+            raise CovnetError(path, "dataset.json not found; import a dataset or run covnet_make_phantoms first")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CovnetError(path, f"is not valid JSON ({error})") from None
+        return cls.from_json(data, path)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_json())
+
+
+def find_cases(images_dir: str | os.PathLike, file_ending: str = ".nii.gz") -> list[str]:
+    """Case identifiers of ``CASE_0000<ending>`` files in ``images_dir`` (sorted)."""
+    images_dir = Path(images_dir)
+    suffix = CHANNEL_SUFFIX + file_ending
+    return sorted(p.name[: -len(suffix)] for p in images_dir.iterdir() if p.name.endswith(suffix) and is_image_file(p)) \
+        if images_dir.is_dir() else []
+
+
+def image_path(images_dir: str | os.PathLike, case: str, file_ending: str = ".nii.gz") -> Path:
+    return Path(images_dir) / f"{case}{CHANNEL_SUFFIX}{file_ending}"
+
+
+def label_path(labels_dir: str | os.PathLike, case: str, file_ending: str = ".nii.gz") -> Path:
+    return Path(labels_dir) / f"{case}{file_ending}"
+
+
+def check_label_values(label: np.ndarray, description: DatasetDescription, path: str | os.PathLike) -> None:
+    present = np.unique(label)
+    undeclared = sorted(set(int(v) for v in present) - set(description.label_values))
+    if undeclared or not np.all(np.equal(np.mod(present, 1), 0)):
+        raise CovnetError(path, f"label values {undeclared} are not declared in dataset.json "
+                                f"(declared: {description.label_values})")
+
+
+def check_same_grid(image_geometry: Geometry, label_geometry: Geometry, label_file: str | os.PathLike) -> None:
+    if not image_geometry.matches(label_geometry):
+        raise CovnetError(label_file, f"geometry does not match its image (label shape {list(label_geometry.shape)} "
+                                      f"spacing {list(label_geometry.spacing)} vs image shape "
+                                      f"{list(image_geometry.shape)} spacing {list(image_geometry.spacing)})")
+
+
+def validate_labelled_case(images_dir: Path, labels_dir: Path, case: str,
+                           description: DatasetDescription) -> None:
+    """Read one labelled case whole and raise ``CovnetError`` for the first problem found."""
+    image_file = image_path(images_dir, case, description.file_ending)
+    label_file = label_path(labels_dir, case, description.file_ending)
+    if not label_file.is_file():
+        raise CovnetError(image_file, f"has no label (expected {label_file})")
+    _, image_geometry = read_image(image_file)
+    label, label_geometry = read_image(label_file)
+    check_same_grid(image_geometry, label_geometry, label_file)
+    check_label_values(label, description, label_file)
+
+
+def validate_raw_dataset(raw_dir: str | os.PathLike, check_content: bool = True) -> tuple[DatasetDescription, list[str]]:
+    """Check ``raw/`` before anything is written from it; return the description and the labelled cases."""
+    raw_dir = Path(raw_dir)
+    description = DatasetDescription.load(raw_dir / "dataset.json")
+    images_dir, labels_dir = raw_dir / "imagesTr", raw_dir / "labelsTr"
+    cases = find_cases(images_dir, description.file_ending)
+    if not cases:
+        raise CovnetError(images_dir, f"holds no images named CASE{CHANNEL_SUFFIX}{description.file_ending}")
+    for label_file in sorted(labels_dir.glob(f"*{description.file_ending}")) if labels_dir.is_dir() else []:
+        case = label_file.name[: -len(description.file_ending)]
+        if case not in cases and not label_file.name.startswith("."):
+            raise CovnetError(label_file, f"has no image (expected {image_path(images_dir, case, description.file_ending)})")
+    for case in cases:
+        if check_content:
+            validate_labelled_case(images_dir, labels_dir, case, description)
+        elif not label_path(labels_dir, case, description.file_ending).is_file():
+            raise CovnetError(image_path(images_dir, case, description.file_ending),
+                              f"has no label (expected {label_path(labels_dir, case, description.file_ending)})")
+    return description, cases
+
+
+__all__ = ["DatasetDescription", "find_cases", "image_path", "label_path", "validate_raw_dataset",
+           "validate_labelled_case", "check_label_values", "check_same_grid", "read_geometry",
+           "COVID_LABELS", "COVID_REGIONS", "CHANNEL_SUFFIX"]
