@@ -11,3 +11,7 @@ class CovnetError(Exception):
         self.path = None if path is None else os.fspath(path)
         self.problem = " ".join(str(problem).split())  # always one line
         super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
+
+    def __reduce__(self):
+        # Keep the (path, problem) pair when the error crosses a process boundary.
+        return (CovnetError, (self.path, self.problem))

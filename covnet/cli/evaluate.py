@@ -1,0 +1,59 @@
+"""``covnet_evaluate``: Dice and normalized surface Dice of a prediction folder against a reference folder."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from covnet.cli.common import run_command
+from covnet.dataset import COVID_LABELS, COVID_REGIONS, DatasetDescription
+from covnet.evaluation import evaluate_folders, format_mean_table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="covnet_evaluate",
+        description="Per-case and mean Dice and normalized surface Dice (NSD tolerance 3 mm for infection, "
+                    "1 mm otherwise) of predicted label maps against reference label maps.")
+    parser.add_argument("--ref", required=True, type=Path, help="folder of reference label files CASE<ending>")
+    parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label files of the same names")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="dataset.json naming labels and regions (default: <ref>/../dataset.json if it "
+                             "exists, else the COVID-19-CT-Seg labels)")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="summary JSON to write; a CSV with the same stem goes beside it "
+                             "(default: <pred>/summary.json)")
+    parser.add_argument("-np", "--num-processes", type=int, default=1, help="cases evaluated in parallel")
+    return parser
+
+
+def covid_description() -> DatasetDescription:
+    return DatasetDescription(channel_names={"0": "CT"}, labels=dict(COVID_LABELS), num_training=0,
+                              regions={name: list(values) for name, values in COVID_REGIONS.items()})
+
+
+def description_for(labels_file: Path | None, reference_dir: Path) -> DatasetDescription:
+    if labels_file is not None:
+        return DatasetDescription.load(labels_file)
+    beside_reference = reference_dir.resolve().parent / "dataset.json"
+    return DatasetDescription.load(beside_reference) if beside_reference.is_file() else covid_description()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    description = description_for(args.labels, args.ref)
+    output = args.output if args.output is not None else args.pred / "summary.json"
+    summary = evaluate_folders(args.ref, args.pred, description, output_json=output,
+                               num_processes=max(1, args.num_processes))
+    print(format_mean_table(summary))
+    print(f"written: {output} and {output.with_suffix('.csv')}")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_command("covnet_evaluate", main))
+
+
+if __name__ == "__main__":
+    entry()
