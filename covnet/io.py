@@ -7,7 +7,9 @@ and the row-major 3×3 matrix whose columns are the directions of the x, y, z in
 """
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +122,33 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
                     tuple(float(d) for d in reader.GetDirection()), tuple(int(s) for s in size[::-1]))
 
 
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _count_non_finite_nifti(path: Path) -> int:
+    """ITK silently turns NaN/inf in NIfTI float data into 0 on reading, so look at the stored values."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(540)
+        for endian in "<>":
+            size = struct.unpack(endian + "i", header[:4])[0]
+            if size in (348, 540):
+                break
+        else:
+            return 0
+        if size == 348:
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        else:
+            datatype = struct.unpack(endian + "h", header[12:14])[0]
+            offset = int(struct.unpack(endian + "q", header[168:176])[0])
+        if datatype not in _NIFTI_FLOAT_TYPES:
+            return 0
+        handle.seek(offset)
+        data = np.frombuffer(handle.read(), dtype=np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype]))
+    return int((~np.isfinite(data)).sum())
+
+
 def read_image(path: str | os.PathLike, dtype=None, check_finite: bool = True) -> tuple[np.ndarray, Geometry]:
     """Read a 3D image file or DICOM series folder as a (z, y, x) array and its geometry."""
     path = Path(path)
@@ -128,8 +157,12 @@ def read_image(path: str | os.PathLike, dtype=None, check_finite: bool = True) -
     array = sitk.GetArrayFromImage(image)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
-    if check_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise CovnetError(path, f"contains {int((~np.isfinite(array)).sum())} NaN/inf voxels")
+    if check_finite:
+        non_finite = int((~np.isfinite(array)).sum()) if array.dtype.kind == "f" else 0
+        if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+            non_finite = max(non_finite, _count_non_finite_nifti(path))
+        if non_finite:
+            raise CovnetError(path, f"contains {non_finite} NaN/inf voxels")
     return array, _geometry_of(image)
 
 
