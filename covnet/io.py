@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,10 @@ def _read_sitk(path: Path) -> sitk.Image:
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
             if not series:
                 raise CovnetError(path, "folder holds no DICOM series")
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+            # A study folder may also hold scouts or reformats: take the series with the most slices.
+            files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid) for uid in series), key=len)
+            if len(series) > 1:
+                warnings.warn(f"{path}: holds {len(series)} DICOM series; reading the largest ({len(files)} files)")
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             return reader.Execute()

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from covnet.dataset import COVID_LABELS, COVID_REGIONS, DatasetDescription
+from covnet.io import Geometry, write_image
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_CT_DIR = REPO_ROOT.parent / "shared" / "data" / "real_ct"
 
@@ -42,3 +45,37 @@ def real_ct_dir() -> Path:
     if not REAL_CT_DIR.is_dir():
         pytest.skip("../shared/data/real_ct is not present")
     return REAL_CT_DIR
+
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def make_tiny_case(seed: int):
+    """A 12×20×24 block 'CT': air, a body, two lungs, a blob of infection."""
+    rng = np.random.default_rng(seed)
+    image = np.full((12, 20, 24), -1000, dtype=np.int16)
+    image[1:11, 3:17, 2:22] = 40
+    image[2:10, 5:15, 4:11] = -850
+    image[2:10, 5:15, 13:20] = -850
+    image = (image + rng.normal(0, 10, image.shape)).astype(np.int16)
+    label = np.zeros(image.shape, np.uint8)
+    label[2:10, 5:15, 4:11] = 2
+    label[2:10, 5:15, 13:20] = 1
+    label[4:7, 7:10, 14:17] = 3
+    geometry = Geometry((2.5, 1.5, 1.5), (0.0, 0.0, 0.0), IDENTITY, image.shape)
+    return image, label, geometry
+
+
+@pytest.fixture
+def tiny_workspace(tmp_path):
+    """A valid raw dataset of three tiny labelled cases and two unlabelled ones."""
+    raw = tmp_path / "raw"
+    for index in range(3):
+        image, label, geometry = make_tiny_case(index)
+        write_image(image, geometry, raw / "imagesTr" / f"case_{index}_0000.nii.gz")
+        write_image(label, geometry, raw / "labelsTr" / f"case_{index}.nii.gz")
+    for index in range(2):
+        image, _, geometry = make_tiny_case(10 + index)
+        write_image(image, geometry, raw / "imagesUnlabelled" / f"pool_{index}_0000.nii.gz")
+    DatasetDescription({"0": "CT"}, dict(COVID_LABELS), 3, regions=dict(COVID_REGIONS)).save(raw / "dataset.json")
+    return tmp_path

@@ -1,0 +1,1 @@
+"""Converters from public datasets and plain CT folders into covnet's raw format."""

@@ -1,0 +1,35 @@
+"""``covnet_import_unlabelled``: a folder of unlabelled CTs → ``<workspace>/raw/imagesUnlabelled``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from covnet.cli.common import add_workspace_argument, run_command, workspace_from
+from covnet.importers.unlabelled import import_unlabelled
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="covnet_import_unlabelled",
+        description="Add unlabelled chest CTs (NIfTI/MHA/NRRD files and DICOM series folders at any depth, e.g. "
+                    "MosMedData's studies/) to raw/imagesUnlabelled as int16 HU; a rerun skips what is already "
+                    "imported. dataset.json is not needed and not changed.")
+    parser.add_argument("--source", required=True, type=Path, help="folder to search for CTs")
+    add_workspace_argument(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import_unlabelled(args.source, workspace_from(args))
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_command("covnet_import_unlabelled", main))
+
+
+if __name__ == "__main__":
+    entry()
