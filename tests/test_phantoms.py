@@ -1,0 +1,184 @@
+"""Synthetic chest-CT phantoms: anatomy, HU ranges, labels, spacing modes, determinism and the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from covnet.cli import make_phantoms as cli
+from covnet.cli.common import run_command
+from covnet.dataset import validate_raw_dataset, image_path, label_path
+from covnet.io import read_image
+from covnet.phantom_anatomy import draw_anatomy
+from covnet.phantoms import (SMALL_MAX_VOXELS, case_plan, draw_scan, draw_spacing, generate_split,
+                             infection_fraction, make_phantom_case, patient_indices)
+
+TINY_SPACING = (9.0, 8.0, 8.0)  # ~45x45x30 voxels: enough anatomy for unit tests, fast to render
+
+
+@pytest.fixture(scope="module")
+def labelled_cases():
+    """The first four labelled cases of seed 0, default small size and mixed spacing."""
+    return list(generate_split(0, 0, 4, "small", "mixed"))
+
+
+def test_same_seed_gives_identical_arrays_and_other_seed_differs():
+    first = make_phantom_case(11, spacing_zyx=TINY_SPACING)
+    second = make_phantom_case(11, spacing_zyx=TINY_SPACING)
+    other = make_phantom_case(12, spacing_zyx=TINY_SPACING)
+    assert first[0].tobytes() == second[0].tobytes() and first[1].tobytes() == second[1].tobytes()
+    assert first[2] == second[2]
+    assert other[0].shape != first[0].shape or not np.array_equal(other[0], first[0])
+
+
+def test_dtypes_values_and_geometry(labelled_cases):
+    for _, image, label, geometry in labelled_cases:
+        assert image.dtype == np.int16 and label.dtype == np.uint8
+        assert image.shape == label.shape == geometry.shape
+        assert set(np.unique(label).tolist()) <= {0, 1, 2, 3}
+        assert {1, 2} <= set(np.unique(label).tolist())
+        assert np.prod(geometry.shape) <= SMALL_MAX_VOXELS
+        assert all(abs(o) > 1.0 for o in geometry.origin)
+        depth_mm, width_mm = geometry.shape[0] * geometry.spacing[0], geometry.shape[2] * geometry.spacing[2]
+        assert 200 <= depth_mm <= 340 and 300 <= width_mm <= 400
+
+
+def test_origins_and_shapes_vary_between_cases(labelled_cases):
+    assert len({g.origin for *_, g in labelled_cases}) == len(labelled_cases)
+    assert len({g.shape for *_, g in labelled_cases}) > 1
+
+
+def test_infection_lies_inside_the_lungs():
+    # Same patient, same scan, with and without infection: infected voxels must be lung in the clean scan.
+    anatomy = draw_anatomy(np.random.default_rng(3))
+    infected = make_phantom_case(np.random.default_rng(4), spacing_zyx=(5.0, 5.0, 5.0), infection_burden=0.25,
+                                 anatomy=anatomy)
+    clean = make_phantom_case(np.random.default_rng(4), spacing_zyx=(5.0, 5.0, 5.0), infection_burden=0.0,
+                              anatomy=anatomy)
+    assert infected[2] == clean[2]
+    infection = infected[1] == 3
+    assert infection.sum() > 0.1 * (clean[1] > 0).sum()
+    assert np.isin(clean[1][infection], [1, 2]).all()
+    assert (clean[1] == 3).sum() == 0
+    assert np.array_equal(infected[1][~infection], clean[1][~infection])
+
+
+def test_infection_hu_range(labelled_cases):
+    values = np.concatenate([image[label == 3] for _, image, label, _ in labelled_cases])
+    assert values.size > 100
+    inside = (values >= -750) & (values <= -50)
+    assert inside.mean() > 0.98
+    assert values.min() >= -750 - 6 * 20 and values.max() <= -50 + 6 * 20  # noise is at most 20 HU std
+
+
+def test_lung_and_air_hu(labelled_cases):
+    for _, image, label, _ in labelled_cases:
+        lung = np.isin(label, [1, 2])
+        assert -880 <= np.median(image[lung]) <= -820
+        corners = np.concatenate([image[:, :3, :3].ravel(), image[:, -3:, -3:].ravel()])
+        assert abs(corners.mean() + 1000) < 6 and corners.std() < 25
+        body_centre = image[:, image.shape[1] // 2 - 2: image.shape[1] // 2 + 2, image.shape[2] // 2]
+        assert (body_centre > -200).mean() > 0.5  # mediastinum, not air, at the centre of the body
+        assert image.max() > 300  # bone
+
+
+def test_left_lung_at_larger_x(labelled_cases):
+    for _, _, label, _ in labelled_cases:
+        left_x = np.nonzero(label == 1)[2].mean()
+        right_x = np.nonzero(label == 2)[2].mean()
+        assert left_x > right_x + 10
+
+
+def test_infection_burden_ranges_from_none_to_large(labelled_cases):
+    burdens = [infection_fraction(label) for _, _, label, _ in labelled_cases]
+    assert burdens[3] == 0.0
+    assert burdens[1] > 0.15
+    assert len(set(round(b, 4) for b in burdens)) >= 3
+
+
+def test_mixed_spacing_has_fine_and_coarse_slices(labelled_cases):
+    z_spacings = [g.spacing[0] for *_, g in labelled_cases]
+    assert any(z <= 6.0 for z in z_spacings) and any(z >= 12.0 for z in z_spacings)
+    for *_, g in labelled_cases:
+        assert 4.5 <= g.spacing[1] == g.spacing[2] <= 5.5
+    planned = [case_plan(7, 0, index, "clinical", "mixed")[1][0] for index in range(12)]
+    assert min(planned) < 1.6 and max(planned) > 2.9 and all(1.0 <= z <= 5.0 for z in planned)
+
+
+@pytest.mark.parametrize("size", ["small", "clinical"])
+def test_isotropic_and_anisotropic_modes(size):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        isotropic = draw_spacing(rng, size, "isotropic")
+        assert max(isotropic) / min(isotropic) <= 1.1
+        anisotropic = draw_spacing(rng, size, "anisotropic")
+        assert anisotropic[0] >= 4 * max(anisotropic[1:])
+        if size == "clinical":
+            assert 0.7 <= anisotropic[1] <= 0.8 and anisotropic[0] <= 5.0
+
+
+def test_scan_shapes_follow_spacing_and_size():
+    anatomy = draw_anatomy(np.random.default_rng(5))
+    clinical = draw_scan(np.random.default_rng(0), anatomy, "clinical", (1.25, 0.75, 0.75), 0.0).geometry
+    assert clinical.shape[1:] == (512, 512) and 200 <= clinical.shape[0] * 1.25 <= 340
+    for z_spacing in (4.0, 14.0, 22.0):
+        small = draw_scan(np.random.default_rng(1), anatomy, "small", (z_spacing, 5.0, 5.0), 0.1).geometry
+        assert np.prod(small.shape) <= SMALL_MAX_VOXELS and 60 <= small.shape[2] <= 80
+        assert 200 <= small.shape[0] * z_spacing <= 340
+
+
+def test_isotropic_case_renders(tmp_path):
+    spacing = draw_spacing(np.random.default_rng(2), "small", "isotropic")
+    image, label, geometry = make_phantom_case(2, spacing_zyx=spacing)
+    assert geometry.spacing == spacing and {1, 2} <= set(np.unique(label).tolist())
+
+
+def test_patients_are_sometimes_shared():
+    patients = patient_indices(0, 20)
+    assert patients[1] == patients[0] == 0
+    assert len(set(patients)) < 20 and all(p <= i for i, p in enumerate(patients))
+    assert patient_indices(0, 3) == [0, 1, 2]
+
+
+def _run_cli(argv):
+    return run_command("covnet_make_phantoms", cli.main, argv)
+
+
+def test_cli_writes_a_valid_dataset_and_refuses_to_overwrite(tmp_path, capsys):
+    workspace = tmp_path / "ws"
+    argv = ["--workspace", str(workspace), "--num-labelled", "4", "--num-unlabelled", "1", "--num-test", "1",
+            "--seed", "3"]
+    assert _run_cli(argv) == 0
+    output = capsys.readouterr().out
+    assert "labelled (imagesTr): 4 cases" in output and "spacing z" in output
+    description, cases = validate_raw_dataset(workspace / "raw")
+    assert cases == [f"phantom_{i:03d}" for i in range(4)]
+    assert description.channel_names == {"0": "CT"} and description.num_training == 4
+    assert description.group_of("phantom_001") == description.group_of("phantom_000")
+    assert image_path(workspace / "raw/imagesUnlabelled", "unlabelled_000").is_file()
+    test_label, _ = read_image(label_path(workspace / "raw/labelsTs", "test_000"))
+    assert test_label.dtype == np.uint8
+    image, geometry = read_image(image_path(workspace / "raw/imagesTr", "phantom_002"))
+    assert image.dtype == np.int16 and geometry.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    before = (workspace / "raw/dataset.json").read_text()
+    assert _run_cli(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "dataset.json" in error and "--overwrite" in error
+    assert (workspace / "raw/dataset.json").read_text() == before
+
+    assert _run_cli(["--workspace", str(workspace), "--num-labelled", "4", "--num-unlabelled", "0",
+                     "--num-test", "0", "--seed", "4", "--overwrite"]) == 0
+    assert json.loads((workspace / "raw/dataset.json").read_text())["numTraining"] == 4
+    assert not list((workspace / "raw").glob("images*/unlabelled_*")) and not (workspace / "raw/imagesTs").exists()
+
+
+def test_labelled_cases_do_not_depend_on_other_split_counts(tmp_path):
+    from covnet.phantoms import make_phantom_dataset
+    make_phantom_dataset(tmp_path / "a", num_labelled=2, num_unlabelled=0, num_test=0, seed=9)
+    make_phantom_dataset(tmp_path / "b", num_labelled=2, num_unlabelled=2, num_test=1, seed=9)
+    for case in ("phantom_000", "phantom_001"):
+        first, _ = read_image(image_path(tmp_path / "a/raw/imagesTr", case))
+        second, _ = read_image(image_path(tmp_path / "b/raw/imagesTr", case))
+        assert np.array_equal(first, second)
