@@ -1,0 +1,44 @@
+"""covnet_plan_and_preprocess: fingerprint → plans.json → preprocessed cases."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from covnet.cli.common import add_workspace_argument, run_command, workspace_from
+from covnet.planning.planner import PLANS_FILE, plan_dataset
+from covnet.preprocessing.run import preprocess_dataset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="covnet_plan_and_preprocess",
+                                     description="Fingerprint the labelled CTs, choose spacing, patch size, batch "
+                                                 "size and network topology (plans.json), then preprocess the "
+                                                 "labelled cases and the unlabelled pool.")
+    add_workspace_argument(parser)
+    parser.add_argument("--gpu-memory-gb", type=float, default=8.0,
+                        help="training memory budget the patch and batch size must fit (default 8)")
+    parser.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo the fingerprint and every case, even those already finished")
+    parser.add_argument("--plan-only", action="store_true", help="write plans.json and stop")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    workspace = workspace_from(args)
+    started = time.perf_counter()
+    plan = plan_dataset(workspace, args.gpu_memory_gb, args.num_processes, args.overwrite)
+    print(f"plan written to {workspace.preprocessed / PLANS_FILE}\n")
+    print(plan.table())
+    if args.plan_only:
+        return 0
+    counts = preprocess_dataset(workspace, plan, args.num_processes, args.overwrite)
+    print(f"\npreprocessed {counts['done']} cases ({counts['skipped']} already done) in "
+          f"{time.perf_counter() - started:.1f} s → {workspace.preprocessed}")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_command("covnet_plan_and_preprocess", main))

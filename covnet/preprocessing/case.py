@@ -1,0 +1,98 @@
+"""One case from raw geometry to the plan's grid (crop → normalize → resample), and back again.
+
+``CaseProperties`` records everything needed to put a prediction on the preprocessed grid back into the
+original image: the original geometry, the body bounding box and the shapes before and after resampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from covnet.cropping import body_bounding_box
+from covnet.geometry import crop, resample_image, resample_probabilities, resample_segmentation, uncrop
+from covnet.io import Geometry
+from covnet.planning.plans import Plan
+from covnet.preprocessing.normalization import normalize
+
+# Foreground voxel positions stored per class for oversampling patches around rare classes.
+LOCATIONS_PER_CLASS = 2000
+
+
+@dataclass
+class CaseProperties:
+    case: str
+    original_geometry: Geometry
+    bounding_box: list[list[int]]          # (start, stop) per axis (z, y, x) in the original array
+    shape_after_crop: list[int]
+    target_spacing: list[float]
+    shape_after_resampling: list[int]
+    class_locations: dict[str, list[list[int]]] = field(default_factory=dict)   # label value -> [[z, y, x], ...]
+
+    def to_json(self) -> dict:
+        return {"case": self.case, "original_geometry": self.original_geometry.to_json(),
+                "bounding_box": self.bounding_box, "shape_after_crop": self.shape_after_crop,
+                "target_spacing": self.target_spacing, "shape_after_resampling": self.shape_after_resampling,
+                "class_locations": self.class_locations}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CaseProperties":
+        return cls(case=data["case"], original_geometry=Geometry.from_json(data["original_geometry"]),
+                   bounding_box=[list(b) for b in data["bounding_box"]], shape_after_crop=list(data["shape_after_crop"]),
+                   target_spacing=list(data["target_spacing"]), shape_after_resampling=list(data["shape_after_resampling"]),
+                   class_locations=data.get("class_locations", {}))
+
+
+def sample_class_locations(segmentation: np.ndarray, labels: list[int], rng: np.random.Generator,
+                           per_class: int = LOCATIONS_PER_CLASS) -> dict[str, list[list[int]]]:
+    locations = {}
+    for label in labels:
+        where = np.argwhere(segmentation == label)
+        if len(where) > per_class:
+            where = where[rng.choice(len(where), per_class, replace=False)]
+        locations[str(label)] = where.astype(int).tolist()
+    return locations
+
+
+def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, plan: Plan,
+                    segmentation: np.ndarray | None = None, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+    """Channels (each (z, y, x), raw intensities) → image (C, z, y, x) float32 on the plan's grid,
+    segmentation (z, y, x) uint8 or None, and the properties that invert the mapping."""
+    box = body_bounding_box(channels[0], segmentation)
+    target = plan.target_spacing
+    order = plan.resampling
+    resampled = []
+    for index, channel in enumerate(channels):
+        normalized = normalize(crop(channel, box), plan.normalization[str(index)])
+        resampled.append(resample_image(normalized, geometry.spacing, target, order=order["image_order"]))
+    image = np.stack(resampled).astype(np.float32, copy=False)
+    seg = None
+    locations = {}
+    if segmentation is not None:
+        all_labels = sorted(plan.labels.values())
+        seg = resample_segmentation(crop(segmentation, box), geometry.spacing, target, labels=all_labels)
+        locations = sample_class_locations(seg, all_labels[1:], np.random.default_rng(seed))
+    properties = CaseProperties(case=case, original_geometry=geometry, bounding_box=[list(b) for b in box],
+                                shape_after_crop=[b - a for a, b in box], target_spacing=list(target),
+                                shape_after_resampling=list(image.shape[1:]), class_locations=locations)
+    return image, seg, properties
+
+
+def probabilities_to_original(probabilities: np.ndarray, properties: CaseProperties) -> np.ndarray:
+    """(C, z, y, x) class probabilities on the plan's grid → (C, ...) on the original image grid.
+
+    Outside the body box everything is background (channel 0 = 1)."""
+    cropped = resample_probabilities(probabilities, properties.target_spacing, new_shape=properties.shape_after_crop)
+    full_shape = properties.original_geometry.shape
+    box = [tuple(b) for b in properties.bounding_box]
+    return np.stack([uncrop(channel, box, full_shape, fill_value=1.0 if index == 0 else 0.0)
+                     for index, channel in enumerate(cropped)])
+
+
+def segmentation_to_original(segmentation: np.ndarray, properties: CaseProperties, labels: list[int]) -> np.ndarray:
+    """(z, y, x) labels on the plan's grid → labels on the original image grid (0 outside the body box)."""
+    cropped = resample_segmentation(segmentation, properties.target_spacing, new_shape=properties.shape_after_crop,
+                                    labels=labels)
+    box = [tuple(b) for b in properties.bounding_box]
+    return uncrop(cropped, box, properties.original_geometry.shape, fill_value=0).astype(np.uint8)

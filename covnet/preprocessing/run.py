@@ -1,0 +1,75 @@
+"""Preprocess every labelled case and the unlabelled pool under a plan (multiprocess, resumable)."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from covnet.dataset import DatasetDescription, find_cases, image_path, label_path
+from covnet.io import read_image
+from covnet.planning.plans import Plan
+from covnet.preprocessing.case import preprocess_case
+from covnet.preprocessing.storage import is_case_done, save_case
+from covnet.workspace import Workspace
+
+LABELLED_FOLDER = "cases"
+UNLABELLED_FOLDER = "unlabelled"
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    case: str
+    image_file: Path
+    label_file: Path | None
+    output_folder: Path
+    seed: int
+
+
+def run_case_job(job: CaseJob, plan: Plan, single_threaded: bool = False) -> str:
+    if single_threaded:
+        import torch
+        torch.set_num_threads(1)
+    image, geometry = read_image(job.image_file)
+    segmentation = read_image(job.label_file)[0] if job.label_file is not None else None
+    array, seg, properties = preprocess_case(job.case, [image], geometry, plan, segmentation, seed=job.seed)
+    save_case(job.output_folder, array, seg, properties, plan.preprocessing_key())
+    return job.case
+
+
+def _worker(arguments) -> str:
+    job, plan = arguments
+    return run_case_job(job, plan, single_threaded=True)
+
+
+def collect_jobs(workspace: Workspace, description: DatasetDescription) -> list[CaseJob]:
+    ending = description.file_ending
+    labelled_out = workspace.preprocessed / LABELLED_FOLDER
+    unlabelled_out = workspace.preprocessed / UNLABELLED_FOLDER
+    jobs = [CaseJob(case, image_path(workspace.images_tr, case, ending), label_path(workspace.labels_tr, case, ending),
+                    labelled_out, index) for index, case in enumerate(find_cases(workspace.images_tr, ending))]
+    jobs += [CaseJob(case, image_path(workspace.images_unlabelled, case, ending), None, unlabelled_out, index)
+             for index, case in enumerate(find_cases(workspace.images_unlabelled, ending))]
+    return jobs
+
+
+def preprocess_dataset(workspace: Workspace, plan: Plan, num_processes: int = 1,
+                       overwrite: bool = False) -> dict[str, int]:
+    """Returns counts ``{"done": n, "skipped": m}``. Cases finished under the same plan are skipped."""
+    description = DatasetDescription.load(workspace.dataset_json)
+    key = plan.preprocessing_key()
+    jobs = collect_jobs(workspace, description)
+    todo = [job for job in jobs if overwrite or not is_case_done(job.output_folder, job.case, key,
+                                                                 labelled=job.label_file is not None)]
+    progress = dict(total=len(todo), desc="preprocess", unit="case", leave=False)
+    workers = max(1, min(num_processes, len(todo), os.cpu_count() or 1))
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for _ in tqdm(pool.map(_worker, [(job, plan) for job in todo]), **progress):
+                pass
+    else:
+        for job in tqdm(todo, **progress):
+            run_case_job(job, plan)
+    return {"done": len(todo), "skipped": len(jobs) - len(todo)}

@@ -1,0 +1,76 @@
+"""Preprocessed cases on disk: ``<case>.npy`` (image, C×z×y×x float32), ``<case>_seg.npy`` (uint8) and
+``<case>.json`` (properties + the plan key they were made under).
+
+Plain ``.npy`` opened with ``mmap_mode="r"``: a training loader reads one random patch without loading
+the case (see BENCHMARKS.md, "Preprocessed storage", for the measured comparison with blosc2 chunks).
+The JSON is written last and only after both arrays are complete, so a case without its JSON (or with a
+stale plan key) is unfinished and gets redone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from covnet.atomic import atomic_path, write_json
+from covnet.preprocessing.case import CaseProperties
+
+
+def image_file(folder: Path, case: str) -> Path:
+    return folder / f"{case}.npy"
+
+
+def segmentation_file(folder: Path, case: str) -> Path:
+    return folder / f"{case}_seg.npy"
+
+
+def properties_file(folder: Path, case: str) -> Path:
+    return folder / f"{case}.json"
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array))
+
+
+def save_case(folder: Path, image: np.ndarray, segmentation: np.ndarray | None, properties: CaseProperties,
+              plan_key: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_array(image_file(folder, properties.case), image)
+    if segmentation is not None:
+        _save_array(segmentation_file(folder, properties.case), segmentation)
+    write_json(properties_file(folder, properties.case), {"plan_key": plan_key, **properties.to_json()})
+
+
+def is_case_done(folder: Path, case: str, plan_key: dict, labelled: bool) -> bool:
+    path = properties_file(folder, case)
+    if not path.is_file() or not image_file(folder, case).is_file():
+        return False
+    if labelled and not segmentation_file(folder, case).is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("plan_key") == json.loads(json.dumps(plan_key))
+    except json.JSONDecodeError:
+        return False
+
+
+def load_properties(folder: Path, case: str) -> CaseProperties:
+    data = json.loads(properties_file(folder, case).read_text())
+    data.pop("plan_key", None)
+    return CaseProperties.from_json(data)
+
+
+def load_case(folder: Path, case: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+    """Image and segmentation memory-mapped (read-only) unless ``mmap=False``; segmentation None if absent."""
+    mode = "r" if mmap else None
+    image = np.load(image_file(folder, case), mmap_mode=mode)
+    seg_path = segmentation_file(folder, case)
+    segmentation = np.load(seg_path, mmap_mode=mode) if seg_path.is_file() else None
+    return image, segmentation, load_properties(folder, case)
+
+
+def finished_cases(folder: Path) -> list[str]:
+    """Cases whose properties JSON exists (i.e. whose arrays were completed)."""
+    return sorted(p.stem for p in folder.glob("*.json") if not p.name.startswith(".")) if folder.is_dir() else []

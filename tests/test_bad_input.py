@@ -1,0 +1,82 @@
+"""Every kind of bad raw input: one line on stderr naming the file, exit 2, nothing written."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_tiny_case
+
+from covnet.cli import plan_and_preprocess
+from covnet.cli.common import run_command
+from covnet.io import Geometry, write_image
+
+@pytest.fixture
+def workspace(tiny_workspace):
+    return tiny_workspace
+
+
+def run(workspace, capsys):
+    code = run_command("covnet_plan_and_preprocess", plan_and_preprocess.main, ["--workspace", str(workspace), "-np", "1"])
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, error_lines
+
+
+def assert_refused(workspace, capsys, file_name: str, problem: str):
+    code, error_lines = run(workspace, capsys)
+    assert code == 2
+    assert len(error_lines) == 1, error_lines
+    assert file_name in error_lines[0] and problem in error_lines[0], error_lines[0]
+    preprocessed = workspace / "preprocessed"
+    assert not preprocessed.exists() or not any(preprocessed.rglob("*.json")), "something was written"
+
+
+def test_valid_tiny_dataset_is_accepted(workspace, capsys):
+    code, error_lines = run(workspace, capsys)
+    assert code == 0
+    assert (workspace / "preprocessed" / "plans.json").is_file()
+
+
+def test_missing_dataset_json(workspace, capsys):
+    (workspace / "raw" / "dataset.json").unlink()
+    assert_refused(workspace, capsys, "dataset.json", "not found")
+
+
+def test_image_without_label(workspace, capsys):
+    (workspace / "raw" / "labelsTr" / "case_1.nii.gz").unlink()
+    assert_refused(workspace, capsys, "case_1_0000.nii.gz", "has no label")
+
+
+def test_undeclared_label_value(workspace, capsys):
+    image, label, geometry = make_tiny_case(2)
+    label[0, 0, 0] = 7
+    write_image(label, geometry, workspace / "raw" / "labelsTr" / "case_2.nii.gz")
+    assert_refused(workspace, capsys, "case_2.nii.gz", "label values [7] are not declared")
+
+
+def test_geometry_mismatch(workspace, capsys):
+    image, label, geometry = make_tiny_case(1)
+    shifted = Geometry((2.5, 1.5, 1.2), geometry.origin, geometry.direction, geometry.shape)
+    write_image(label, shifted, workspace / "raw" / "labelsTr" / "case_1.nii.gz")
+    assert_refused(workspace, capsys, "case_1.nii.gz", "geometry does not match its image")
+
+
+def test_two_dimensional_image(workspace, capsys):
+    sitk.WriteImage(sitk.Image(24, 20, sitk.sitkInt16), str(workspace / "raw" / "imagesTr" / "case_0_0000.nii.gz"))
+    assert_refused(workspace, capsys, "case_0_0000.nii.gz", "is not a 3D volume")
+
+
+def test_nan_voxels(workspace, capsys):
+    image, label, geometry = make_tiny_case(0)
+    image = image.astype(np.float32)
+    image[3, 3, 3] = np.nan
+    write_image(image, geometry, workspace / "raw" / "imagesTr" / "case_0_0000.nii.gz")
+    assert_refused(workspace, capsys, "case_0_0000.nii.gz", "NaN/inf")
+
+
+def test_unreadable_file(workspace, capsys):
+    (workspace / "raw" / "imagesTr" / "case_2_0000.nii.gz").write_bytes(b"\x00garbage")
+    assert_refused(workspace, capsys, "case_2_0000.nii.gz", "cannot be read")
+
+
+def test_empty_folder(workspace, capsys):
+    for path in (workspace / "raw" / "imagesTr").iterdir():
+        path.unlink()
+    assert_refused(workspace, capsys, "imagesTr", "holds no images")

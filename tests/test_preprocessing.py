@@ -1,0 +1,97 @@
+import json
+
+import numpy as np
+import pytest
+
+from covnet.dataset import DatasetDescription
+from covnet.io import read_image
+from covnet.metrics import dice
+from covnet.planning.planner import plan_dataset
+from covnet.planning.plans import Plan
+from covnet.preprocessing.case import preprocess_case, segmentation_to_original, probabilities_to_original
+from covnet.preprocessing.normalization import normalize
+from covnet.preprocessing.run import LABELLED_FOLDER, UNLABELLED_FOLDER, preprocess_dataset
+from covnet.preprocessing.storage import load_case, properties_file
+from covnet.workspace import Workspace
+
+
+@pytest.fixture
+def planned(tiny_workspace):
+    workspace = Workspace(tiny_workspace)
+    return workspace, plan_dataset(workspace, gpu_memory_gb=8, num_processes=1)
+
+
+def test_ct_normalization_statistics_equal_a_direct_numpy_computation(planned):
+    workspace, plan = planned
+    # Tiny cases have fewer foreground voxels than the per-case sample, so every voxel is used.
+    foreground = []
+    for index in range(3):
+        image, _ = read_image(workspace.images_tr / f"case_{index}_0000.nii.gz")
+        label, _ = read_image(workspace.labels_tr / f"case_{index}.nii.gz")
+        foreground.append(image[label > 0].astype(np.float64))
+    foreground = np.concatenate(foreground)
+    scheme = plan.normalization["0"]
+    assert scheme["scheme"] == "CT"
+    assert scheme["clip"] == pytest.approx([np.percentile(foreground, 0.5), np.percentile(foreground, 99.5)])
+    assert scheme["mean"] == pytest.approx(foreground.mean())
+    assert scheme["std"] == pytest.approx(foreground.std())
+    image = np.array([-2000.0, scheme["mean"], 5000.0])
+    expected = (np.clip(image, *scheme["clip"]) - scheme["mean"]) / scheme["std"]
+    np.testing.assert_allclose(normalize(image, scheme), expected, rtol=1e-6)
+
+
+def test_plans_json_round_trips_and_names_its_reasons(planned):
+    workspace, plan = planned
+    loaded = Plan.load(workspace.preprocessed / "plans.json")
+    assert loaded == plan
+    for key in ("target_spacing", "patch_size", "batch_size", "network", "normalization_0"):
+        assert plan.reasons[key]
+    assert plan.target_spacing == pytest.approx([2.5, 1.5, 1.5])
+    assert plan.batch_size >= 2
+    fingerprint = json.loads((workspace.preprocessed / "dataset_fingerprint.json").read_text())
+    assert [case["case"] for case in fingerprint["cases"]] == ["case_0", "case_1", "case_2"]
+    assert fingerprint["cases"][0]["shape_before_crop"] == [12, 20, 24]
+
+
+def test_crop_resample_and_inverse_reproduce_the_original_geometry(planned):
+    workspace, plan = planned
+    image, geometry = read_image(workspace.images_tr / "case_1_0000.nii.gz")
+    label, _ = read_image(workspace.labels_tr / "case_1.nii.gz")
+    plan.target_spacing = [1.7, 1.1, 1.3]        # force a real resampling in every axis
+    array, segmentation, properties = preprocess_case("case_1", [image], geometry, plan, label)
+    assert array.shape[0] == 1 and list(array.shape[1:]) == properties.shape_after_resampling
+    assert segmentation.shape == array.shape[1:]
+    assert properties.original_geometry == geometry
+    restored = segmentation_to_original(segmentation, properties, sorted(plan.labels.values()))
+    assert restored.shape == label.shape
+    for value in (1, 2, 3):
+        assert dice(restored == value, label == value) > 0.9
+    one_hot = np.stack([segmentation == value for value in range(4)]).astype(np.float32)
+    probabilities = probabilities_to_original(one_hot, properties)
+    assert probabilities.shape == (4,) + label.shape
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
+    # Same interpolation as the label map, so the most probable class agrees with it (up to ties).
+    assert np.mean(probabilities.argmax(axis=0) == restored) > 0.99
+
+
+def test_preprocess_writes_cases_and_pool_and_is_resumable(planned):
+    workspace, plan = planned
+    counts = preprocess_dataset(workspace, plan, num_processes=1)
+    assert counts == {"done": 5, "skipped": 0}
+    labelled = workspace.preprocessed / LABELLED_FOLDER
+    image, segmentation, properties = load_case(labelled, "case_0")
+    assert isinstance(image, np.memmap) and image.dtype == np.float32
+    assert segmentation.dtype == np.uint8 and set(np.unique(segmentation)) <= {0, 1, 2, 3}
+    assert set(properties.class_locations) == {"1", "2", "3"}
+    for value, locations in properties.class_locations.items():
+        assert all(segmentation[tuple(location)] == int(value) for location in locations)
+    pool_image, pool_segmentation, _ = load_case(workspace.preprocessed / UNLABELLED_FOLDER, "pool_1")
+    assert pool_segmentation is None and pool_image.ndim == 4
+    # A rerun skips finished cases; a case killed before its JSON was written is redone.
+    assert preprocess_dataset(workspace, plan) == {"done": 0, "skipped": 5}
+    properties_file(labelled, "case_2").unlink()
+    assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4}
+    # A changed plan makes every case stale.
+    plan.normalization["0"]["mean"] += 1.0
+    assert preprocess_dataset(workspace, plan, num_processes=2) == {"done": 5, "skipped": 0}
+    assert not list(workspace.preprocessed.rglob(".tmp-*"))
