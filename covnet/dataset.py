@@ -132,6 +132,9 @@ def validate_raw_dataset(raw_dir: str | os.PathLike, check_content: bool = True)
     """Check ``raw/`` before anything is written from it; return the description and the labelled cases."""
     raw_dir = Path(raw_dir)
     description = DatasetDescription.load(raw_dir / "dataset.json")
+    if len(description.channel_names) != 1:
+        raise CovnetError(raw_dir / "dataset.json", f"declares {len(description.channel_names)} channels; covnet reads "
+                                                   "one image (channel 0, CT) per case")
     images_dir, labels_dir = raw_dir / "imagesTr", raw_dir / "labelsTr"
     cases = find_cases(images_dir, description.file_ending)
     if not cases:

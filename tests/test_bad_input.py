@@ -1,4 +1,6 @@
 """Every kind of bad raw input: one line on stderr naming the file, exit 2, nothing written."""
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -80,3 +82,11 @@ def test_empty_folder(workspace, capsys):
     for path in (workspace / "raw" / "imagesTr").iterdir():
         path.unlink()
     assert_refused(workspace, capsys, "imagesTr", "holds no images")
+
+
+def test_more_than_one_channel(workspace, capsys):
+    path = workspace / "raw" / "dataset.json"
+    data = json.loads(path.read_text())
+    data["channel_names"] = {"0": "CT", "1": "PET"}
+    path.write_text(json.dumps(data))
+    assert_refused(workspace, capsys, "dataset.json", "declares 2 channels")

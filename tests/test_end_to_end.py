@@ -1,0 +1,71 @@
+"""Every command that exists so far, through its installed console script, on generated phantom CTs."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from covnet.dataset import DatasetDescription
+from covnet.planning.plans import Plan
+from covnet.preprocessing.storage import load_case
+
+SCRIPTS = Path(sys.executable).parent
+
+
+def run(command: str, *args) -> str:
+    result = subprocess.run([str(SCRIPTS / command), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def as_covid19ctseg_release(phantom_raw: Path, release: Path) -> list[str]:
+    """Repackage phantom cases under the public release's folder and file names."""
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (phantom_raw / "labelsTr").glob("*.nii.gz"))
+    (release / "COVID-19-CT-Seg_20cases").mkdir(parents=True)
+    (release / "Lung_and_Infection_Mask").mkdir()
+    for number, case in enumerate(cases, start=1):
+        shutil.copy(phantom_raw / "imagesTr" / f"{case}_0000.nii.gz",
+                    release / "COVID-19-CT-Seg_20cases" / f"coronacases_org_{number:03d}.nii.gz")
+        shutil.copy(phantom_raw / "labelsTr" / f"{case}.nii.gz",
+                    release / "Lung_and_Infection_Mask" / f"coronacases_{number:03d}.nii.gz")
+    return cases
+
+
+def test_phantoms_import_plan_preprocess_evaluate(tmp_path):
+    phantoms = tmp_path / "phantoms"
+    run("covnet_make_phantoms", "--workspace", phantoms, "--num-labelled", 5, "--num-unlabelled", 2,
+        "--num-test", 1, "--seed", 3)
+
+    # The reference against itself is perfect (the issue's sanity check).
+    summary_file = tmp_path / "self" / "summary.json"
+    printed = run("covnet_evaluate", "--ref", phantoms / "raw" / "labelsTr", "--pred", phantoms / "raw" / "labelsTr",
+                  "-o", summary_file)
+    summary = json.loads(summary_file.read_text())
+    assert "left_lung" in printed and summary_file.with_suffix(".csv").is_file()
+    for name in ("left_lung", "right_lung", "lungs", "infection"):
+        assert summary["mean"][name] == {"dice": 1.0, "nsd": 1.0}
+
+    # The same cases as a COVID-19-CT-Seg release, imported into a fresh workspace, plus an unlabelled pool.
+    workspace = tmp_path / "workspace"
+    cases = as_covid19ctseg_release(phantoms / "raw", tmp_path / "release")
+    run("covnet_import_covid19ctseg", "--source", tmp_path / "release", "--workspace", workspace)
+    run("covnet_import_unlabelled", "--source", phantoms / "raw" / "imagesUnlabelled", "--workspace", workspace)
+    description = DatasetDescription.load(workspace / "raw" / "dataset.json")
+    assert description.num_training == len(cases) == 5
+
+    printed = run("covnet_plan_and_preprocess", "--workspace", workspace, "-np", 2)
+    assert "patch size" in printed and "target spacing" in printed
+    plan = Plan.load(workspace / "preprocessed" / "plans.json")
+    for case in ("coronacases_001", "coronacases_005"):
+        image, segmentation, properties = load_case(workspace / "preprocessed" / "cases", case)
+        assert list(image.shape[1:]) == properties.shape_after_resampling == list(segmentation.shape)
+        assert properties.target_spacing == plan.target_spacing
+        # CT normalization: the lungs (~ -850 HU) sit below the foreground mean, soft tissue above the clip.
+        lungs = np.asarray(image[0])[np.isin(segmentation, (1, 2))]
+        assert -3 < float(np.median(lungs)) < 0.5
+    pool = sorted(p.name for p in (workspace / "preprocessed" / "unlabelled").glob("*.json"))
+    assert len(pool) == 2
+    # A rerun finds everything done.
+    assert "(7 already done)" in run("covnet_plan_and_preprocess", "--workspace", workspace, "-np", 1)
