@@ -1,4 +1,5 @@
-"""Write-to-temporary-then-rename, so that an interrupted job never leaves a file that looks finished."""
+"""Write-to-temporary-then-rename, so that an interrupted job never leaves a file that looks finished;
+and the matching checked read of a JSON file."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+from covnet.errors import CovnetError
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
@@ -37,3 +40,14 @@ def write_json(path: str | os.PathLike, data) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def read_json(path: str | os.PathLike, missing_hint: str):
+    """Parse a JSON file; a missing or malformed file is a ``CovnetError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CovnetError(path, f"not found; {missing_hint}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CovnetError(path, f"is not valid JSON ({error})") from None

@@ -4,14 +4,13 @@ The format is nnU-Net v2's: images ``imagesTr/CASE_0000<ending>``, labels ``labe
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from covnet.atomic import write_json
+from covnet.atomic import read_json, write_json
 from covnet.errors import CovnetError
 from covnet.io import Geometry, is_image_file, read_geometry, read_image
 
@@ -71,13 +70,7 @@ class DatasetDescription:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DatasetDescription":
-        path = Path(path)
-        if not path.is_file():
-            raise CovnetError(path, "dataset.json not found; import a dataset or run covnet_make_phantoms first")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise CovnetError(path, f"is not valid JSON ({error})") from None
+        data = read_json(path, "import a dataset or run covnet_make_phantoms first")
         return cls.from_json(data, path)
 
     def save(self, path: str | os.PathLike) -> None:

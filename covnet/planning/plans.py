@@ -5,12 +5,11 @@ from it and from nothing else, and checkpoints carry a copy of it.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from covnet.atomic import write_json
+from covnet.atomic import read_json, write_json
 from covnet.errors import CovnetError
 
 PLANS_VERSION = 1
@@ -57,13 +56,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
-        path = Path(path)
-        if not path.is_file():
-            raise CovnetError(path, "plans.json not found; run covnet_plan_and_preprocess first")
-        try:
-            return cls.from_json(json.loads(path.read_text()), path)
-        except json.JSONDecodeError as error:
-            raise CovnetError(path, f"is not valid JSON ({error})") from None
+        return cls.from_json(read_json(path, "run covnet_plan_and_preprocess first"), path)
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_json())
