@@ -26,11 +26,12 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # so that --nnunet can run from another venv
 
 from covnet.atomic import atomic_path  # noqa: E402
+from covnet.cropping import BODY_THRESHOLD_HU  # noqa: E402
 from covnet.io import read_image  # noqa: E402
-from covnet.resampling import compute_new_shape, resample_image, separate_z_axis  # noqa: E402
+from covnet.geometry import compute_new_shape, separate_z_axis  # noqa: E402
+from covnet.resampling import resample_image  # noqa: E402
 
 DEFAULT_IMAGE = REPOSITORY.parent / "shared" / "data" / "real_ct" / "chest_ct_512x512x141.nii.gz"
-BODY_THRESHOLD_HU = -500.0
 
 
 def peak_rss_mib() -> float:

@@ -1,20 +1,17 @@
-"""Array geometry: bounding boxes, crop/uncrop, and (re-exported from covnet.resampling) the anisotropy rule
-and resampling. All functions are pure: numpy in, numpy out, axis order (z, y, x)."""
+"""Array geometry: bounding boxes, crop/uncrop, the anisotropy rule and new shapes for a new spacing.
+
+Pure numpy, no torch (the planner uses the anisotropy rule too); resampling itself is covnet.resampling.
+Axis order (z, y, x)."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
 
-from covnet.resampling import (ANISOTROPY_THRESHOLD, coarse_axis, compute_new_shape, is_anisotropic,
-                               resample_image, resample_probabilities, resample_segmentation,
-                               separate_z_axis)
+# nnU-Net's rule: a spacing is anisotropic when its largest/smallest ratio exceeds this.
+ANISOTROPY_THRESHOLD = 3.0
 
 BoundingBox = tuple[tuple[int, int], ...]
-
-__all__ = ["ANISOTROPY_THRESHOLD", "BoundingBox", "bounding_box", "coarse_axis", "compute_new_shape", "crop",
-           "is_anisotropic", "resample_image", "resample_probabilities", "resample_segmentation",
-           "separate_z_axis", "uncrop"]
 
 
 def bounding_box(mask: np.ndarray) -> BoundingBox:
@@ -55,3 +52,34 @@ def uncrop(array: np.ndarray, bbox: BoundingBox, full_shape: Sequence[int], fill
     full = np.full(full_shape, fill_value, dtype=array.dtype)
     full[slices] = array
     return full
+
+
+def is_anisotropic(spacing: Sequence[float], threshold: float = ANISOTROPY_THRESHOLD) -> bool:
+    """True when max(spacing) / min(spacing) > ``threshold``."""
+    spacing = np.asarray(spacing, dtype=float)
+    return bool(spacing.max() / spacing.min() > threshold)
+
+
+def coarse_axis(spacing: Sequence[float]) -> int | None:
+    """The axis with the largest spacing; None when two or more axes share that largest spacing."""
+    spacing = np.asarray(spacing, dtype=float)
+    axes = np.flatnonzero(spacing == spacing.max())
+    return int(axes[0]) if len(axes) == 1 else None
+
+
+def separate_z_axis(current_spacing: Sequence[float], target_spacing: Sequence[float],
+                    threshold: float = ANISOTROPY_THRESHOLD) -> int | None:
+    """nnU-Net v2's decision: the coarse axis of the current spacing if that one is anisotropic, else that
+    of the target spacing if it is anisotropic, else None (resample fully in 3D)."""
+    if is_anisotropic(current_spacing, threshold):
+        return coarse_axis(current_spacing)
+    if is_anisotropic(target_spacing, threshold):
+        return coarse_axis(target_spacing)
+    return None
+
+
+def compute_new_shape(shape: Sequence[int], current_spacing: Sequence[float],
+                      target_spacing: Sequence[float]) -> tuple[int, ...]:
+    """round(shape * current / target) per axis (at least 1)."""
+    ratio = np.asarray(current_spacing, dtype=float) / np.asarray(target_spacing, dtype=float)
+    return tuple(max(1, int(v)) for v in np.round(np.asarray(shape, dtype=float) * ratio))

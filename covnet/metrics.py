@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from covnet.geometry import bounding_box
+
 # A distance that equals the tolerance counts as "within"; the slack absorbs rounding in products like
 # 3 * 0.7 so that a tie is not decided by the last bit.
 _TIE_SLACK = 1e-9
@@ -51,19 +53,6 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=_SIX_CONNECTED, border_value=0)
 
 
-def _union_bounding_box(prediction: np.ndarray, reference: np.ndarray) -> tuple[slice, ...]:
-    """Smallest box holding both masks. Cropping to it changes neither the surfaces (every voxel outside
-    it is background, as is everything outside the array) nor the distances (all surface voxels lie inside
-    it), so no margin is needed for the results to be exact."""
-    union = prediction | reference
-    box = []
-    for axis in range(3):
-        other_axes = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(union.any(axis=other_axes))
-        box.append(slice(int(present[0]), int(present[-1]) + 1))
-    return tuple(box)
-
-
 def surface_distances(prediction: np.ndarray, reference: np.ndarray,
                       spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Distances in mm from each prediction surface voxel to the nearest reference surface voxel, and from
@@ -75,7 +64,10 @@ def surface_distances(prediction: np.ndarray, reference: np.ndarray,
     spacing = _check_spacing(spacing)
     if not prediction.any() or not reference.any():
         raise ValueError("surface distances need two non-empty masks")
-    box = _union_bounding_box(prediction, reference)
+    # Cropping to the smallest box holding both masks changes neither the surfaces (every voxel outside it is
+    # background, as is everything outside the array) nor the distances (all surface voxels lie inside it),
+    # so the results stay exact without a margin.
+    box = tuple(slice(start, stop) for start, stop in bounding_box(prediction | reference))
     prediction_surface = surface_voxels(prediction[box])
     reference_surface = surface_voxels(reference[box])
     # The EDT gives, for every voxel, the distance to the nearest zero, i.e. to the nearest surface voxel.

@@ -29,8 +29,7 @@ import numpy as np
 import scipy.ndimage
 import torch
 
-# nnU-Net's rule: a spacing is anisotropic when its largest/smallest ratio exceeds this.
-ANISOTROPY_THRESHOLD = 3.0
+from covnet.geometry import ANISOTROPY_THRESHOLD, coarse_axis, compute_new_shape, separate_z_axis
 
 # Tile height for the banded products and the weight below which a B-spline tap is dropped
 # (the cubic cardinal spline decays like 0.268^k: |k| > 10 taps are below 1e-6).
@@ -40,37 +39,6 @@ _WEIGHT_EPSILON = 1e-6
 _TASK_ELEMENTS = 1 << 18
 # Output voxels per slab when label maps are resampled slab by slab along axis 0 (bounds memory).
 _SLAB_VOXELS = 1 << 23
-
-
-def is_anisotropic(spacing: Sequence[float], threshold: float = ANISOTROPY_THRESHOLD) -> bool:
-    """True when max(spacing) / min(spacing) > ``threshold``."""
-    spacing = np.asarray(spacing, dtype=float)
-    return bool(spacing.max() / spacing.min() > threshold)
-
-
-def coarse_axis(spacing: Sequence[float]) -> int | None:
-    """The axis with the largest spacing; None when two or more axes share that largest spacing."""
-    spacing = np.asarray(spacing, dtype=float)
-    axes = np.flatnonzero(spacing == spacing.max())
-    return int(axes[0]) if len(axes) == 1 else None
-
-
-def separate_z_axis(current_spacing: Sequence[float], target_spacing: Sequence[float],
-                    threshold: float = ANISOTROPY_THRESHOLD) -> int | None:
-    """nnU-Net v2's decision: the coarse axis of the current spacing if that one is anisotropic, else that
-    of the target spacing if it is anisotropic, else None (resample fully in 3D)."""
-    if is_anisotropic(current_spacing, threshold):
-        return coarse_axis(current_spacing)
-    if is_anisotropic(target_spacing, threshold):
-        return coarse_axis(target_spacing)
-    return None
-
-
-def compute_new_shape(shape: Sequence[int], current_spacing: Sequence[float],
-                      target_spacing: Sequence[float]) -> tuple[int, ...]:
-    """round(shape * current / target) per axis (at least 1)."""
-    ratio = np.asarray(current_spacing, dtype=float) / np.asarray(target_spacing, dtype=float)
-    return tuple(max(1, int(v)) for v in np.round(np.asarray(shape, dtype=float) * ratio))
 
 
 def source_coordinates(n_in: int, n_out: int) -> np.ndarray:
@@ -253,33 +221,33 @@ def _resolve_target(shape: Sequence[int], current_spacing: Sequence[float],
 
 
 def _axis_orders(current_spacing: Sequence[float], target_spacing: Sequence[float], order: int,
-                 separate_z: bool | None) -> list[int]:
+                 separate_z: bool | None, order_z: int, anisotropy_threshold: float) -> list[int]:
     if separate_z is None:
-        axis = separate_z_axis(current_spacing, target_spacing)
+        axis = separate_z_axis(current_spacing, target_spacing, anisotropy_threshold)
     else:
         axis = coarse_axis(current_spacing) if separate_z else None
     orders = [order] * 3
     if axis is not None:
-        orders[axis] = 0
+        orders[axis] = order_z
     return orders
 
 
 def resample_image(image: np.ndarray, current_spacing: Sequence[float],
                    target_spacing: Sequence[float] | None = None, *, new_shape: Sequence[int] | None = None,
-                   order: int = 3, separate_z: bool | None = None,
-                   clip_to_input_range: bool = True) -> np.ndarray:
+                   order: int = 3, separate_z: bool | None = None, order_z: int = 0,
+                   anisotropy_threshold: float = ANISOTROPY_THRESHOLD, clip_to_input_range: bool = True) -> np.ndarray:
     """Resample a (z, y, x) image to ``target_spacing`` or ``new_shape``; float32 out.
 
-    ``separate_z``: None applies nnU-Net v2's anisotropy rule (order 0 along the coarse axis when the
-    current or target spacing is anisotropic); True forces it along the coarse axis of the current
-    spacing; False resamples all axes with ``order``.
+    ``separate_z``: None applies nnU-Net v2's anisotropy rule (order ``order_z``, default 0, along the coarse
+    axis when the current or target spacing is anisotropic beyond ``anisotropy_threshold``); True forces it
+    along the coarse axis of the current spacing; False resamples all axes with ``order``.
     ``clip_to_input_range``: clip the cubic spline's overshoot at sharp edges (e.g. bone next to air) to
     the input's [min, max], as skimage's resize, and so nnU-Net, does; under separate z, each output slice
     to the range of the input slice it comes from (nnU-Net resizes slice by slice). Orders 0 and 1 never
     overshoot.
     """
     new_shape, target_spacing = _resolve_target(image.shape, current_spacing, target_spacing, new_shape)
-    orders = _axis_orders(current_spacing, target_spacing, order, separate_z)
+    orders = _axis_orders(current_spacing, target_spacing, order, separate_z, order_z, anisotropy_threshold)
     matrices = _axis_matrices(image.shape, new_shape, orders)
     clip_range = _input_range(image, matrices, orders) if clip_to_input_range and max(orders) > 1 else None
     return _resample_volume(image, matrices, orders, clip_range)
@@ -305,13 +273,14 @@ def _input_range(image: np.ndarray, matrices: list, orders: Sequence[int]) -> tu
 def resample_probabilities(probabilities: np.ndarray, current_spacing: Sequence[float],
                            target_spacing: Sequence[float] | None = None, *,
                            new_shape: Sequence[int] | None = None, order: int = 1,
-                           separate_z: bool | None = None) -> np.ndarray:
+                           separate_z: bool | None = None, order_z: int = 0,
+                           anisotropy_threshold: float = ANISOTROPY_THRESHOLD) -> np.ndarray:
     """Resample (C, z, y, x) class probabilities channel by channel (linear, same separate-z rule)."""
     if probabilities.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) probabilities, got shape {probabilities.shape}")
     new_shape, target_spacing = _resolve_target(probabilities.shape[1:], current_spacing, target_spacing,
                                                 new_shape)
-    orders = _axis_orders(current_spacing, target_spacing, order, separate_z)
+    orders = _axis_orders(current_spacing, target_spacing, order, separate_z, order_z, anisotropy_threshold)
     matrices = _axis_matrices(probabilities.shape[1:], new_shape, orders)
     result = np.empty((probabilities.shape[0],) + new_shape, dtype=np.float32)
     for channel in range(probabilities.shape[0]):
@@ -322,10 +291,12 @@ def resample_probabilities(probabilities: np.ndarray, current_spacing: Sequence[
 def resample_segmentation(segmentation: np.ndarray, current_spacing: Sequence[float],
                           target_spacing: Sequence[float] | None = None, *,
                           new_shape: Sequence[int] | None = None, labels: Sequence[int] | None = None,
-                          separate_z: bool | None = None) -> np.ndarray:
+                          order: int = 1, separate_z: bool | None = None, order_z: int = 0,
+                          anisotropy_threshold: float = ANISOTROPY_THRESHOLD) -> np.ndarray:
     """Resample a (z, y, x) label map; uint8 out.
 
-    Each label's mask is interpolated linearly (order 0 along the coarse axis under separate z) and every
+    Each label's mask is interpolated with ``order`` (0 or 1; ``order_z`` along the coarse axis under
+    separate z) and every
     output voxel takes the label whose interpolated mask is highest (ties: the lowest label). Unlike
     nnU-Net's "mask ≥ 0.5" rule this never leaves a voxel unassigned. ``labels`` defaults to the values
     present; a voxel whose value is not in ``labels`` contributes to no mask. Works slab by slab along
@@ -336,7 +307,9 @@ def resample_segmentation(segmentation: np.ndarray, current_spacing: Sequence[fl
     labels = sorted(int(v) for v in (_values_present(segmentation) if labels is None else labels))
     if not labels or labels[0] < 0 or labels[-1] > 255:
         raise ValueError(f"labels must be in 0..255, got {labels}")
-    orders = _axis_orders(current_spacing, target_spacing, 1, separate_z)
+    if order not in (0, 1) or order_z not in (0, 1):
+        raise ValueError(f"label maps are resampled with order 0 or 1, not {order} / {order_z}")
+    orders = _axis_orders(current_spacing, target_spacing, order, separate_z, order_z, anisotropy_threshold)
     matrices = _axis_matrices(segmentation.shape, new_shape, orders)
     result = np.empty(new_shape, dtype=np.uint8)
     slab_rows = _SLAB_VOXELS // (new_shape[1] * new_shape[2])

@@ -6,9 +6,9 @@ import pytest
 import scipy.ndimage as ndi
 
 from covnet.geometry import (ANISOTROPY_THRESHOLD, bounding_box, coarse_axis, compute_new_shape, crop,
-                             is_anisotropic, resample_image, resample_probabilities, resample_segmentation,
-                             separate_z_axis, uncrop)
-from covnet.resampling import interpolation_matrix, source_coordinates
+                             is_anisotropic, separate_z_axis, uncrop)
+from covnet.resampling import (interpolation_matrix, resample_image, resample_probabilities, resample_segmentation,
+                               source_coordinates)
 
 
 def scipy_reference(volume: np.ndarray, new_shape, order: int) -> np.ndarray:

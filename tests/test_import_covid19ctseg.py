@@ -158,6 +158,21 @@ def test_radiopaedia_image_already_in_hu_is_kept_with_a_warning(release, tmp_pat
     assert_imported(Workspace(tmp_path / "ws"), truth)
 
 
+
+def test_only_an_image_that_is_not_hu_gets_the_hu_warning(release, tmp_path, capsys):
+    root, truth = release
+    import_covid19ctseg(root, Workspace(tmp_path / "ws"))
+    assert "does not look like HU" not in capsys.readouterr().err  # windowed Radiopaedia images included
+    hu, mask, geometry = truth["coronacases_002"]
+    shifted = (hu.astype(np.int32) + 1024).astype(np.int16)  # stored without the rescale intercept
+    truth["coronacases_002"] = (shifted, mask, geometry)
+    image_file = root / "COVID-19-CT-Seg_20cases" / "coronacases_org_002.nii"
+    write_image(shifted, geometry, image_file)
+    import_covid19ctseg(root, Workspace(tmp_path / "ws"), overwrite=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "does not look like HU" in line]
+    assert len(warnings) == 1 and str(image_file) in warnings[0]
+    assert_imported(Workspace(tmp_path / "ws"), truth)
+
 def _extra_image(root: Path) -> Path:
     path = root / "COVID-19-CT-Seg_20cases" / "coronacases_org_003.nii.gz"
     write_image(make_hu("coronacases_003", 9), RELEASE["coronacases_001"][3], path)

@@ -8,6 +8,7 @@ from conftest import write_dicom_series
 
 from covnet.cli.common import run_command
 from covnet.cli.import_unlabelled import main as import_main
+from covnet.dataset import COVID_LABELS, DatasetDescription, find_cases
 from covnet.errors import CovnetError
 from covnet.importers.unlabelled import import_unlabelled, sanitize_case_id
 from covnet.io import Geometry, read_image, write_image
@@ -69,6 +70,49 @@ def test_rerun_skips_what_is_there_and_adds_only_new_cts(mosmed_like, tmp_path, 
     assert_imported(workspace, volumes)
     assert workspace.dataset_json.read_text() == '{"untouched": true}\n'
 
+
+
+def test_pool_takes_the_file_ending_of_dataset_json(mosmed_like, tmp_path):
+    source, volumes = mosmed_like
+    workspace = Workspace(tmp_path / "ws")
+    workspace.raw.mkdir(parents=True)
+    DatasetDescription(channel_names={"0": "CT"}, labels=dict(COVID_LABELS), num_training=0,
+                       file_ending=".mha").save(workspace.dataset_json)
+    assert sorted(import_unlabelled(source, workspace).added) == sorted(volumes)
+    assert sorted(p.name for p in workspace.images_unlabelled.iterdir()) == sorted(f"{c}_0000.mha" for c in volumes)
+    # what preprocessing looks for
+    assert find_cases(workspace.images_unlabelled, DatasetDescription.load(workspace.dataset_json).file_ending) \
+        == sorted(volumes)
+    image, geometry = read_image(workspace.images_unlabelled / "study_0001_0000.mha")
+    assert image.dtype == np.int16 and np.array_equal(image, volumes["study_0001"])
+    assert geometry.matches(GEOMETRY, tolerance=1e-4)
+    summary = import_unlabelled(source, workspace)
+    assert summary.added == [] and sorted(summary.skipped) == sorted(volumes)
+
+
+def test_unusable_file_ending_in_dataset_json_is_an_error(mosmed_like, tmp_path):
+    source, _ = mosmed_like
+    workspace = Workspace(tmp_path / "ws")
+    workspace.raw.mkdir(parents=True)
+    workspace.dataset_json.write_text('{"file_ending": ".png"}\n')
+    with pytest.raises(CovnetError, match="file_ending '.png'") as raised:
+        import_unlabelled(source, workspace)
+    assert raised.value.path == str(workspace.dataset_json)
+    assert not workspace.images_unlabelled.exists()
+
+
+def test_image_that_is_not_hu_is_written_with_a_warning(tmp_path, capsys):
+    source = tmp_path / "source"
+    stored = np.random.default_rng(7).integers(0, 4096, SHAPE).astype(np.uint16)  # e.g. raw detector values
+    write_image(stored, GEOMETRY, source / "scan.nii.gz")
+    workspace = Workspace(tmp_path / "ws")
+    assert import_unlabelled(source, workspace).added == ["scan"]
+    assert "this does not look like HU" in capsys.readouterr().err
+    image, _ = read_image(workspace.images_unlabelled / "scan_0000.nii.gz")
+    assert image.dtype == np.int16 and np.array_equal(image, stored)
+    write_image(ct_volume(1), GEOMETRY, source / "hu.nii.gz")
+    assert import_unlabelled(source, workspace).added == ["hu"]
+    assert "does not look like HU" not in capsys.readouterr().err
 
 def test_colliding_names_get_distinct_ids_within_and_across_sources(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"

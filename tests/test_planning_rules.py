@@ -33,6 +33,12 @@ def test_anisotropic_spacing_with_many_slices_keeps_the_median():
     assert decision.value == pytest.approx([5.0, 0.7, 0.7])
 
 
+def test_anisotropy_compares_the_coarse_axis_with_the_next_coarsest():
+    spacings = np.array([[2.8, 1.0, 0.8]] * 5)          # 2.8 / 1.0 < 3 although 2.8 / 0.8 > 3
+    shapes = np.array([[40, 400, 400]] * 5)
+    assert rules.choose_target_spacing(spacings, shapes).value == pytest.approx([2.8, 1.0, 0.8])
+
+
 def test_topology_pools_only_axes_within_twice_the_finest_spacing():
     network = rules.network_topology([5.0, 1.0, 1.0], [40, 192, 192])
     strides, kernels = network["strides"], network["kernel_sizes"]
@@ -49,6 +55,17 @@ def test_topology_pools_only_axes_within_twice_the_finest_spacing():
     assert network["features_per_stage"][:3] == [32, 64, 128] and max(network["features_per_stage"]) <= 320
     assert network["n_blocks_per_stage"][:4] == [1, 3, 4, 6]
     assert len(network["n_conv_per_stage_decoder"]) == len(strides) - 1
+
+
+def test_topology_follows_nnunet_details():
+    # A thin axis that cannot be pooled does not stop the others (finest spacing among poolable axes).
+    thin = rules.network_topology([1.0, 1.0, 1.0], [64, 4, 64])
+    assert thin["strides"] == [[1, 1, 1]] + [[2, 1, 2]] * 4          # 64 → 4 voxels along z and x
+    # A lone poolable axis needs ≥ 12 voxels; the bottleneck always has 3-wide kernels.
+    lone = rules.network_topology([4.0, 1.0, 1.0], [20, 4, 4])
+    assert lone["strides"] == [[1, 1, 1], [2, 1, 1]]
+    assert lone["kernel_sizes"][-1] == [3, 3, 3]
+    assert rules.network_topology([1.0, 1.0, 1.0], [8, 8, 10])["strides"] == [[1, 1, 1], [2, 2, 2]]
 
 
 def test_patch_is_divisible_by_the_total_pooling_and_capped_by_the_median_shape():
@@ -87,6 +104,7 @@ def test_batch_size_fits_budget_and_respects_minimum_and_dataset_cap():
     assert estimate_training_memory_bytes(patch, roomy.value + 1, network, 1, 4) > 40 * GIB
     capped = rules.choose_batch_size(patch, network, 40 * GIB, 20 * 64 ** 3 * 3, 1, 4)
     assert capped.value == 3 and "5%" in capped.reason          # 0.05 × 60 patches
+    assert rules.choose_batch_size(patch, network, 40 * GIB, 70 * 64 ** 3, 1, 4).value == 4   # 3.5 rounds up
     tiny_dataset = rules.choose_batch_size(patch, network, 40 * GIB, 64 ** 3, 1, 4)
     assert tiny_dataset.value == rules.MIN_BATCH_SIZE
 

@@ -62,12 +62,12 @@ def test_crop_resample_and_inverse_reproduce_the_original_geometry(planned):
     assert array.shape[0] == 1 and list(array.shape[1:]) == properties.shape_after_resampling
     assert segmentation.shape == array.shape[1:]
     assert properties.original_geometry == geometry
-    restored = segmentation_to_original(segmentation, properties, sorted(plan.labels.values()))
+    restored = segmentation_to_original(segmentation, properties, sorted(plan.labels.values()), plan.resampling)
     assert restored.shape == label.shape
     for value in (1, 2, 3):
         assert dice(restored == value, label == value) > 0.9
     one_hot = np.stack([segmentation == value for value in range(4)]).astype(np.float32)
-    probabilities = probabilities_to_original(one_hot, properties)
+    probabilities = probabilities_to_original(one_hot, properties, plan.resampling)
     assert probabilities.shape == (4,) + label.shape
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
     # Same interpolation as the label map, so the most probable class agrees with it (up to ties).
@@ -95,3 +95,20 @@ def test_preprocess_writes_cases_and_pool_and_is_resumable(planned):
     plan.normalization["0"]["mean"] += 1.0
     assert preprocess_dataset(workspace, plan, num_processes=2) == {"done": 5, "skipped": 0}
     assert not list(workspace.preprocessed.rglob(".tmp-*"))
+
+
+def test_plan_resampling_fields_drive_the_separate_z_rule(planned):
+    workspace, plan = planned
+    image, geometry = read_image(workspace.images_tr / "case_0_0000.nii.gz")
+    plan.target_spacing = [6.0, 1.5, 1.5]          # target anisotropy 4 > 3: separate z along axis 0
+
+    def preprocessed(**resampling):
+        plan.resampling.update(resampling)
+        return preprocess_case("case_0", [image], geometry, plan)[0]
+
+    nearest_z = preprocessed(order_z=0, anisotropy_threshold=3.0)
+    linear_z = preprocessed(order_z=1, anisotropy_threshold=3.0)
+    assert not np.allclose(nearest_z, linear_z)
+    # A threshold above the anisotropy turns separate z off, so order_z no longer matters.
+    assert np.array_equal(preprocessed(order_z=0, anisotropy_threshold=10.0),
+                          preprocessed(order_z=1, anisotropy_threshold=10.0))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import tempfile
 import zipfile
 from collections import Counter
@@ -26,6 +25,8 @@ import numpy as np
 from covnet.dataset import (COVID_LABELS, COVID_REGIONS, DatasetDescription, check_label_values, check_same_grid,
                             image_path, label_path)
 from covnet.errors import CovnetError
+from covnet.importers import warn
+from covnet.importers.hu import to_hu_int16
 from covnet.io import read_image, strip_image_suffix, write_image
 from covnet.workspace import Workspace
 
@@ -36,10 +37,6 @@ RADIOPAEDIA_WINDOW_HU = (-1250.0, 250.0)
 STORED_GREY_LEVELS = 255.0
 RELEASE_CASE_COUNT = 20
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- names
@@ -177,20 +174,14 @@ def windowed_to_hu(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float64) / STORED_GREY_LEVELS * (high - low) + low
 
 
-def to_int16(values: np.ndarray) -> np.ndarray:
-    info = np.iinfo(np.int16)
-    return np.clip(np.rint(values), info.min, info.max).astype(np.int16)
-
-
 def image_to_hu(image: np.ndarray, case: str, source: Path) -> np.ndarray:
+    if not is_radiopaedia(case):
+        return to_hu_int16(image, source)
     low, high = float(image.min()), float(image.max())
-    if is_radiopaedia(case):
-        if 0.0 <= low and high <= STORED_GREY_LEVELS:
-            return to_int16(windowed_to_hu(image))
-        warn(f"{source}: Radiopaedia image spans [{low:g}, {high:g}], not 0–255; taken as already in HU")
-    elif low >= 0.0:
-        warn(f"{source}: intensities span [{low:g}, {high:g}]; this does not look like HU")
-    return to_int16(image)
+    if 0.0 <= low and high <= STORED_GREY_LEVELS:
+        return to_hu_int16(windowed_to_hu(image), source, check_range=False)
+    warn(f"{source}: Radiopaedia image spans [{low:g}, {high:g}], not 0–255; taken as already in HU")
+    return to_hu_int16(image, source, check_range=False)
 
 
 def mask_to_labels(mask: np.ndarray, source: Path) -> np.ndarray:

@@ -1,29 +1,29 @@
 """Add a folder of unlabelled CTs (files or DICOM series folders, at any depth) to ``raw/imagesUnlabelled``.
 
-Each CT is read, checked (3D, finite) and written as int16 HU ``CASE_0000.nii.gz``. Which source became which
-case is kept in ``raw/unlabelled_sources.json`` so that a rerun skips what is already there, and a second source
-folder whose names collide with the first gets fresh case ids instead of being skipped.
+Each CT is read, checked (3D, finite) and written as int16 HU ``CASE_0000<file_ending>``, with the ending that
+``raw/dataset.json`` declares (``.nii.gz`` while there is none), since preprocessing looks for that one. Which
+source became which case is kept in ``raw/unlabelled_sources.json`` so that a rerun skips what is already there,
+and a second source folder whose names collide with the first gets fresh case ids instead of being skipped.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from covnet.atomic import write_json
+from covnet.atomic import read_json, write_json
 from covnet.dataset import find_cases, image_path
 from covnet.errors import CovnetError
-from covnet.io import is_dicom_series_dir, is_image_file, read_image, strip_image_suffix, write_image
+from covnet.importers.hu import to_hu_int16
+from covnet.io import (IMAGE_SUFFIXES, is_dicom_series_dir, is_image_file, read_image, strip_image_suffix,
+                       write_image)
 from covnet.workspace import Workspace
 
 SOURCES_FILE = "unlabelled_sources.json"
-FILE_ENDING = ".nii.gz"
+DEFAULT_FILE_ENDING = ".nii.gz"
 SKIPPED_FOLDERS = {"__MACOSX"}
 
 
@@ -100,13 +100,21 @@ def _load_sources(path: Path) -> dict[str, str]:
     return {str(case): str(source) for case, source in data.items()}
 
 
-def to_hu_int16(image: np.ndarray, source: Path) -> np.ndarray:
-    low, high = float(image.min()), float(image.max())
-    if low >= 0.0:
-        print(f"warning: {source}: intensities span [{low:g}, {high:g}]; this does not look like HU",
-              file=sys.stderr)
-    info = np.iinfo(np.int16)
-    return np.clip(np.rint(image), info.min, info.max).astype(np.int16)
+def pool_file_ending(workspace: Workspace) -> str:
+    """The ``file_ending`` of ``raw/dataset.json``, or ``.nii.gz`` while there is none.
+
+    Only that one entry is read: the unlabelled pool may be imported before the labelled data is complete.
+    """
+    path = workspace.dataset_json
+    if not path.is_file():
+        return DEFAULT_FILE_ENDING
+    data = read_json(path, "")
+    if not isinstance(data, dict):
+        raise CovnetError(path, "must be a JSON object")
+    ending = data.get("file_ending", DEFAULT_FILE_ENDING)
+    if not isinstance(ending, str) or ending.lower() not in IMAGE_SUFFIXES:
+        raise CovnetError(path, f"file_ending {ending!r} is not one of {', '.join(IMAGE_SUFFIXES)}")
+    return ending
 
 
 def import_unlabelled(source_dir: str | os.PathLike, workspace: Workspace) -> ImportSummary:
@@ -119,13 +127,14 @@ def import_unlabelled(source_dir: str | os.PathLike, workspace: Workspace) -> Im
         raise CovnetError(source_dir, "holds no CT images (NIfTI/MHA/NRRD files or DICOM series folders)")
     target_dir, sources_file = workspace.images_unlabelled, workspace.raw / SOURCES_FILE
     recorded = _load_sources(sources_file)
+    file_ending = pool_file_ending(workspace)
     case_of_source = {source: case for case, source in recorded.items()}
-    taken = set(find_cases(target_dir, FILE_ENDING)) | set(recorded)
+    taken = set(find_cases(target_dir, file_ending)) | set(recorded)
     summary = ImportSummary()
     for source, proposed in propose_case_ids(sources, source_dir).items():
         key = str(source.resolve())
         case = case_of_source.get(key, proposed)
-        target = image_path(target_dir, case, FILE_ENDING)
+        target = image_path(target_dir, case, file_ending)
         if target.is_file() and (key in case_of_source or case not in recorded):
             # imported before (an image without a record is one whose record write was interrupted)
             summary.skipped.append(case)
@@ -136,7 +145,7 @@ def import_unlabelled(source_dir: str | os.PathLike, workspace: Workspace) -> Im
         if key not in case_of_source:
             case = _next_free(case, taken)  # the proposed id belongs to a different source
         image, geometry = read_image(source)
-        write_image(to_hu_int16(image, source), geometry, image_path(target_dir, case, FILE_ENDING))
+        write_image(to_hu_int16(image, source), geometry, image_path(target_dir, case, file_ending))
         recorded[case], case_of_source[key] = key, case
         taken.add(case)
         write_json(sources_file, recorded)

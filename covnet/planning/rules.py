@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from covnet.planning.memory import estimate_training_memory_bytes
-from covnet.resampling import ANISOTROPY_THRESHOLD
+from covnet.geometry import ANISOTROPY_THRESHOLD
 
 # nnU-Net v2 sizes the initial 3D patch to 256³ voxels, shaped like the target spacing's aspect ratio.
 INITIAL_PATCH_VOXELS = 256 ** 3
@@ -43,7 +43,7 @@ def choose_target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> Decision:
     """Median spacing; for a strongly anisotropic dataset, the 10th percentile along the coarse axis.
 
     Why: resampling coarse slices to the median would throw away the finer cases' detail when the data
-    is a mix; nnU-Net takes the 10th percentile when the coarse axis is > 3× the finest other axis AND
+    is a mix; nnU-Net takes the 10th percentile when the coarse axis is > 3× the next coarsest axis AND
     the median number of slices along it, ×3, is still below the smallest other axis size.
     """
     spacings, shapes = np.asarray(spacings, float), np.asarray(shapes, float)
@@ -51,7 +51,7 @@ def choose_target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> Decision:
     median_shape = np.median(shapes, axis=0)
     coarse_axis = int(np.argmax(target))
     other_axes = [axis for axis in range(3) if axis != coarse_axis]
-    ratio = target[coarse_axis] / min(target[other_axes])
+    ratio = target[coarse_axis] / max(target[other_axes])
     few_slices = median_shape[coarse_axis] * ANISOTROPY_THRESHOLD < min(median_shape[other_axes])
     if ratio > ANISOTROPY_THRESHOLD and few_slices:
         coarse = float(np.percentile(spacings[:, coarse_axis], 10))
@@ -72,24 +72,31 @@ def resampled_shapes(shapes: np.ndarray, spacings: np.ndarray, target_spacing) -
 
 
 def network_topology(target_spacing, patch_size) -> dict:
-    """Strides, kernels, features and blocks per stage for a patch at the target spacing.
+    """Strides, kernels, features and blocks per stage for a patch at the target spacing (nnU-Net's rules).
 
     Why: pooling an axis whose spacing is much coarser than the others would make the receptive field
-    lopsided in millimetres, so an axis is pooled only while its spacing is within 2× of the finest and its
-    feature map stays ≥ 4 voxels; until an axis qualifies its kernels are 1 wide (nnU-Net's rule).
+    lopsided in millimetres. So an axis is pooled only while its feature map stays ≥ 4 voxels and its spacing
+    is within 2× of the finest axis that can still be pooled; a lone poolable axis needs ≥ 12 voxels. Kernels
+    are 1 wide along an axis until its spacing comes within 2× of the finest, then 3; the bottleneck's are 3.
     """
     spacing = [float(s) for s in target_spacing]
     size = [int(s) for s in patch_size]
     kernel = [1, 1, 1]
     kernel_sizes, strides = [], [[1, 1, 1]]
     while True:
-        finest = min(spacing)
-        kernel = [3 if spacing[a] / finest < SPACING_RATIO_FOR_POOLING else kernel[a] for a in range(3)]
-        kernel_sizes.append(list(kernel))
-        pool = [2 if size[a] >= 2 * MIN_FEATURE_MAP_SIZE and spacing[a] / finest < SPACING_RATIO_FOR_POOLING else 1
-                for a in range(3)]
-        if pool == [1, 1, 1]:
+        poolable = [a for a in range(3) if size[a] >= 2 * MIN_FEATURE_MAP_SIZE]
+        if poolable:
+            finest_poolable = min(spacing[a] for a in poolable)
+            poolable = [a for a in poolable if spacing[a] / finest_poolable < SPACING_RATIO_FOR_POOLING]
+        if len(poolable) == 1 and size[poolable[0]] < 3 * MIN_FEATURE_MAP_SIZE:
+            poolable = []
+        if not poolable:
+            kernel_sizes.append([3, 3, 3])
             break
+        finest = min(spacing)
+        kernel = [3 if kernel[a] == 3 or spacing[a] / finest < SPACING_RATIO_FOR_POOLING else 1 for a in range(3)]
+        kernel_sizes.append(list(kernel))
+        pool = [2 if a in poolable else 1 for a in range(3)]
         strides.append(pool)
         size = [s // p for s, p in zip(size, pool)]
         spacing = [s * p for s, p in zip(spacing, pool)]
@@ -163,7 +170,7 @@ def choose_batch_size(patch_size, network: dict, memory_budget_bytes: float, dat
                   - estimate_training_memory_bytes(patch_size, 1, network, in_channels, num_classes))
     fixed = estimate_training_memory_bytes(patch_size, 1, network, in_channels, num_classes) - per_sample
     fits = int((memory_budget_bytes - fixed) // per_sample) if per_sample > 0 else MIN_BATCH_SIZE
-    cap = int(dataset_voxels * MAX_BATCH_DATASET_FRACTION // math.prod(patch_size))
+    cap = round(dataset_voxels * MAX_BATCH_DATASET_FRACTION / math.prod(patch_size))
     batch = max(MIN_BATCH_SIZE, min(fits, cap))
     if batch == MIN_BATCH_SIZE and min(fits, cap) < MIN_BATCH_SIZE:
         reason = f"minimum {MIN_BATCH_SIZE} (the budget fits {fits}, the 5% dataset cap allows {cap})"

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from covnet.cropping import body_bounding_box
-from covnet.geometry import crop, resample_image, resample_probabilities, resample_segmentation, uncrop
+from covnet.geometry import crop, uncrop
 from covnet.io import Geometry
 from covnet.planning.plans import Plan
 from covnet.preprocessing.normalization import normalize
+from covnet.resampling import resample_image, resample_probabilities, resample_segmentation
 
 # Foreground voxel positions stored per class for oversampling patches around rare classes.
 LOCATIONS_PER_CLASS = 2000
@@ -54,6 +55,11 @@ def sample_class_locations(segmentation: np.ndarray, labels: list[int], rng: np.
     return locations
 
 
+def anisotropy_settings(resampling: dict) -> dict:
+    """The separate-z keywords of covnet.resampling from a plan's ``resampling`` entry."""
+    return {"order_z": resampling["order_z"], "anisotropy_threshold": resampling["anisotropy_threshold"]}
+
+
 def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, plan: Plan,
                     segmentation: np.ndarray | None = None, seed: int = 0
                     ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
@@ -61,17 +67,17 @@ def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, p
     segmentation (z, y, x) uint8 or None, and the properties that invert the mapping."""
     box = body_bounding_box(channels[0], segmentation)
     target = plan.target_spacing
-    order = plan.resampling
-    resampled = []
-    for index, channel in enumerate(channels):
-        normalized = normalize(crop(channel, box), plan.normalization[str(index)])
-        resampled.append(resample_image(normalized, geometry.spacing, target, order=order["image_order"]))
-    image = np.stack(resampled).astype(np.float32, copy=False)
+    settings = plan.resampling
+    anisotropy = anisotropy_settings(settings)
+    image = np.stack([resample_image(normalize(crop(channel, box), plan.normalization[str(index)]), geometry.spacing,
+                                     target, order=settings["image_order"], **anisotropy)
+                      for index, channel in enumerate(channels)])
     seg = None
     locations = {}
     if segmentation is not None:
         all_labels = sorted(plan.labels.values())
-        seg = resample_segmentation(crop(segmentation, box), geometry.spacing, target, labels=all_labels)
+        seg = resample_segmentation(crop(segmentation, box), geometry.spacing, target, labels=all_labels,
+                                    order=settings["segmentation_order"], **anisotropy)
         locations = sample_class_locations(seg, all_labels[1:], np.random.default_rng(seed))
     properties = CaseProperties(case=case, original_geometry=geometry, bounding_box=[list(b) for b in box],
                                 shape_after_crop=[b - a for a, b in box], target_spacing=list(target),
@@ -79,20 +85,23 @@ def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, p
     return image, seg, properties
 
 
-def probabilities_to_original(probabilities: np.ndarray, properties: CaseProperties) -> np.ndarray:
+def probabilities_to_original(probabilities: np.ndarray, properties: CaseProperties, resampling: dict) -> np.ndarray:
     """(C, z, y, x) class probabilities on the plan's grid → (C, ...) on the original image grid.
 
     Outside the body box everything is background (channel 0 = 1)."""
-    cropped = resample_probabilities(probabilities, properties.target_spacing, new_shape=properties.shape_after_crop)
+    cropped = resample_probabilities(probabilities, properties.target_spacing, new_shape=properties.shape_after_crop,
+                                     **anisotropy_settings(resampling))
     full_shape = properties.original_geometry.shape
     box = [tuple(b) for b in properties.bounding_box]
     return np.stack([uncrop(channel, box, full_shape, fill_value=1.0 if index == 0 else 0.0)
                      for index, channel in enumerate(cropped)])
 
 
-def segmentation_to_original(segmentation: np.ndarray, properties: CaseProperties, labels: list[int]) -> np.ndarray:
+def segmentation_to_original(segmentation: np.ndarray, properties: CaseProperties, labels: list[int],
+                             resampling: dict) -> np.ndarray:
     """(z, y, x) labels on the plan's grid → labels on the original image grid (0 outside the body box)."""
     cropped = resample_segmentation(segmentation, properties.target_spacing, new_shape=properties.shape_after_crop,
-                                    labels=labels)
+                                    labels=labels, order=resampling["segmentation_order"],
+                                    **anisotropy_settings(resampling))
     box = [tuple(b) for b in properties.bounding_box]
     return uncrop(cropped, box, properties.original_geometry.shape, fill_value=0).astype(np.uint8)
