@@ -1,5 +1,5 @@
-"""Write-to-temporary-then-rename, so that an interrupted job never leaves a file that looks finished;
-and the matching checked read of a JSON file."""
+"""Files on disk: write-to-temporary-then-rename (an interrupted job never leaves a file that looks
+finished), the matching checked JSON read, and stamps that tell whether a derived file is stale."""
 from __future__ import annotations
 
 import contextlib
@@ -26,15 +26,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary = temporary_sibling(final)
     try:
         yield temporary
+        # Flush to disk before the rename, so a power cut cannot leave an empty file under the final name.
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(temporary, final)
     finally:
         if temporary.exists():
             temporary.unlink()
 
 
-def write_json(path: str | os.PathLike, data) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+def write_json(path: str | os.PathLike, data, indent: int | None = 2) -> None:
+    write_text(path, json.dumps(data, indent=indent, allow_nan=True) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -51,3 +56,13 @@ def read_json(path: str | os.PathLike, missing_hint: str):
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CovnetError(path, f"is not valid JSON ({error})") from None
+
+
+def source_stamp(*paths: str | os.PathLike | None) -> list[list]:
+    """Name, size and modification time of each input file: a derived file made from other stamps is stale."""
+    stamps = []
+    for path in paths:
+        if path is not None:
+            status = os.stat(path)
+            stamps.append([Path(path).name, status.st_size, status.st_mtime_ns])
+    return stamps

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from covnet.geometry import bounding_box
+
 BODY_THRESHOLD_HU = -500.0
 # One subsampled voxel of slack on each side, because the search runs on a 2× coarser grid.
 _SUBSAMPLING = 2
@@ -32,16 +34,10 @@ def body_bounding_box(image: np.ndarray, label: np.ndarray | None = None,
     coarse = image[::_SUBSAMPLING, ::_SUBSAMPLING, ::_SUBSAMPLING] > threshold
     starts, stops = np.zeros(3, dtype=int), np.array(image.shape)
     if coarse.any():
-        body = _largest_component(coarse)
-        coordinates = np.nonzero(body.any(axis=(1, 2))), np.nonzero(body.any(axis=(0, 2))), np.nonzero(body.any(axis=(0, 1)))
-        starts = np.array([c[0][0] for c in coordinates]) * _SUBSAMPLING - _SUBSAMPLING
-        stops = (np.array([c[0][-1] for c in coordinates]) + 2) * _SUBSAMPLING
-        starts, stops = np.maximum(starts, 0), np.minimum(stops, image.shape)
+        box = np.array(bounding_box(_largest_component(coarse)))
+        starts = np.maximum(box[:, 0] * _SUBSAMPLING - _SUBSAMPLING, 0)
+        stops = np.minimum(box[:, 1] * _SUBSAMPLING + _SUBSAMPLING, image.shape)
     if label is not None and np.any(label):
-        for axis in range(3):
-            other_axes = tuple(a for a in range(3) if a != axis)
-            present = np.nonzero(np.any(label, axis=other_axes))[0]
-            starts[axis] = min(starts[axis], present[0])
-            stops[axis] = max(stops[axis], present[-1] + 1)
+        labelled = np.array(bounding_box(label))
+        starts, stops = np.minimum(starts, labelled[:, 0]), np.maximum(stops, labelled[:, 1])
     return tuple((int(a), int(b)) for a, b in zip(starts, stops))
-

@@ -95,8 +95,10 @@ def label_path(labels_dir: str | os.PathLike, case: str, file_ending: str = ".ni
 
 def check_label_values(label: np.ndarray, description: DatasetDescription, path: str | os.PathLike) -> None:
     present = np.unique(label)
+    if not np.all(np.equal(np.mod(present, 1), 0)):
+        raise CovnetError(path, f"holds non-integer label values {[float(v) for v in present[np.mod(present, 1) != 0][:5]]}")
     undeclared = sorted(set(int(v) for v in present) - set(description.label_values))
-    if undeclared or not np.all(np.equal(np.mod(present, 1), 0)):
+    if undeclared:
         raise CovnetError(path, f"label values {undeclared} are not declared in dataset.json "
                                 f"(declared: {description.label_values})")
 
@@ -108,21 +110,25 @@ def check_same_grid(image_geometry: Geometry, label_geometry: Geometry, label_fi
                                       f"{list(image_geometry.shape)} spacing {list(image_geometry.spacing)})")
 
 
-def validate_labelled_case(images_dir: Path, labels_dir: Path, case: str,
-                           description: DatasetDescription) -> None:
-    """Read one labelled case whole and raise ``CovnetError`` for the first problem found."""
+def read_labelled_case(images_dir: Path, labels_dir: Path, case: str, description: DatasetDescription,
+                       dtype=None) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """Image, label and geometry of one labelled case; ``CovnetError`` for a missing label, a label on
+    another grid or undeclared label values (and, from covnet.io, unreadable, 2D or non-finite files)."""
     image_file = image_path(images_dir, case, description.file_ending)
     label_file = label_path(labels_dir, case, description.file_ending)
     if not label_file.is_file():
         raise CovnetError(image_file, f"has no label (expected {label_file})")
-    _, image_geometry = read_image(image_file)
+    image, image_geometry = read_image(image_file, dtype=dtype)
     label, label_geometry = read_image(label_file)
     check_same_grid(image_geometry, label_geometry, label_file)
     check_label_values(label, description, label_file)
+    return image, label, image_geometry
 
 
-def validate_raw_dataset(raw_dir: str | os.PathLike, check_content: bool = True) -> tuple[DatasetDescription, list[str]]:
-    """Check ``raw/`` before anything is written from it; return the description and the labelled cases."""
+def validate_raw_dataset(raw_dir: str | os.PathLike) -> tuple[DatasetDescription, list[str]]:
+    """Check ``raw/``'s description and file listing (every image has a label and vice versa) before
+    anything is written from it; return the description and the labelled cases. The files' contents are
+    checked as they are read (``read_labelled_case``)."""
     raw_dir = Path(raw_dir)
     description = DatasetDescription.load(raw_dir / "dataset.json")
     if len(description.channel_names) != 1:
@@ -137,14 +143,12 @@ def validate_raw_dataset(raw_dir: str | os.PathLike, check_content: bool = True)
         if case not in cases and not label_file.name.startswith("."):
             raise CovnetError(label_file, f"has no image (expected {image_path(images_dir, case, description.file_ending)})")
     for case in cases:
-        if check_content:
-            validate_labelled_case(images_dir, labels_dir, case, description)
-        elif not label_path(labels_dir, case, description.file_ending).is_file():
+        if not label_path(labels_dir, case, description.file_ending).is_file():
             raise CovnetError(image_path(images_dir, case, description.file_ending),
                               f"has no label (expected {label_path(labels_dir, case, description.file_ending)})")
     return description, cases
 
 
 __all__ = ["DatasetDescription", "find_cases", "image_path", "label_path", "validate_raw_dataset",
-           "validate_labelled_case", "check_label_values", "check_same_grid", "read_geometry",
+           "read_labelled_case", "check_label_values", "check_same_grid", "read_geometry",
            "COVID_LABELS", "COVID_REGIONS", "CHANNEL_SUFFIX"]

@@ -10,7 +10,6 @@ import csv
 import io
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
@@ -19,6 +18,7 @@ import numpy as np
 from covnet.atomic import write_json, write_text
 from covnet.dataset import DatasetDescription, check_label_values
 from covnet.errors import CovnetError
+from covnet.parallel import map_cases
 from covnet.io import is_image_file, read_image
 from covnet.metrics import dice, normalized_surface_dice
 
@@ -173,11 +173,7 @@ def evaluate_folders(reference_dir: str | os.PathLike, prediction_dir: str | os.
         raise CovnetError(prediction_dir, "prediction folder not found")
     jobs = [(reference_dir / f"{case}{description.file_ending}", prediction_dir / f"{case}{description.file_ending}",
              description, structures, tolerances) for case in cases]
-    if num_processes > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as pool:
-            results = list(pool.map(_evaluate_case_in_worker, jobs))
-    else:
-        results = [_evaluate_case_in_worker(job) for job in jobs]
+    results = map_cases(_evaluate_case_in_worker, jobs, num_processes, "evaluate")
     summary = {"per_case": results, "mean": mean_over_cases(results, structures), "nsd_tolerance_mm": tolerances}
     summary = _nan_to_none(summary)
     if output_json is not None:

@@ -67,7 +67,8 @@ def is_dicom_series_dir(path: Path) -> bool:
     return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
-def _geometry_of(image: sitk.Image) -> Geometry:
+def _geometry_of(image) -> Geometry:
+    """From a ``sitk.Image`` or an ``ImageFileReader`` that has read the header (same getters)."""
     spacing_xyz = image.GetSpacing()
     size_xyz = image.GetSize()
     return Geometry(spacing=tuple(float(s) for s in spacing_xyz[::-1]),
@@ -121,9 +122,7 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
         raise CovnetError(path, "cannot be read as an image") from None
     if reader.GetDimension() != 3 or reader.GetSize()[2] < 2:
         raise CovnetError(path, f"is not a 3D volume (size {list(reader.GetSize())}); covnet needs 3D CT")
-    spacing, size = reader.GetSpacing(), reader.GetSize()
-    return Geometry(tuple(float(s) for s in spacing[::-1]), tuple(float(o) for o in reader.GetOrigin()),
-                    tuple(float(d) for d in reader.GetDirection()), tuple(int(s) for s in size[::-1]))
+    return _geometry_of(reader)
 
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}

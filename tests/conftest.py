@@ -51,18 +51,18 @@ IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def make_tiny_case(seed: int):
-    """A 12×20×24 block 'CT': air, a body, two lungs, a blob of infection."""
+    """A 20×28×32 block 'CT': air around a body on every side, two lungs, a blob of infection."""
     rng = np.random.default_rng(seed)
-    image = np.full((12, 20, 24), -1000, dtype=np.int16)
-    image[1:11, 3:17, 2:22] = 40
-    image[2:10, 5:15, 4:11] = -850
-    image[2:10, 5:15, 13:20] = -850
+    image = np.full((20, 28, 32), -1000, dtype=np.int16)
+    image[3:15, 4:22, 4:26] = 40
+    image[4:14, 6:20, 6:14] = -850
+    image[4:14, 6:20, 16:24] = -850
     image = (image + rng.normal(0, 10, image.shape)).astype(np.int16)
     label = np.zeros(image.shape, np.uint8)
-    label[2:10, 5:15, 4:11] = 2
-    label[2:10, 5:15, 13:20] = 1
-    label[4:7, 7:10, 14:17] = 3
-    geometry = Geometry((2.5, 1.5, 1.5), (0.0, 0.0, 0.0), IDENTITY, image.shape)
+    label[4:14, 6:20, 6:14] = 2
+    label[4:14, 6:20, 16:24] = 1
+    label[7:10, 9:12, 17:20] = 3
+    geometry = Geometry((2.5, 1.5, 1.5), (-20.0, 35.5, 110.0), IDENTITY, image.shape)
     return image, label, geometry
 
 

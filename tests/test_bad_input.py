@@ -90,3 +90,14 @@ def test_more_than_one_channel(workspace, capsys):
     data["channel_names"] = {"0": "CT", "1": "PET"}
     path.write_text(json.dumps(data))
     assert_refused(workspace, capsys, "dataset.json", "declares 2 channels")
+
+
+def test_memory_budget_that_fits_no_patch(workspace, capsys):
+    code = run_command("covnet_plan_and_preprocess", plan_and_preprocess.main,
+                       ["--workspace", str(workspace), "--gpu-memory-gb", "0.00001"])
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(error_lines) == 1 and "--gpu-memory-gb 1e-05: no patch fits" in error_lines[0]
+    assert not (workspace / "preprocessed" / "plans.json").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        plan_and_preprocess.main(["--workspace", str(workspace), "--gpu-memory-gb", "0"])
+    assert exit_info.value.code == 2 and "must be > 0" in capsys.readouterr().err

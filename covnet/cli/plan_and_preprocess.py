@@ -10,13 +10,20 @@ from covnet.planning.planner import PLANS_FILE, plan_dataset
 from covnet.preprocessing.run import preprocess_dataset
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covnet_plan_and_preprocess",
                                      description="Fingerprint the labelled CTs, choose spacing, patch size, batch "
                                                  "size and network topology (plans.json), then preprocess the "
                                                  "labelled cases and the unlabelled pool.")
     add_workspace_argument(parser)
-    parser.add_argument("--gpu-memory-gb", type=float, default=8.0,
+    parser.add_argument("--gpu-memory-gb", type=positive_float, default=8.0,
                         help="training memory budget the patch and batch size must fit (default 8)")
     parser.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--overwrite", action="store_true",

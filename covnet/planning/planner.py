@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from covnet.dataset import DatasetDescription, validate_raw_dataset
+from covnet.errors import CovnetError
 from covnet.planning import rules
-from covnet.planning.fingerprint import DatasetFingerprint, extract_fingerprint
+from covnet.planning.fingerprint import DatasetFingerprint, case_source, extract_fingerprint
 from covnet.planning.memory import estimate_training_memory_bytes
 from covnet.planning.plans import Plan
 from covnet.workspace import Workspace
@@ -29,7 +30,10 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
     median_shape = np.median(resampled, axis=0)
     in_channels, num_classes = len(description.channel_names), max(description.labels.values()) + 1
     budget = gpu_memory_gb * GIB
-    patch, network = rules.choose_patch_and_network(spacing.value, median_shape, budget, in_channels, num_classes)
+    try:
+        patch, network = rules.choose_patch_and_network(spacing.value, median_shape, budget, in_channels, num_classes)
+    except ValueError as error:
+        raise CovnetError(None, f"--gpu-memory-gb {gpu_memory_gb:g}: {error}; give covnet more memory") from None
     batch = rules.choose_batch_size(patch.value, network, budget, float(np.sum(np.prod(resampled, axis=1))),
                                     in_channels, num_classes)
     normalization = {channel: normalization_for_channel(name, fingerprint)
@@ -52,13 +56,14 @@ def plan_dataset(workspace: Workspace, gpu_memory_gb: float = 8.0, num_processes
                  overwrite: bool = False) -> Plan:
     """Validate raw/, fingerprint the labelled cases, choose the plan and write both JSON files.
 
-    An existing fingerprint of exactly the same cases is reused unless ``overwrite``."""
-    description, cases = validate_raw_dataset(workspace.raw, check_content=False)
+    An existing fingerprint of exactly the same, unchanged raw files is reused unless ``overwrite``."""
+    description, cases = validate_raw_dataset(workspace.raw)
     fingerprint_file = workspace.preprocessed / FINGERPRINT_FILE
     fingerprint = None
     if fingerprint_file.is_file() and not overwrite:
         fingerprint = DatasetFingerprint.load(fingerprint_file)
-        if [case.case for case in fingerprint.cases] != cases:
+        current = [(case, case_source(workspace.images_tr, workspace.labels_tr, case, description)) for case in cases]
+        if [(case.case, case.source) for case in fingerprint.cases] != current:
             fingerprint = None
     if fingerprint is None:
         fingerprint = extract_fingerprint(workspace.raw, cases, description, num_processes)

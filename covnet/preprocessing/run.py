@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
+from covnet.atomic import source_stamp
 from covnet.dataset import DatasetDescription, find_cases, image_path, label_path
+from covnet.errors import CovnetError
 from covnet.io import read_image
+from covnet.parallel import map_cases
 from covnet.planning.plans import Plan
 from covnet.preprocessing.case import preprocess_case
 from covnet.preprocessing.storage import is_case_done, save_case
@@ -27,21 +28,28 @@ class CaseJob:
     output_folder: Path
     seed: int
 
+    @property
+    def source(self) -> list:
+        return source_stamp(self.image_file, self.label_file)
 
-def run_case_job(job: CaseJob, plan: Plan, single_threaded: bool = False) -> str:
-    if single_threaded:
-        import torch
-        torch.set_num_threads(1)
-    image, geometry = read_image(job.image_file)
-    segmentation = read_image(job.label_file)[0] if job.label_file is not None else None
-    array, seg, properties = preprocess_case(job.case, [image], geometry, plan, segmentation, seed=job.seed)
-    save_case(job.output_folder, array, seg, properties, plan.preprocessing_key())
+
+def run_case_job(job: CaseJob, plan: Plan) -> str:
+    try:
+        image, geometry = read_image(job.image_file)
+        segmentation = read_image(job.label_file)[0] if job.label_file is not None else None
+        array, seg, properties = preprocess_case(job.case, [image], geometry, plan, segmentation, seed=job.seed)
+        save_case(job.output_folder, array, seg, properties, plan.preprocessing_key(), job.source)
+    except CovnetError:
+        raise
+    except Exception as error:  # name the case whatever went wrong inside it
+        raise CovnetError(job.image_file, f"preprocessing failed: {type(error).__name__}: {error}") from error
     return job.case
 
 
-def _worker(arguments) -> str:
-    job, plan = arguments
-    return run_case_job(job, plan, single_threaded=True)
+def _single_threaded_worker() -> None:
+    # Worker processes already use every core between them; one thread each avoids oversubscription.
+    import torch
+    torch.set_num_threads(1)
 
 
 def collect_jobs(workspace: Workspace, description: DatasetDescription) -> list[CaseJob]:
@@ -61,15 +69,8 @@ def preprocess_dataset(workspace: Workspace, plan: Plan, num_processes: int = 1,
     description = DatasetDescription.load(workspace.dataset_json)
     key = plan.preprocessing_key()
     jobs = collect_jobs(workspace, description)
-    todo = [job for job in jobs if overwrite or not is_case_done(job.output_folder, job.case, key,
+    todo = [job for job in jobs if overwrite or not is_case_done(job.output_folder, job.case, key, job.source,
                                                                  labelled=job.label_file is not None)]
-    progress = dict(total=len(todo), desc="preprocess", unit="case", leave=False)
-    workers = max(1, min(num_processes, len(todo), os.cpu_count() or 1))
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for _ in tqdm(pool.map(_worker, [(job, plan) for job in todo]), **progress):
-                pass
-    else:
-        for job in tqdm(todo, **progress):
-            run_case_job(job, plan)
+    workers = max(1, min(num_processes, os.cpu_count() or 1))
+    map_cases(partial(run_case_job, plan=plan), todo, workers, "preprocess", initializer=_single_threaded_worker)
     return {"done": len(todo), "skipped": len(jobs) - len(todo)}

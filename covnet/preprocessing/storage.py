@@ -3,8 +3,8 @@
 
 Plain ``.npy`` opened with ``mmap_mode="r"``: a training loader reads one random patch without loading
 the case (see BENCHMARKS.md, "Preprocessed storage", for the measured comparison with blosc2 chunks).
-The JSON is written last and only after both arrays are complete, so a case without its JSON (or with a
-stale plan key) is unfinished and gets redone.
+The JSON is removed first and written last, after both arrays are complete, so a case without its JSON is
+unfinished; one whose JSON records another plan key or other raw files (``source``) is stale. Both get redone.
 """
 from __future__ import annotations
 
@@ -35,30 +35,39 @@ def _save_array(path: Path, array: np.ndarray) -> None:
             np.save(handle, np.ascontiguousarray(array))
 
 
+def _stamp(plan_key: dict, source: list) -> dict:
+    # Through JSON once, so that tuples and lists compare equal with what is read back.
+    return json.loads(json.dumps({"plan_key": plan_key, "source": source}))
+
+
 def save_case(folder: Path, image: np.ndarray, segmentation: np.ndarray | None, properties: CaseProperties,
-              plan_key: dict) -> None:
+              plan_key: dict, source: list) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    properties_file(folder, properties.case).unlink(missing_ok=True)
     _save_array(image_file(folder, properties.case), image)
     if segmentation is not None:
         _save_array(segmentation_file(folder, properties.case), segmentation)
-    write_json(properties_file(folder, properties.case), {"plan_key": plan_key, **properties.to_json()})
+    write_json(properties_file(folder, properties.case), {**_stamp(plan_key, source), **properties.to_json()},
+               indent=None)
 
 
-def is_case_done(folder: Path, case: str, plan_key: dict, labelled: bool) -> bool:
+def is_case_done(folder: Path, case: str, plan_key: dict, source: list, labelled: bool) -> bool:
     path = properties_file(folder, case)
     if not path.is_file() or not image_file(folder, case).is_file():
         return False
     if labelled and not segmentation_file(folder, case).is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("plan_key") == json.loads(json.dumps(plan_key))
+        stored = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
+    return {key: stored.get(key) for key in ("plan_key", "source")} == _stamp(plan_key, source)
 
 
 def load_properties(folder: Path, case: str) -> CaseProperties:
     data = json.loads(properties_file(folder, case).read_text())
-    data.pop("plan_key", None)
+    for key in ("plan_key", "source"):
+        data.pop(key, None)
     return CaseProperties.from_json(data)
 
 
@@ -70,7 +79,3 @@ def load_case(folder: Path, case: str, mmap: bool = True) -> tuple[np.ndarray, n
     segmentation = np.load(seg_path, mmap_mode=mode) if seg_path.is_file() else None
     return image, segmentation, load_properties(folder, case)
 
-
-def finished_cases(folder: Path) -> list[str]:
-    """Cases whose properties JSON exists (i.e. whose arrays were completed)."""
-    return sorted(p.stem for p in folder.glob("*.json") if not p.name.startswith(".")) if folder.is_dir() else []
