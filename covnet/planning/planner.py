@@ -40,8 +40,8 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
                      for channel, name in description.channel_names.items()}
     estimate = estimate_training_memory_bytes(patch.value, batch.value, network, in_channels, num_classes)
     reasons = {"target_spacing": spacing.reason, "patch_size": patch.reason, "batch_size": batch.reason,
-               "network": "pool while ≥ 8 voxels and spacing within 2× of the finest; features 32·2^i ≤ 320; "
-                          "residual encoder blocks 1-3-4-6-6-6"}
+               "network": "pool while ≥ 8 voxels and spacing within 2× of the finest poolable axis; kernels 3 "
+                          "once within 2× of the finest; features 32·2^i ≤ 320; residual blocks 1-3-4-6-6-6"}
     reasons.update({f"normalization_{channel}": decision.reason for channel, decision in normalization.items()})
     return Plan(dataset_name=description.name, labels=dict(description.labels), regions=dict(description.regions),
                 channel_names=dict(description.channel_names), target_spacing=spacing.value,

@@ -35,10 +35,11 @@ class CaseJob:
 
 def run_case_job(job: CaseJob, plan: Plan) -> str:
     try:
+        source = job.source   # stamped before reading: a file edited meanwhile leaves the case stale
         image, geometry = read_image(job.image_file)
         segmentation = read_image(job.label_file)[0] if job.label_file is not None else None
         array, seg, properties = preprocess_case(job.case, [image], geometry, plan, segmentation, seed=job.seed)
-        save_case(job.output_folder, array, seg, properties, plan.preprocessing_key(), job.source)
+        save_case(job.output_folder, array, seg, properties, plan.preprocessing_key(), source)
     except CovnetError:
         raise
     except Exception as error:  # name the case whatever went wrong inside it
