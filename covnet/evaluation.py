@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from covnet.atomic import write_json, write_text
-from covnet.dataset import DatasetDescription, check_label_values
+from covnet.dataset import DatasetDescription, check_label_values, label_path
 from covnet.errors import CovnetError
 from covnet.parallel import map_cases
 from covnet.io import is_image_file, read_image
@@ -171,8 +171,9 @@ def evaluate_folders(reference_dir: str | os.PathLike, prediction_dir: str | os.
     cases = reference_cases(reference_dir, description.file_ending)
     if not prediction_dir.is_dir():
         raise CovnetError(prediction_dir, "prediction folder not found")
-    jobs = [(reference_dir / f"{case}{description.file_ending}", prediction_dir / f"{case}{description.file_ending}",
-             description, structures, tolerances) for case in cases]
+    jobs = [(label_path(reference_dir, case, description.file_ending),
+             label_path(prediction_dir, case, description.file_ending), description, structures, tolerances)
+            for case in cases]
     results = map_cases(_evaluate_case_in_worker, jobs, num_processes, "evaluate")
     summary = {"per_case": results, "mean": mean_over_cases(results, structures), "nsd_tolerance_mm": tolerances}
     summary = _nan_to_none(summary)

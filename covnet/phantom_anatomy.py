@@ -174,14 +174,19 @@ def draw_anatomy(rng: np.random.Generator, vessel_generations: int = 6) -> Anato
                    shape_field=SmoothField.draw(rng, 35.0), texture_field=SmoothField.draw(rng, 10.0))
 
 
+def _heart_radius2(anatomy: Anatomy, z, y, x) -> np.ndarray:
+    """Squared normalized distance from the heart centre (1 on the ellipsoid's surface)."""
+    hz, hy, hx = anatomy.heart_centre
+    rz, ry, rx = anatomy.heart_radii
+    return ((z - hz) / rz) ** 2 + ((y - hy) / ry) ** 2 + ((x - hx) / rx) ** 2
+
+
 def lung_labels(anatomy: Anatomy, block: Block, shape_noise: np.ndarray) -> np.ndarray:
     """uint8 map with LEFT/RIGHT lung labels, carved out of the heart, mediastinum and spine."""
     z, y, x = block.grids()
     cavity_y, cavity_x = anatomy.cavity_yx
     inside_cavity = (y / cavity_y) ** 2 + (x / cavity_x) ** 2 < 0.97
-    hz, hy, hx = anatomy.heart_centre
-    rz, ry, rx = anatomy.heart_radii
-    heart = ((z - hz) / rz) ** 2 + ((y - hy) / ry) ** 2 + ((x - hx) / rx) ** 2 < 1.1
+    heart = _heart_radius2(anatomy, z, y, x) < 1.1
     spine = (y - anatomy.spine_yx[0]) ** 2 + (x - anatomy.spine_yx[1]) ** 2 < 30.0 ** 2
     mediastinum = np.abs(x - 5.0) < 14.0 + 10.0 * (y < 0)
     allowed = inside_cavity & ~heart & ~spine & ~mediastinum
@@ -232,9 +237,7 @@ def body_and_bone_hu(anatomy: Anatomy, block: Block, texture: np.ndarray) -> np.
     hu[np.broadcast_to(body_r2 < 1.0, block.shape)] = -100.0
     soft = np.broadcast_to(inner_r2 < 1.0, block.shape)
     hu[soft] = (anatomy.soft_hu + 8.0 * texture)[soft]
-    hz, hy, hx = anatomy.heart_centre
-    rz, ry, rx = anatomy.heart_radii
-    heart = ((z - hz) / rz) ** 2 + ((y - hy) / ry) ** 2 + ((x - hx) / rx) ** 2 < 1.0
+    heart = _heart_radius2(anatomy, z, y, x) < 1.0
     hu[heart] = (anatomy.soft_hu + 10.0)
     right = anatomy.lungs[1]
     liver = (z < right.base_z + right.dome_mm) & ((y / cavity_y) ** 2 + (x / cavity_x) ** 2 < 1.0) & (x < 40.0)

@@ -7,13 +7,12 @@ origin, an infection burden and a noise level. Arrays are int16 HU and uint8 lab
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from covnet.dataset import COVID_LABELS, COVID_REGIONS, DatasetDescription, image_path, label_path
+from covnet.dataset import DatasetDescription, covid_description, image_path, label_path
 from covnet.errors import CovnetError
 from covnet.io import Geometry, write_image
 from covnet.phantom_anatomy import Anatomy, Block, SmoothField, draw_anatomy, body_and_bone_hu, lung_labels, \
@@ -156,7 +155,7 @@ def render(anatomy: Anatomy, scan: Scan) -> tuple[np.ndarray, np.ndarray]:
         labels = lung_labels(anatomy, block, anatomy.shape_field.sample(block))
         lung = labels > 0
         # Parenchyma near -850 HU, denser towards the back (dependent lung), with vessels blended in.
-        parenchyma = -860.0 + 25.0 * texture + 20.0 * np.broadcast_to(block.y[None, :, None] / 100.0, block.shape)
+        parenchyma = -860.0 + 25.0 * texture + 20.0 * (block.y[None, :, None] / 100.0)
         vessels = vessel_weight(anatomy, block)
         parenchyma += vessels * (40.0 + 20.0 * texture - parenchyma)
         hu[lung] = parenchyma[lung]
@@ -251,17 +250,15 @@ def split_summary(name: str, geometries: list[Geometry], burdens: list[float]) -
 
 
 def _prepare_raw(workspace: Workspace, overwrite: bool) -> None:
+    folders = (workspace.images_tr, workspace.labels_tr, workspace.images_unlabelled, workspace.images_ts,
+               workspace.labels_ts)
     if workspace.dataset_json.exists():
         if not overwrite:
             raise CovnetError(workspace.dataset_json, "already holds a dataset; pass --overwrite to replace it")
         workspace.dataset_json.unlink()
-        for folder in (workspace.images_tr, workspace.labels_tr, workspace.images_unlabelled, workspace.images_ts,
-                       workspace.labels_ts):
-            if folder.is_dir():
-                shutil.rmtree(folder)
-    # Without dataset.json, phantom files left by an interrupted run would mix with the new ones.
-    for folder in (workspace.images_tr, workspace.labels_tr, workspace.images_unlabelled, workspace.images_ts,
-                   workspace.labels_ts):
+    # Old phantom files (or those of an interrupted run) would mix with the new ones. Only phantom-named
+    # files go: imagesUnlabelled may also hold real CTs added by covnet_import_unlabelled.
+    for folder in folders:
         for stale in folder.glob("*.nii.gz") if folder.is_dir() else []:
             if STALE_NAME.match(stale.name):
                 stale.unlink()
@@ -303,8 +300,6 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
             geometries.append(geometry)
         if report is not None:
             report(split_summary(f"{split_name} ({images_dir.name})", geometries, burdens))
-    description = DatasetDescription(channel_names={"0": "CT"}, labels=dict(COVID_LABELS), num_training=num_labelled,
-                                     file_ending=".nii.gz", regions={k: list(v) for k, v in COVID_REGIONS.items()},
-                                     groups=groups, name="covnet_phantoms")
+    description = covid_description("covnet_phantoms", num_labelled, groups)
     description.save(workspace.dataset_json)
     return description

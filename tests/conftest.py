@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from covnet.dataset import COVID_LABELS, COVID_REGIONS, DatasetDescription
+from covnet.dataset import covid_description
 from covnet.io import Geometry, write_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,5 +77,5 @@ def tiny_workspace(tmp_path):
     for index in range(2):
         image, _, geometry = make_tiny_case(10 + index)
         write_image(image, geometry, raw / "imagesUnlabelled" / f"pool_{index}_0000.nii.gz")
-    DatasetDescription({"0": "CT"}, dict(COVID_LABELS), 3, regions=dict(COVID_REGIONS)).save(raw / "dataset.json")
+    covid_description("tiny", 3).save(raw / "dataset.json")
     return tmp_path

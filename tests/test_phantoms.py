@@ -168,10 +168,13 @@ def test_cli_writes_a_valid_dataset_and_refuses_to_overwrite(tmp_path, capsys):
     assert error.count("\n") == 1 and "dataset.json" in error and "--overwrite" in error
     assert (workspace / "raw/dataset.json").read_text() == before
 
+    # --overwrite replaces the phantoms but keeps real CTs a user imported into the pool.
+    (workspace / "raw/imagesUnlabelled/mosmed_0001_0000.nii.gz").write_bytes(b"a user's CT")
     assert _run_cli(["--workspace", str(workspace), "--num-labelled", "4", "--num-unlabelled", "0",
                      "--num-test", "0", "--seed", "4", "--overwrite"]) == 0
     assert json.loads((workspace / "raw/dataset.json").read_text())["numTraining"] == 4
-    assert not list((workspace / "raw").glob("images*/unlabelled_*")) and not (workspace / "raw/imagesTs").exists()
+    assert not list((workspace / "raw").glob("images*/unlabelled_*")) and not list((workspace / "raw").glob("*Ts/*"))
+    assert (workspace / "raw/imagesUnlabelled/mosmed_0001_0000.nii.gz").read_bytes() == b"a user's CT"
 
 
 def test_labelled_cases_do_not_depend_on_other_split_counts(tmp_path):

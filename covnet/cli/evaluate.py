@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from covnet.cli.common import run_command
-from covnet.dataset import COVID_LABELS, COVID_REGIONS, DatasetDescription
+from covnet.dataset import DatasetDescription, covid_description
 from covnet.evaluation import evaluate_folders, format_mean_table
 
 
@@ -26,11 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: <pred>/summary.json)")
     parser.add_argument("-np", "--num-processes", type=int, default=1, help="cases evaluated in parallel")
     return parser
-
-
-def covid_description() -> DatasetDescription:
-    return DatasetDescription(channel_names={"0": "CT"}, labels=dict(COVID_LABELS), num_training=0,
-                              regions={name: list(values) for name, values in COVID_REGIONS.items()})
 
 
 def description_for(labels_file: Path | None, reference_dir: Path) -> DatasetDescription:

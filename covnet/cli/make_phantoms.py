@@ -36,3 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(run_command("covnet_make_phantoms", main))
+
+
+if __name__ == "__main__":
+    entry()

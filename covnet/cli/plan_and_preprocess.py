@@ -49,3 +49,7 @@ def main(argv=None) -> int:
 
 def entry() -> None:
     sys.exit(run_command("covnet_plan_and_preprocess", main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covnet.dataset import (COVID_LABELS, COVID_REGIONS, DatasetDescription, check_label_values, check_same_grid,
-                            image_path, label_path)
+from covnet.dataset import (DatasetDescription, check_label_values, check_same_grid, covid_description, image_path,
+                            label_path)
 from covnet.errors import CovnetError
 from covnet.importers import warn
 from covnet.importers.hu import to_hu_int16
@@ -185,11 +185,15 @@ def image_to_hu(image: np.ndarray, case: str, source: Path) -> np.ndarray:
 
 
 def mask_to_labels(mask: np.ndarray, source: Path) -> np.ndarray:
-    if mask.dtype.kind == "f" and not np.array_equal(mask, np.rint(mask)):
-        raise CovnetError(source, "mask holds non-integer values; expected 0, 1, 2, 3")
-    if mask.min() < 0 or mask.max() > np.iinfo(np.uint8).max:
-        raise CovnetError(source, f"mask values span [{mask.min():g}, {mask.max():g}]; expected 0, 1, 2, 3")
-    return np.rint(mask).astype(np.uint8)
+    if mask.dtype.kind == "f":
+        rounded = np.rint(mask)
+        if not np.array_equal(mask, rounded):
+            raise CovnetError(source, "mask holds non-integer values; expected 0, 1, 2, 3")
+        mask = rounded
+    low, high = mask.min(), mask.max()
+    if low < 0 or high > np.iinfo(np.uint8).max:
+        raise CovnetError(source, f"mask values span [{low:g}, {high:g}]; expected 0, 1, 2, 3")
+    return mask.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------- import
@@ -239,9 +243,7 @@ def _install(staging: Path, workspace: Workspace) -> None:
 
 
 def describe(cases: list[str]) -> DatasetDescription:
-    return DatasetDescription(channel_names={"0": "CT"}, labels=dict(COVID_LABELS), num_training=len(cases),
-                              regions={name: list(values) for name, values in COVID_REGIONS.items()},
-                              groups=patient_groups(cases), name="COVID-19-CT-Seg")
+    return covid_description("COVID-19-CT-Seg", len(cases), patient_groups(cases))
 
 
 def import_covid19ctseg(source_dir: str | os.PathLike, workspace: Workspace, overwrite: bool = False) -> list[str]:

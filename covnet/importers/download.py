@@ -162,8 +162,9 @@ def fetch_record_checksums(record_api_url: str = ZENODO_RECORD_API_URL,
         raise CovnetError(record_api_url, f"cannot read the Zenodo record ({error})") from None
     files = record.get("files", [])
     if isinstance(files, dict):  # InvenioRDM's files endpoint nests them under "entries"
-        files = list(files.get("entries", {}).values()) if isinstance(files.get("entries"), dict) \
-            else files.get("entries", [])
+        files = files.get("entries", [])
+    if isinstance(files, dict):
+        files = list(files.values())
     checksums = {}
     for entry in files:
         name, checksum = entry.get("key") or entry.get("filename"), entry.get("checksum")

@@ -7,7 +7,6 @@ and a second source folder whose names collide with the first gets fresh case id
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import defaultdict
@@ -44,9 +43,9 @@ def find_ct_sources(source_dir: Path) -> list[Path]:
     for folder, subfolders, files in os.walk(source_dir):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in SKIPPED_FOLDERS)
         folder = Path(folder)
-        visible = [folder / name for name in sorted(files) if not name.startswith(".")]
-        sources.extend(path for path in visible if is_image_file(path))
-        others = [path for path in visible if not is_image_file(path)]
+        others = []
+        for path in (folder / name for name in sorted(files) if not name.startswith(".")):
+            (sources if is_image_file(path) else others).append(path)
         if others and is_dicom_series_dir(folder):
             sources.append(folder)
         elif any(path.suffix.lower() == ".dcm" for path in others):
@@ -91,10 +90,7 @@ def _next_free(case: str, taken: set[str]) -> str:
 def _load_sources(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CovnetError(path, f"is not valid JSON ({error})") from None
+    data = read_json(path, "")
     if not isinstance(data, dict):
         raise CovnetError(path, "must map case ids to source paths")
     return {str(case): str(source) for case, source in data.items()}

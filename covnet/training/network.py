@@ -96,7 +96,6 @@ class ResidualEncoderUNet(nn.Module):
         })
         n_stages = len(features_per_stage)
         self.deep_supervision = bool(deep_supervision)
-        self.strides = [tuple(s) for s in strides]
 
         self.stem = ConvNormNonlin(in_channels, features_per_stage[0], kernel_sizes[0])
         self.encoder = nn.ModuleList()
