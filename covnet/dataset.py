@@ -93,6 +93,13 @@ def find_cases(images_dir: str | os.PathLike, file_ending: str = ".nii.gz") -> l
         if images_dir.is_dir() else []
 
 
+def find_label_cases(labels_dir: str | os.PathLike, file_ending: str = ".nii.gz") -> list[str]:
+    """Case identifiers of ``CASE<ending>`` label files in ``labels_dir`` (sorted)."""
+    labels_dir = Path(labels_dir)
+    return sorted(p.name[: -len(file_ending)] for p in labels_dir.iterdir() if p.name.endswith(file_ending)
+                  and is_image_file(p)) if labels_dir.is_dir() else []
+
+
 def image_path(images_dir: str | os.PathLike, case: str, file_ending: str = ".nii.gz") -> Path:
     return Path(images_dir) / f"{case}{CHANNEL_SUFFIX}{file_ending}"
 
@@ -147,10 +154,10 @@ def validate_raw_dataset(raw_dir: str | os.PathLike) -> tuple[DatasetDescription
     cases = find_cases(images_dir, description.file_ending)
     if not cases:
         raise CovnetError(images_dir, f"holds no images named CASE{CHANNEL_SUFFIX}{description.file_ending}")
-    for label_file in sorted(labels_dir.glob(f"*{description.file_ending}")) if labels_dir.is_dir() else []:
-        case = label_file.name[: -len(description.file_ending)]
-        if case not in cases and not label_file.name.startswith("."):
-            raise CovnetError(label_file, f"has no image (expected {image_path(images_dir, case, description.file_ending)})")
+    for case in find_label_cases(labels_dir, description.file_ending):
+        if case not in cases:
+            raise CovnetError(label_path(labels_dir, case, description.file_ending),
+                              f"has no image (expected {image_path(images_dir, case, description.file_ending)})")
     for case in cases:
         if not label_path(labels_dir, case, description.file_ending).is_file():
             raise CovnetError(image_path(images_dir, case, description.file_ending),

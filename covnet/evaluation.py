@@ -16,11 +16,11 @@ from typing import Mapping
 import numpy as np
 
 from covnet.atomic import write_json, write_text
-from covnet.dataset import DatasetDescription, check_label_values, label_path
+from covnet.dataset import DatasetDescription, check_label_values, find_label_cases, label_path
 from covnet.errors import CovnetError
-from covnet.parallel import map_cases
-from covnet.io import is_image_file, read_image
+from covnet.io import read_image
 from covnet.metrics import dice, normalized_surface_dice
+from covnet.parallel import map_cases
 
 # NSD tolerances as in Ma et al. 2020 (COVID-19-CT-Seg benchmark): 3 mm for infection, 1 mm for lungs.
 INFECTION_TOLERANCE_MM = 3.0
@@ -61,8 +61,7 @@ def tolerances_for(structures: Mapping[str, list[int]],
 def reference_cases(reference_dir: Path, file_ending: str) -> list[str]:
     if not reference_dir.is_dir():
         raise CovnetError(reference_dir, "reference folder not found")
-    cases = sorted(p.name[: -len(file_ending)] for p in reference_dir.iterdir()
-                   if p.name.endswith(file_ending) and is_image_file(p))
+    cases = find_label_cases(reference_dir, file_ending)
     if not cases:
         raise CovnetError(reference_dir, f"holds no reference label files named CASE{file_ending}")
     return cases

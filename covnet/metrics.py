@@ -61,9 +61,13 @@ def surface_distances(prediction: np.ndarray, reference: np.ndarray,
     Both masks must be non-empty (a distance to an empty surface is undefined).
     """
     prediction, reference = _check_pair(prediction, reference)
-    spacing = _check_spacing(spacing)
     if not prediction.any() or not reference.any():
         raise ValueError("surface distances need two non-empty masks")
+    return _surface_distances(prediction, reference, _check_spacing(spacing))
+
+
+def _surface_distances(prediction: np.ndarray, reference: np.ndarray,
+                       spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
     # Cropping to the smallest box holding both masks changes neither the surfaces (every voxel outside it is
     # background, as is everything outside the array) nor the distances (all surface voxels lie inside it),
     # so the results stay exact without a margin.
@@ -93,7 +97,8 @@ def normalized_surface_dice(prediction: np.ndarray, reference: np.ndarray, spaci
         return float("nan")
     if not has_prediction or not has_reference:
         return 0.0
-    prediction_to_reference, reference_to_prediction = surface_distances(prediction, reference, spacing)
+    prediction_to_reference, reference_to_prediction = _surface_distances(prediction, reference,
+                                                                          _check_spacing(spacing))
     limit = tolerance_mm * (1.0 + _TIE_SLACK) + _TIE_SLACK
     within = int((prediction_to_reference <= limit).sum()) + int((reference_to_prediction <= limit).sum())
     return within / (prediction_to_reference.size + reference_to_prediction.size)
