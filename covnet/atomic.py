@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -12,10 +14,51 @@ from typing import Iterator
 from covnet.errors import CovnetError
 
 
+# ``.tmp-<pid>-<8 hex>-<final name>``: the writer's pid tells a later run whether its writer is dead.
+TEMPORARY_NAME = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}-")
+
+
 def temporary_sibling(path: str | os.PathLike) -> Path:
     """A hidden name next to ``path`` that keeps its suffixes (SimpleITK picks the format by them)."""
     path = Path(path)
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    return path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_dead_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Delete the temporary files and folders that a killed writer left in ``folder`` (only covnet's
+    ``.tmp-<pid>-…`` names whose process is gone); return what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in list(folder.iterdir()):
+        match = TEMPORARY_NAME.match(entry.name)
+        if match and not process_alive(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+        elif recursive and entry.is_dir() and not entry.is_symlink():
+            removed += sweep_dead_temporaries(entry, recursive)
+    return removed
+
+
+def temporary_folder(parent: str | os.PathLike, purpose: str) -> Path:
+    """A fresh hidden folder in ``parent`` that ``sweep_dead_temporaries`` removes once its creator is dead."""
+    folder = Path(parent) / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{purpose}"
+    folder.mkdir(parents=True)
+    return folder
 
 
 @contextlib.contextmanager

@@ -63,7 +63,12 @@ class DatasetDescription:
             unknown = set(values) - set(labels.values())
             if unknown:
                 raise CovnetError(source, f"region '{name}' uses undeclared label values {sorted(unknown)}")
-        return cls(channel_names={str(k): str(v) for k, v in data["channel_names"].items()}, labels=labels,
+        channel_names = {str(k): str(v) for k, v in data["channel_names"].items()}
+        expected_keys = [str(index) for index in range(len(channel_names))]
+        if sorted(channel_names, key=lambda key: (len(key), key)) != expected_keys:
+            raise CovnetError(source, f"channel_names keys must be the channel indices {expected_keys} "
+                                      f"(files CASE_0000…), not {sorted(channel_names)}")
+        return cls(channel_names=channel_names, labels=labels,
                    num_training=int(data.get("numTraining", 0)), file_ending=str(data.get("file_ending", ".nii.gz")),
                    regions=regions, groups={str(k): str(v) for k, v in data.get("groups", {}).items()},
                    name=str(data.get("name", "covnet")))
@@ -120,10 +125,9 @@ def check_label_values(label: np.ndarray, description: DatasetDescription, path:
 
 
 def check_same_grid(image_geometry: Geometry, label_geometry: Geometry, label_file: str | os.PathLike) -> None:
-    if not image_geometry.matches(label_geometry):
-        raise CovnetError(label_file, f"geometry does not match its image (label shape {list(label_geometry.shape)} "
-                                      f"spacing {list(label_geometry.spacing)} vs image shape "
-                                      f"{list(image_geometry.shape)} spacing {list(image_geometry.spacing)})")
+    differences = label_geometry.differences(image_geometry)
+    if differences:
+        raise CovnetError(label_file, f"geometry does not match its image (label vs image: {'; '.join(differences)})")
 
 
 def read_labelled_case(images_dir: Path, labels_dir: Path, case: str, description: DatasetDescription,

@@ -74,12 +74,10 @@ def evaluate_case(reference_file: Path, prediction_file: Path, description: Data
         raise CovnetError(prediction_file, f"prediction missing for reference {reference_file.name}")
     reference, reference_geometry = read_image(reference_file)
     prediction, prediction_geometry = read_image(prediction_file)
-    if not prediction_geometry.matches(reference_geometry):
+    differences = prediction_geometry.differences(reference_geometry)
+    if differences:
         raise CovnetError(prediction_file, f"geometry differs from its reference {reference_file} "
-                                           f"(shape {list(prediction_geometry.shape)} spacing "
-                                           f"{list(prediction_geometry.spacing)} vs shape "
-                                           f"{list(reference_geometry.shape)} spacing "
-                                           f"{list(reference_geometry.spacing)})")
+                                           f"(prediction vs reference: {'; '.join(differences)})")
     check_label_values(reference, description, reference_file)
     check_label_values(prediction, description, prediction_file)
     spacing = reference_geometry.spacing

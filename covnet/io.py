@@ -7,18 +7,21 @@ and the row-major 3×3 matrix whose columns are the directions of the x, y, z in
 """
 from __future__ import annotations
 
-import gzip
+import contextlib
 import os
-import struct
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from covnet.atomic import atomic_path
 from covnet.errors import CovnetError
+from covnet.nifti import count_non_finite, truncation_problem
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -41,14 +44,23 @@ class Geometry:
         return cls(tuple(float(v) for v in data["spacing"]), tuple(float(v) for v in data["origin"]),
                    tuple(float(v) for v in data["direction"]), tuple(int(v) for v in data["shape"]))
 
-    def matches(self, other: "Geometry", tolerance: float = 1e-3) -> bool:
-        """Same grid up to a relative ``tolerance`` (spacing, origin in mm, direction cosines)."""
-        if self.shape != other.shape:
-            return False
+    def differences(self, other: "Geometry", tolerance: float = 1e-3) -> list[str]:
+        """The fields in which two grids differ beyond a relative ``tolerance`` (spacing, origin in mm,
+        direction cosines), each as ``"<field> <mine> vs <other's>"``; empty when they match."""
         scale = max(1.0, float(np.max(np.abs(self.spacing))))
-        return (np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=tolerance * scale)
-                and np.allclose(self.origin, other.origin, atol=tolerance * 100 * scale)
-                and np.allclose(self.direction, other.direction, atol=tolerance))
+        same = {"shape": self.shape == other.shape,
+                "spacing": np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=tolerance * scale),
+                "origin": np.allclose(self.origin, other.origin, atol=tolerance * 100 * scale),
+                "direction": np.allclose(self.direction, other.direction, atol=tolerance)}
+        return [f"{name} {_rounded(getattr(self, name))} vs {_rounded(getattr(other, name))}"
+                for name, equal in same.items() if not equal]
+
+    def matches(self, other: "Geometry", tolerance: float = 1e-3) -> bool:
+        return not self.differences(other, tolerance)
+
+
+def _rounded(values) -> list:
+    return [round(float(v), 4) for v in values]
 
 
 def is_image_file(path: Path) -> bool:
@@ -77,27 +89,84 @@ def _geometry_of(image) -> Geometry:
                     shape=tuple(int(s) for s in size_xyz[::-1]))
 
 
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+@contextlib.contextmanager
+def _native_output_captured() -> Iterator[list[str]]:
+    """Keep what ITK's C++ readers print (e.g. MetaIO's "data not read completely") off the console;
+    the captured lines are yielded for the error message instead."""
+    captured: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for descriptor in saved:
+                os.close(descriptor)
+            sink.seek(0)
+            captured.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
+
+
+def _check_file_complete(path: Path) -> None:
+    """A file ITK would read wrongly or with a misleading message: empty, or a NIfTI that ends early."""
+    if path.stat().st_size == 0:
+        raise CovnetError(path, "is empty (0 bytes)")
+    if _is_nifti(path):
+        problem = truncation_problem(path)
+        if problem:
+            raise CovnetError(path, problem)
+
+
+def _unreadable(path: Path, error: RuntimeError, native_lines: list[str]) -> CovnetError:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    detail = "; ".join(native_lines[:2]) or (lines[-1] if lines else "unknown reason")
+    if "No such file" in detail or "Unable to determine ImageIO" in detail:
+        detail = "not a readable image"  # ITK's wording for a file it opened but could not parse
+    return CovnetError(path, f"is truncated or unreadable ({detail})")
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
         raise CovnetError(path, "file not found")
-    try:
-        if path.is_dir():
+    if path.is_dir():
+        return _read_dicom_series(path)
+    _check_file_complete(path)
+    with _native_output_captured() as native_lines:
+        try:
+            return sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            failure = error
+    raise _unreadable(path, failure, native_lines) from None
+
+
+def _read_dicom_series(path: Path) -> sitk.Image:
+    with _native_output_captured() as native_lines:
+        try:
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
             if not series:
                 raise CovnetError(path, "folder holds no DICOM series")
             # A study folder may also hold scouts or reformats: take the series with the most slices.
             files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid) for uid in series), key=len)
-            if len(series) > 1:
-                warnings.warn(f"{path}: holds {len(series)} DICOM series; reading the largest ({len(files)} files)")
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
-    except CovnetError:
-        raise
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
-        raise CovnetError(path, f"cannot be read as an image ({first_line})") from None
+            image = reader.Execute()
+        except RuntimeError as error:
+            failure = error
+        else:
+            failure = None
+    if failure is not None:
+        raise _unreadable(path, failure, native_lines) from None
+    if len(series) > 1:
+        warnings.warn(f"{path}: holds {len(series)} DICOM series; reading the largest ({len(files)} files)")
+    return image
 
 
 def _check_3d(image: sitk.Image, path: Path) -> None:
@@ -114,42 +183,21 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
         return read_image(path)[1]
     if not path.exists():
         raise CovnetError(path, "file not found")
+    _check_file_complete(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise CovnetError(path, "cannot be read as an image") from None
+    with _native_output_captured() as native_lines:
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            failure = error
+        else:
+            failure = None
+    if failure is not None:
+        raise _unreadable(path, failure, native_lines) from None
     if reader.GetDimension() != 3 or reader.GetSize()[2] < 2:
         raise CovnetError(path, f"is not a 3D volume (size {list(reader.GetSize())}); covnet needs 3D CT")
     return _geometry_of(reader)
-
-
-_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
-
-
-def _count_non_finite_nifti(path: Path) -> int:
-    """ITK silently turns NaN/inf in NIfTI float data into 0 on reading, so look at the stored values."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        header = handle.read(540)
-        for endian in "<>":
-            size = struct.unpack(endian + "i", header[:4])[0]
-            if size in (348, 540):
-                break
-        else:
-            return 0
-        if size == 348:
-            datatype = struct.unpack(endian + "h", header[70:72])[0]
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
-        else:
-            datatype = struct.unpack(endian + "h", header[12:14])[0]
-            offset = int(struct.unpack(endian + "q", header[168:176])[0])
-        if datatype not in _NIFTI_FLOAT_TYPES:
-            return 0
-        handle.seek(offset)
-        data = np.frombuffer(handle.read(), dtype=np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype]))
-    return int((~np.isfinite(data)).sum())
 
 
 def read_image(path: str | os.PathLike, dtype=None, check_finite: bool = True) -> tuple[np.ndarray, Geometry]:
@@ -162,8 +210,8 @@ def read_image(path: str | os.PathLike, dtype=None, check_finite: bool = True) -
         array = array.astype(dtype, copy=False)
     if check_finite:
         non_finite = int((~np.isfinite(array)).sum()) if array.dtype.kind == "f" else 0
-        if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
-            non_finite = max(non_finite, _count_non_finite_nifti(path))
+        if path.is_file() and _is_nifti(path):
+            non_finite = max(non_finite, count_non_finite(path))
         if non_finite:
             raise CovnetError(path, f"contains {non_finite} NaN/inf voxels")
     return array, _geometry_of(image)

@@ -75,7 +75,7 @@ def test_nan_voxels(workspace, capsys):
 
 def test_unreadable_file(workspace, capsys):
     (workspace / "raw" / "imagesTr" / "case_2_0000.nii.gz").write_bytes(b"\x00garbage")
-    assert_refused(workspace, capsys, "case_2_0000.nii.gz", "cannot be read")
+    assert_refused(workspace, capsys, "case_2_0000.nii.gz", "truncated or unreadable")
 
 
 def test_empty_folder(workspace, capsys):

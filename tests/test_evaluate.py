@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -153,16 +154,27 @@ def test_empty_reference_folder_is_an_error(tmp_path):
         evaluate_folders(tmp_path / "ref", tmp_path / "pred", description)
 
 
-def test_cli_prints_table_and_writes_default_output(dataset, capsys):
+def test_cli_prints_table_and_writes_default_output(dataset, tmp_path, capsys):
     root, _, _ = dataset
-    assert evaluate_main(["--ref", str(root / "labelsTr"), "--pred", str(root / "labelsTr")]) == 0
+    predictions = tmp_path / "predictions"
+    shutil.copytree(root / "labelsTr", predictions)
+    assert evaluate_main(["--ref", str(root / "labelsTr"), "--pred", str(predictions)]) == 0
     printed = capsys.readouterr().out
     for name in NAMES:
         assert name in printed
     assert "1.0000" in printed and "3 mm" in printed
-    summary = json.loads((root / "labelsTr" / "summary.json").read_text())
-    assert len(summary["per_case"]) == 3 and (root / "labelsTr" / "summary.csv").is_file()
+    summary = json.loads((predictions / "summary.json").read_text())
+    assert len(summary["per_case"]) == 3 and (predictions / "summary.csv").is_file()
     assert format_mean_table(summary) in printed
+
+
+def test_cli_never_writes_into_the_reference_folder(dataset, capsys):
+    root, _, _ = dataset
+    before = sorted(p.name for p in (root / "labelsTr").iterdir())
+    code = run_command("covnet_evaluate", evaluate_main, ["--ref", str(root / "labelsTr"), "--pred", str(root / "labelsTr")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "reference folder" in error[0] and "summary.json" in error[0]
+    assert sorted(p.name for p in (root / "labelsTr").iterdir()) == before
 
 
 def test_cli_uses_labels_file_and_output_option(dataset, tmp_path, capsys):

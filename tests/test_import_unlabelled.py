@@ -152,7 +152,7 @@ def test_unreadable_and_2d_files_are_errors_naming_them(tmp_path):
     broken.write_bytes(b"\x1f\x8b not really a nifti")
     with pytest.raises(CovnetError) as raised:
         import_unlabelled(source, Workspace(tmp_path / "ws"))
-    assert raised.value.path == str(broken) and "cannot be read" in raised.value.problem
+    assert raised.value.path == str(broken) and "truncated or unreadable" in raised.value.problem
     broken.unlink()
     flat = source / "flat.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.int16)), str(flat))

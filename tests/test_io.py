@@ -75,5 +75,5 @@ def test_non_finite_voxels_are_refused(tmp_path):
 
 def test_unreadable_file_is_refused(tmp_path):
     (tmp_path / "broken.nii.gz").write_bytes(b"this is not a nifti file")
-    with pytest.raises(CovnetError, match="broken.nii.gz: cannot be read as an image"):
+    with pytest.raises(CovnetError, match="broken.nii.gz: is truncated or unreadable"):
         read_image(tmp_path / "broken.nii.gz")

@@ -90,7 +90,7 @@ def test_crop_resample_and_inverse_reproduce_the_original_geometry(planned):
 def test_preprocess_writes_cases_and_pool_and_is_resumable(planned):
     workspace, plan = planned
     counts = preprocess_dataset(workspace, plan, num_processes=1)
-    assert counts == {"done": 5, "skipped": 0}
+    assert counts == {"done": 5, "skipped": 0, "refused": 0}
     labelled = workspace.preprocessed / LABELLED_FOLDER
     image, segmentation, properties = load_case(labelled, "case_0")
     assert isinstance(image, np.memmap) and image.dtype == np.float32
@@ -101,12 +101,12 @@ def test_preprocess_writes_cases_and_pool_and_is_resumable(planned):
     pool_image, pool_segmentation, _ = load_case(workspace.preprocessed / UNLABELLED_FOLDER, "pool_1")
     assert pool_segmentation is None and pool_image.ndim == 4
     # A rerun skips finished cases; a case killed before its JSON was written is redone.
-    assert preprocess_dataset(workspace, plan) == {"done": 0, "skipped": 5}
+    assert preprocess_dataset(workspace, plan) == {"done": 0, "skipped": 5, "refused": 0}
     properties_file(labelled, "case_2").unlink()
-    assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4}
+    assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4, "refused": 0}
     # A changed plan makes every case stale.
     plan.normalization["0"]["mean"] += 1.0
-    assert preprocess_dataset(workspace, plan, num_processes=2) == {"done": 5, "skipped": 0}
+    assert preprocess_dataset(workspace, plan, num_processes=2) == {"done": 5, "skipped": 0, "refused": 0}
     assert not list(workspace.preprocessed.rglob(".tmp-*"))
 
 
@@ -138,7 +138,7 @@ def test_edited_raw_files_and_interrupted_writes_are_redone(planned, monkeypatch
     write_image(label, geometry, workspace.labels_tr / "case_0.nii.gz")
     plan = plan_dataset(workspace, gpu_memory_gb=8, num_processes=1)
     assert fingerprint_file.read_text() != before
-    assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4}
+    assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4, "refused": 0}
     _, segmentation, properties = load_case(workspace.preprocessed / LABELLED_FOLDER, "case_0")
     assert 3 not in np.asarray(segmentation) and "3" in properties.class_locations
     # A rerun killed between the two arrays leaves no JSON behind, so the case is redone next time.
@@ -155,7 +155,7 @@ def test_edited_raw_files_and_interrupted_writes_are_redone(planned, monkeypatch
         preprocess_dataset(workspace, plan, overwrite=True)
     monkeypatch.setattr(storage, "_save_array", real_save)
     assert not properties_file(workspace.preprocessed / LABELLED_FOLDER, "case_0").exists()
-    assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4}
+    assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4, "refused": 0}
 
 
 @pytest.mark.parametrize("mode, rule", [("isotropic", "median spacing (anisotropy"),

@@ -1,12 +1,26 @@
-"""What every command shares: ``--workspace`` and turning ``CovnetError`` into one line and exit 2."""
+"""What every command shares: ``--workspace``, the workspace lock, and turning errors into one line.
+
+``CovnetError`` and operating-system errors (permissions, a read-only disk, a path that is a file) end as
+``<command>: error: <path>: <problem>`` on stderr with exit code 2, never as a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+from covnet.atomic import sweep_dead_temporaries
 from covnet.errors import CovnetError
+from covnet.locking import exclusive
+from covnet.log import setup_logging
 from covnet.workspace import Workspace
+
+_OS_ERROR_HINTS = {errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+                   errno.EROFS: "the file system is read-only", errno.ENOSPC: "free some disk space",
+                   errno.ENOTDIR: "a part of this path is a file, not a folder"}
 
 
 def add_workspace_argument(parser: argparse.ArgumentParser) -> None:
@@ -16,16 +30,41 @@ def add_workspace_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def workspace_from(args: argparse.Namespace) -> Workspace:
-    return Workspace.resolve(args.workspace)
+    workspace = Workspace.resolve(args.workspace)
+    if workspace.root.exists() and not workspace.root.is_dir():
+        raise CovnetError(workspace.root, "is a file; --workspace must name a folder")
+    return workspace
+
+
+@contextlib.contextmanager
+def writing(workspace: Workspace, scope: str, command: str, *owned_folders: os.PathLike) -> Iterator[None]:
+    """Hold the workspace lock for ``scope`` and first clear what a killed run left in ``owned_folders``."""
+    with exclusive(workspace.root, scope, command):
+        for folder in owned_folders:
+            sweep_dead_temporaries(folder)
+        yield
+
+
+def os_error_line(error: OSError) -> CovnetError:
+    """An OSError as ``<path>: <what> (<hint>)``."""
+    what = error.strerror or str(error)
+    hint = _OS_ERROR_HINTS.get(error.errno)
+    problem = f"{what} ({hint})" if hint else what
+    return CovnetError(error.filename, problem)
 
 
 def run_command(name: str, main: Callable[[Sequence[str] | None], int | None],
                 argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a ``CovnetError`` becomes ``<name>: error: <file>: <problem>`` on stderr and exit 2."""
+    """Run ``main``; a ``CovnetError`` or ``OSError`` becomes ``<name>: error: <file>: <problem>`` on stderr
+    and exit 2."""
+    setup_logging()
     try:
         return int(main(argv) or 0)
     except CovnetError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"{name}: error: {os_error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)

@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from covnet.atomic import sweep_dead_temporaries
 from covnet.cli.common import run_command
 from covnet.dataset import DatasetDescription, covid_description
+from covnet.errors import CovnetError
 from covnet.evaluation import evaluate_folders, format_mean_table
 
 
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "exists, else the COVID-19-CT-Seg labels)")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="summary JSON to write; a CSV with the same stem goes beside it "
-                             "(default: <pred>/summary.json)")
+                             "(default: <pred>/summary.json; never inside --ref)")
     parser.add_argument("-np", "--num-processes", type=int, default=1, help="cases evaluated in parallel")
     return parser
 
@@ -35,10 +37,19 @@ def description_for(labels_file: Path | None, reference_dir: Path) -> DatasetDes
     return DatasetDescription.load(beside_reference) if beside_reference.is_file() else covid_description()
 
 
+def summary_path(output: Path | None, prediction_dir: Path, reference_dir: Path) -> Path:
+    """``-o`` or ``<pred>/summary.json``; refused when it would land in the reference folder."""
+    chosen = output if output is not None else prediction_dir / "summary.json"
+    if chosen.resolve().parent == reference_dir.resolve():
+        raise CovnetError(chosen, "would be written into the reference folder (--ref); choose another place with -o")
+    return chosen
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     description = description_for(args.labels, args.ref)
-    output = args.output if args.output is not None else args.pred / "summary.json"
+    output = summary_path(args.output, args.pred, args.ref)
+    sweep_dead_temporaries(output.parent, recursive=False)
     summary = evaluate_folders(args.ref, args.pred, description, output_json=output,
                                num_processes=max(1, args.num_processes))
     print(format_mean_table(summary))

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from covnet.cli.common import add_workspace_argument, run_command, workspace_from
+from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
 from covnet.importers.covid19ctseg import import_covid19ctseg
 from covnet.importers.download import download_covid19ctseg
 
@@ -32,7 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.download:
         download_covid19ctseg(args.source)
-    import_covid19ctseg(args.source, workspace_from(args), overwrite=args.overwrite)
+    workspace = workspace_from(args)
+    with writing(workspace, "raw", "covnet_import_covid19ctseg", workspace.raw):
+        import_covid19ctseg(args.source, workspace, overwrite=args.overwrite)
     return 0
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from covnet.cli.common import add_workspace_argument, run_command, workspace_from
+from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
 from covnet.importers.unlabelled import import_unlabelled
 
 
@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import_unlabelled(args.source, workspace_from(args))
+    workspace = workspace_from(args)
+    with writing(workspace, "raw", "covnet_import_unlabelled", workspace.raw):
+        import_unlabelled(args.source, workspace)
     return 0
 
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from covnet.cli.common import add_workspace_argument, run_command, workspace_from
+from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
 from covnet.phantoms import SIZES, SPACING_MODES, make_phantom_dataset
 
 
@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workspace = workspace_from(args)
-    make_phantom_dataset(workspace, num_labelled=args.num_labelled, num_unlabelled=args.num_unlabelled,
-                         num_test=args.num_test, seed=args.seed, size=args.size, spacing_mode=args.spacing,
-                         overwrite=args.overwrite, report=print)
+    with writing(workspace, "raw", "covnet_make_phantoms", workspace.raw):
+        make_phantom_dataset(workspace, num_labelled=args.num_labelled, num_unlabelled=args.num_unlabelled,
+                             num_test=args.num_test, seed=args.seed, size=args.size, spacing_mode=args.spacing,
+                             overwrite=args.overwrite, report=print)
     print(f"wrote {workspace.dataset_json}")
     return 0
 

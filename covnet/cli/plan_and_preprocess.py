@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from covnet.cli.common import add_workspace_argument, run_command, workspace_from
+from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
 from covnet.planning.planner import PLANS_FILE, plan_dataset
 from covnet.preprocessing.run import preprocess_dataset
 
@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     workspace = workspace_from(args)
+    with writing(workspace, "preprocessed", "covnet_plan_and_preprocess", workspace.preprocessed):
+        return _plan_then_preprocess(workspace, args)
+
+
+def _plan_then_preprocess(workspace, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     plan = plan_dataset(workspace, args.gpu_memory_gb, args.num_processes, args.overwrite)
     print(f"plan written to {workspace.preprocessed / PLANS_FILE}\n")
@@ -42,7 +47,8 @@ def main(argv=None) -> int:
     if args.plan_only:
         return 0
     counts = preprocess_dataset(workspace, plan, args.num_processes, args.overwrite)
-    print(f"\npreprocessed {counts['done']} cases ({counts['skipped']} already done) in "
+    refused = f", {counts['refused']} unlabelled CT(s) refused (see the warnings)" if counts["refused"] else ""
+    print(f"\npreprocessed {counts['done']} cases ({counts['skipped']} already done{refused}) in "
           f"{time.perf_counter() - started:.1f} s → {workspace.preprocessed}")
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 
 from covnet.dataset import (DatasetDescription, check_label_values, check_same_grid, covid_description, image_path,
                             label_path)
+from covnet.atomic import temporary_folder, write_text
 from covnet.errors import CovnetError
 from covnet.importers import warn
 from covnet.importers.hu import to_hu_int16
@@ -198,8 +198,13 @@ def mask_to_labels(mask: np.ndarray, source: Path) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------- import
 
+def _install_marker(workspace: Workspace) -> Path:
+    """Present only while staged folders are being swapped in: a rerun may then replace them."""
+    return workspace.raw / ".covid19ctseg-install-in-progress"
+
+
 def _refuse_existing(workspace: Workspace, overwrite: bool) -> None:
-    if overwrite:
+    if overwrite or _install_marker(workspace).exists():
         return
     if workspace.dataset_json.exists():
         raise CovnetError(workspace.dataset_json, "already exists; pass --overwrite to replace the labelled data")
@@ -234,6 +239,7 @@ def _convert_case(pair: CasePair, images: ReleasePart, masks: ReleasePart, descr
 
 def _install(staging: Path, workspace: Workspace) -> None:
     """Swap the staged folders in; replaced ones go into staging, which is deleted afterwards."""
+    write_text(_install_marker(workspace), f"{os.getpid()}\n")
     if workspace.dataset_json.exists():
         workspace.dataset_json.unlink()  # no description of the old cases may outlive them
     for folder in (workspace.images_tr, workspace.labels_tr):
@@ -258,7 +264,7 @@ def import_covid19ctseg(source_dir: str | os.PathLike, workspace: Workspace, ove
         warn(f"{source_dir}: found {len(pairs)} cases; the public release has {RELEASE_CASE_COUNT}")
     description = describe([pair.case for pair in pairs])
     workspace.raw.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".covid19ctseg-staging-", dir=workspace.raw))
+    staging = temporary_folder(workspace.raw, "covid19ctseg-staging")
     try:
         scratch = staging / "extracted"
         scratch.mkdir()
@@ -267,6 +273,7 @@ def import_covid19ctseg(source_dir: str | os.PathLike, workspace: Workspace, ove
             print(f"[{number}/{len(pairs)}] {pair.case}")
         _install(staging, workspace)
         description.save(workspace.dataset_json)
+        _install_marker(workspace).unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"imported {len(pairs)} labelled cases into {workspace.raw}")

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from covnet.ct import not_hu_reason
 from covnet.importers import warn
 
 
@@ -14,10 +15,9 @@ def to_hu_int16(values: np.ndarray, source: str | os.PathLike, check_range: bool
     Unless ``check_range`` is off, warn (naming ``source``) when no value is below 0: a CT in HU holds air
     at about -1000, so such an image was most likely stored in another unit (it is still written as is).
     """
-    if check_range:
-        low, high = float(values.min()), float(values.max())
-        if low >= 0.0:
-            warn(f"{source}: intensities span [{low:g}, {high:g}]; this does not look like HU")
+    reason = not_hu_reason(values) if check_range else None
+    if reason:
+        warn(f"{source}: {reason}")
     info = np.iinfo(np.int16)
     rounded = values if values.dtype.kind in "iub" else np.rint(values)
     return np.clip(rounded, info.min, info.max).astype(np.int16)

@@ -7,15 +7,18 @@ from functools import partial
 from pathlib import Path
 
 from covnet.atomic import source_stamp
+from covnet.ct import not_hu_reason
 from covnet.dataset import DatasetDescription, find_cases, image_path, label_path
 from covnet.errors import CovnetError
 from covnet.io import read_image
+from covnet.log import logger
 from covnet.parallel import map_cases
 from covnet.planning.plans import Plan
 from covnet.preprocessing.case import preprocess_case
 from covnet.preprocessing.storage import is_case_done, save_case
 from covnet.workspace import Workspace
 
+log = logger(__name__)
 LABELLED_FOLDER = "cases"
 UNLABELLED_FOLDER = "unlabelled"
 
@@ -33,10 +36,16 @@ class CaseJob:
         return source_stamp(self.image_file, self.label_file)
 
 
-def run_case_job(job: CaseJob, plan: Plan) -> str:
+def run_case_job(job: CaseJob, plan: Plan) -> str | None:
+    """Preprocess one case; return None, or why an unlabelled case was refused (it is then not written)."""
     try:
         source = job.source   # stamped before reading: a file edited meanwhile leaves the case stale
         image, geometry = read_image(job.image_file)
+        refusal = _intensity_problem(image, plan)
+        if refusal and job.label_file is not None:
+            raise CovnetError(job.image_file, refusal)
+        if refusal:
+            return f"{job.image_file}: {refusal}; left out of the unlabelled pool"
         segmentation = read_image(job.label_file)[0] if job.label_file is not None else None
         array, seg, properties = preprocess_case(job.case, [image], geometry, plan, segmentation, seed=job.seed)
         save_case(job.output_folder, array, seg, properties, plan.preprocessing_key(), source)
@@ -44,7 +53,14 @@ def run_case_job(job: CaseJob, plan: Plan) -> str:
         raise
     except Exception as error:  # name the case whatever went wrong inside it
         raise CovnetError(job.image_file, f"preprocessing failed: {type(error).__name__}: {error}") from error
-    return job.case
+    return None
+
+
+def _intensity_problem(image, plan: Plan) -> str | None:
+    # CT normalization clips to the foreground's HU percentiles: a 0-255 image would become a constant.
+    if plan.channel_names.get("0", "").strip().upper() == "CT":
+        return not_hu_reason(image)
+    return None
 
 
 def _single_threaded_worker() -> None:
@@ -66,12 +82,16 @@ def collect_jobs(workspace: Workspace, description: DatasetDescription) -> list[
 
 def preprocess_dataset(workspace: Workspace, plan: Plan, num_processes: int = 1,
                        overwrite: bool = False) -> dict[str, int]:
-    """Returns counts ``{"done": n, "skipped": m}``. Cases finished under the same plan are skipped."""
+    """Returns counts ``{"done": n, "skipped": m, "refused": r}``. Cases finished under the same plan are
+    skipped; unlabelled CTs that are not in HU are refused with a warning naming each."""
     description = DatasetDescription.load(workspace.dataset_json)
     key = plan.preprocessing_key()
     jobs = collect_jobs(workspace, description)
     todo = [job for job in jobs if overwrite or not is_case_done(job.output_folder, job.case, key, job.source,
                                                                  labelled=job.label_file is not None)]
     workers = max(1, min(num_processes, os.cpu_count() or 1))
-    map_cases(partial(run_case_job, plan=plan), todo, workers, "preprocess", initializer=_single_threaded_worker)
-    return {"done": len(todo), "skipped": len(jobs) - len(todo)}
+    refusals = [refusal for refusal in map_cases(partial(run_case_job, plan=plan), todo, workers, "preprocess",
+                                                 initializer=_single_threaded_worker) if refusal]
+    for refusal in refusals:
+        log.warning(refusal)
+    return {"done": len(todo) - len(refusals), "skipped": len(jobs) - len(todo), "refused": len(refusals)}

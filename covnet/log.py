@@ -1,0 +1,60 @@
+"""The one way covnet reports: ``logger(__name__).info/warning`` in library code, never ``print``.
+
+A command calls ``setup_logging`` once: information goes to stdout, ``warning: …`` lines to stderr, and,
+when given, everything also to a log file. Under distributed training only rank 0 writes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = "covnet"
+
+
+def logger(name: str = ROOT) -> logging.Logger:
+    """The logger for a module (pass ``__name__``); all of them hang below ``covnet``."""
+    return logging.getLogger(name if name == ROOT or name.startswith(ROOT + ".") else f"{ROOT}.{name}")
+
+
+class _ConsoleHandler(logging.Handler):
+    """INFO to stdout as is, WARNING and above to stderr as ``warning: …`` / ``error: …``. The streams are
+    looked up at each record, so redirection (pytest's capture, tqdm) is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                sys.stderr.write(f"{record.levelname.lower()}: {message}\n")
+                sys.stderr.flush()
+            else:
+                sys.stdout.write(message + "\n")
+                sys.stdout.flush()
+        except Exception:  # logging must never take the job down
+            self.handleError(record)
+
+
+def distributed_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(log_file: str | os.PathLike | None = None, rank: int | None = None,
+                  level: int = logging.INFO) -> logging.Logger:
+    """Route ``covnet`` logs to the console (and ``log_file``, appended); ranks other than 0 stay silent."""
+    root = logger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+    root.propagate = False
+    if (distributed_rank() if rank is None else rank) != 0:
+        root.addHandler(logging.NullHandler())
+        return root
+    root.addHandler(_ConsoleHandler())
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(file_handler)
+    return root
