@@ -25,27 +25,28 @@ import subprocess
 import sys
 import time
 
+from covnet.network.topology import Topology
 from covnet.planning.memory import estimate_activation_elements, estimate_training_memory
 
 IN_CHANNELS, NUM_CLASSES = 1, 4
 
 
-def _plan(features, kernels, strides, blocks, decoder, deep_supervision=True) -> dict:
-    return {"features_per_stage": features, "kernel_sizes": kernels, "strides": strides,
-            "n_blocks_per_stage": blocks, "n_conv_per_stage_decoder": decoder,
-            "deep_supervision": deep_supervision}
+def _topology(features, kernels, strides, blocks, decoder, deep_supervision=True) -> Topology:
+    return Topology(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, features_per_stage=features,
+                    kernel_sizes=kernels, strides=strides, n_blocks_per_stage=blocks,
+                    n_conv_per_stage_decoder=decoder, deep_supervision=deep_supervision)
 
 
 K3, K133 = [3, 3, 3], [1, 3, 3]
-ISOTROPIC_4 = _plan([16, 32, 64, 128], [K3] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3, [1, 2, 2, 2], [1, 1, 1])
-ANISOTROPIC_5 = _plan([16, 32, 64, 128, 128], [K133, K133, K3, K3, K3],
-                      [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], [1, 2, 3, 3, 3], [1, 1, 1, 1])
-WIDE_NO_DS = _plan([32, 64, 128, 128], [K3] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3, [1, 1, 2, 2], [2, 2, 2],
-                   deep_supervision=False)
-NNUNET_6 = _plan([32, 64, 128, 256, 320, 320], [K3] * 6, [[1, 1, 1]] + [[2, 2, 2]] * 5,
-                 [1, 3, 4, 6, 6, 6], [1, 1, 1, 1, 1])
+ISOTROPIC_4 = _topology([16, 32, 64, 128], [K3] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3, [1, 2, 2, 2], [1, 1, 1])
+ANISOTROPIC_5 = _topology([16, 32, 64, 128, 128], [K133, K133, K3, K3, K3],
+                          [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], [1, 2, 3, 3, 3], [1, 1, 1, 1])
+WIDE_NO_DS = _topology([32, 64, 128, 128], [K3] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3, [1, 1, 2, 2], [2, 2, 2],
+                       deep_supervision=False)
+NNUNET_6 = _topology([32, 64, 128, 256, 320, 320], [K3] * 6, [[1, 1, 1]] + [[2, 2, 2]] * 5,
+                     [1, 3, 4, 6, 6, 6], [1, 1, 1, 1, 1])
 
-CONFIGS = [  # (name, plan, patch_size (z, y, x), batch_size)
+CONFIGS = [  # (name, topology, patch_size (z, y, x), batch_size)
     ("iso4", ISOTROPIC_4, [32, 64, 64], 2),
     ("iso4", ISOTROPIC_4, [64, 96, 96], 2),
     ("iso4", ISOTROPIC_4, [64, 128, 128], 2),
@@ -122,14 +123,14 @@ def _saved_tensor_elements(network, x, targets) -> int:
     return sum(saved.values()) // x.shape[0]
 
 
-def _targets_for(x, plan):
+def _targets_for(x, topology: Topology):
+    """One target per training-mode output of the network, at that output's resolution."""
     import torch
     import torch.nn.functional as F
 
     target = torch.randint(0, NUM_CLASSES, (x.shape[0], *x.shape[2:]))
-    targets, shape = [target], list(x.shape[2:])
-    for stride in plan["strides"][1:-1]:
-        shape = [size // step for size, step in zip(shape, stride)]
+    targets = [target]
+    for _, *shape in topology.logit_shapes(x.shape[2:])[1:]:
         targets.append(F.interpolate(target[:, None].float(), size=shape, mode="nearest")[:, 0].long())
     return targets
 
@@ -137,13 +138,13 @@ def _targets_for(x, plan):
 def run_worker(spec: dict) -> dict:
     """One configuration, in this (fresh) process. Returns the measured growth and the saved-tensor count."""
     import torch
-    from covnet.training.network import build_network
+    from covnet.network.unet import ResidualEncoderUNet
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])
     use_amp = spec.get("amp", False)
-    plan, patch_size, batch_size = spec["plan"], spec["patch_size"], spec["batch_size"]
-    network = build_network(plan, IN_CHANNELS, NUM_CLASSES).to(device)
+    topology, patch_size, batch_size = Topology.from_json(spec["topology"]), spec["patch_size"], spec["batch_size"]
+    network = ResidualEncoderUNet(topology).to(device)
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -155,16 +156,14 @@ def run_worker(spec: dict) -> dict:
         scaler.update()
         optimizer.zero_grad(set_to_none=False)  # keep gradients allocated: the baseline then holds them
 
-    smallest_patch = [1, 1, 1]
-    for stride in plan["strides"]:
-        smallest_patch = [size * step for size, step in zip(smallest_patch, stride)]
+    smallest_patch = list(topology.total_stride)
     smallest_patch[-1] *= 2  # instance norm needs more than one voxel in the bottleneck
     warm_up = torch.randn(1, IN_CHANNELS, *smallest_patch, device=device)
-    train_step(warm_up, [t.to(device) for t in _targets_for(warm_up, plan)])
+    train_step(warm_up, [t.to(device) for t in _targets_for(warm_up, topology)])
     del warm_up
 
     x = torch.randn(batch_size, IN_CHANNELS, *patch_size, device=device)
-    targets = [t.to(device) for t in _targets_for(x, plan)]
+    targets = [t.to(device) for t in _targets_for(x, topology)]
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -183,8 +182,9 @@ def run_worker(spec: dict) -> dict:
     return {"measured_bytes": peak - baseline, "seconds": seconds, "saved_elements_per_sample": saved_elements}
 
 
-def measure(name, plan, patch_size, batch_size, device, amp, threads) -> dict:
-    spec = {"plan": plan, "patch_size": patch_size, "batch_size": batch_size, "device": device, "amp": amp}
+def measure(name, topology: Topology, patch_size, batch_size, device, amp, threads) -> dict:
+    spec = {"topology": topology.to_json(), "patch_size": patch_size, "batch_size": batch_size, "device": device,
+            "amp": amp}
     # A fixed mmap threshold stops glibc from keeping freed tensor memory in its heap (its default threshold
     # grows up to 32 MB), so resident-set growth tracks the live tensors instead of the allocator's history.
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
@@ -194,8 +194,8 @@ def measure(name, plan, patch_size, batch_size, device, amp, threads) -> dict:
     if completed.returncode != 0:
         raise RuntimeError(f"{name} {patch_size} x{batch_size} failed:\n{completed.stderr}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])
-    elements = estimate_activation_elements(patch_size, plan, IN_CHANNELS, NUM_CLASSES)
-    estimate = estimate_training_memory(patch_size, batch_size, plan, IN_CHANNELS, NUM_CLASSES)
+    elements = estimate_activation_elements(patch_size, topology)
+    estimate = estimate_training_memory(patch_size, batch_size, topology)
     return {"name": name, "patch_size": patch_size, "batch_size": batch_size, "amp": amp,
             "elements": elements * batch_size, "elements_per_sample": elements,
             "parameter_bytes": estimate.parameter_bytes, **result}
@@ -234,8 +234,8 @@ def main(argv=None) -> int:
     precisions = [False, True] if args.device == "cuda" else [False]
     for amp in precisions:
         rows = []
-        for name, plan, patch_size, batch_size in CONFIGS:
-            rows.append(measure(name, plan, patch_size, batch_size, args.device, amp, args.threads))
+        for name, topology, patch_size, batch_size in CONFIGS:
+            rows.append(measure(name, topology, patch_size, batch_size, args.device, amp, args.threads))
             print(f"measured {name} {patch_size} x{batch_size}: {rows[-1]['measured_bytes'] / 1e6:.0f} MB "
                   f"in {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
         constant = fit_bytes_per_element(rows)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from covnet.cropping import body_bounding_box  # noqa: E402
 from covnet.geometry import crop  # noqa: E402
 from covnet.io import read_image  # noqa: E402
+from covnet.planning.plans import NormalizationScheme  # noqa: E402
 from covnet.preprocessing.normalization import normalize  # noqa: E402
 from covnet.resampling import resample_image  # noqa: E402
 
@@ -66,7 +67,7 @@ def main() -> None:
 
     image, geometry = read_image(args.image, dtype=np.float32)
     box = body_bounding_box(image)
-    scheme = {"scheme": "CT", "clip": [-1000.0, 400.0], "mean": -500.0, "std": 400.0}
+    scheme = NormalizationScheme.from_json({"scheme": "CT", "clip": [-1000.0, 400.0], "mean": -500.0, "std": 400.0})
     array = resample_image(normalize(crop(image, box), scheme), geometry.spacing, args.spacing)[None]
     patch = [min(p, s) for p, s in zip(args.patch, array.shape[1:])]
     corners = random_corners(array.shape[1:], patch, args.reads)

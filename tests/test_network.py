@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from covnet.errors import CovnetError
-from covnet.planning.memory import count_parameters
-from covnet.training.network import ResidualBasicBlock, ResidualEncoderUNet, build_network
+from covnet.network.topology import Topology
+from covnet.network.unet import ResidualBasicBlock, ResidualEncoderUNet
 
 ISOTROPIC_PLAN = {
     "features_per_stage": [4, 8, 16],
@@ -25,9 +25,13 @@ ANISOTROPIC_PLAN = {
 }
 
 
+def _topology(plan, in_channels=1, num_classes=4, **overrides):
+    return Topology.from_json({**plan, "in_channels": in_channels, "num_classes": num_classes, **overrides})
+
+
 def _network(plan, **overrides):
     torch.manual_seed(0)
-    return build_network({**plan, **overrides}, in_channels=1, num_classes=4)
+    return ResidualEncoderUNet(_topology(plan, **overrides))
 
 
 @pytest.mark.parametrize("plan, patch, expected_shapes", [
@@ -113,11 +117,12 @@ def test_encoder_structure_follows_the_plan():
 def test_build_network_matches_direct_construction_and_parameter_count():
     built = _network(ISOTROPIC_PLAN)
     torch.manual_seed(0)
-    direct = ResidualEncoderUNet(1, 4, **ISOTROPIC_PLAN)
+    direct = ResidualEncoderUNet(Topology(1, 4, **ISOTROPIC_PLAN))
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), direct.state_dict().values()))
     for plan in (ISOTROPIC_PLAN, ANISOTROPIC_PLAN):
-        network = build_network(plan, in_channels=2, num_classes=3)
-        assert sum(p.numel() for p in network.parameters()) == count_parameters(plan, 2, 3)
+        topology = _topology(plan, in_channels=2, num_classes=3)
+        network = ResidualEncoderUNet(topology)
+        assert sum(p.numel() for p in network.parameters()) == topology.parameter_count()
 
 
 def test_he_initialisation_scales_weights_by_fan_in():
@@ -136,4 +141,4 @@ def test_he_initialisation_scales_weights_by_fan_in():
 ])
 def test_inconsistent_plans_are_rejected(change):
     with pytest.raises(CovnetError, match="network plan"):
-        build_network({**ISOTROPIC_PLAN, **change}, in_channels=1, num_classes=4)
+        ResidualEncoderUNet(_topology(ISOTROPIC_PLAN, **change))

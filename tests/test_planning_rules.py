@@ -40,7 +40,7 @@ def test_anisotropy_compares_the_coarse_axis_with_the_next_coarsest():
 
 
 def test_topology_pools_only_axes_within_twice_the_finest_spacing():
-    network = rules.network_topology([5.0, 1.0, 1.0], [40, 192, 192])
+    network = rules.network_topology([5.0, 1.0, 1.0], [40, 192, 192], 1, 4).to_json()
     strides, kernels = network["strides"], network["kernel_sizes"]
     assert strides[0] == [1, 1, 1]
     # z (5 mm) waits until y/x have been pooled to 4 mm and beyond; before that its kernel is 1.
@@ -59,13 +59,13 @@ def test_topology_pools_only_axes_within_twice_the_finest_spacing():
 
 def test_topology_follows_nnunet_details():
     # A thin axis that cannot be pooled does not stop the others (finest spacing among poolable axes).
-    thin = rules.network_topology([1.0, 1.0, 1.0], [64, 4, 64])
+    thin = rules.network_topology([1.0, 1.0, 1.0], [64, 4, 64], 1, 4).to_json()
     assert thin["strides"] == [[1, 1, 1]] + [[2, 1, 2]] * 4          # 64 → 4 voxels along z and x
     # A lone poolable axis needs ≥ 12 voxels; the bottleneck always has 3-wide kernels.
-    lone = rules.network_topology([4.0, 1.0, 1.0], [20, 4, 4])
+    lone = rules.network_topology([4.0, 1.0, 1.0], [20, 4, 4], 1, 4).to_json()
     assert lone["strides"] == [[1, 1, 1], [2, 1, 1]]
     assert lone["kernel_sizes"][-1] == [3, 3, 3]
-    assert rules.network_topology([1.0, 1.0, 1.0], [8, 8, 10])["strides"] == [[1, 1, 1], [2, 2, 2]]
+    assert rules.network_topology([1.0, 1.0, 1.0], [8, 8, 10], 1, 4).to_json()["strides"] == [[1, 1, 1], [2, 2, 2]]
 
 
 def test_patch_is_divisible_by_the_total_pooling_and_capped_by_the_median_shape():
@@ -73,7 +73,7 @@ def test_patch_is_divisible_by_the_total_pooling_and_capped_by_the_median_shape(
     decision, network = rules.choose_patch_and_network([2.0, 1.0, 1.0], median_shape, 8 * GIB, 1, 4)
     patch = np.array(decision.value)
     assert np.all(patch <= median_shape)
-    assert np.all(patch % np.array(rules.total_pooling(network)) == 0)
+    assert np.all(patch % np.array(network.total_stride) == 0)
 
 
 def test_smaller_budget_gives_smaller_patch_that_fits():
@@ -82,8 +82,8 @@ def test_smaller_budget_gives_smaller_patch_that_fits():
     small, network = rules.choose_patch_and_network([1.0, 1.0, 1.0], median_shape, 2 * GIB, 1, 4)
     assert np.prod(small.value) < np.prod(large.value)
     assert "shrunk" in small.reason
-    assert estimate_training_memory_bytes(small.value, 2, network, 1, 4) <= 2 * GIB
-    assert estimate_training_memory_bytes(large.value, 2, network, 1, 4) > 2 * GIB
+    assert estimate_training_memory_bytes(small.value, 2, network) <= 2 * GIB
+    assert estimate_training_memory_bytes(large.value, 2, network) > 2 * GIB
 
 
 def test_the_axis_furthest_above_the_median_shape_shrinks_first():
@@ -96,20 +96,20 @@ def test_the_axis_furthest_above_the_median_shape_shrinks_first():
 
 
 def test_batch_size_fits_budget_and_respects_minimum_and_dataset_cap():
-    network = rules.network_topology([1.0, 1.0, 1.0], [64, 64, 64])
+    network = rules.network_topology([1.0, 1.0, 1.0], [64, 64, 64], 1, 4)
     patch = [64, 64, 64]
-    roomy = rules.choose_batch_size(patch, network, 40 * GIB, 1e12, 1, 4)
+    roomy = rules.choose_batch_size(patch, network, 40 * GIB, 1e12)
     assert roomy.value > 2
-    assert estimate_training_memory_bytes(patch, roomy.value, network, 1, 4) <= 40 * GIB
-    assert estimate_training_memory_bytes(patch, roomy.value + 1, network, 1, 4) > 40 * GIB
-    capped = rules.choose_batch_size(patch, network, 40 * GIB, 20 * 64 ** 3 * 3, 1, 4)
+    assert estimate_training_memory_bytes(patch, roomy.value, network) <= 40 * GIB
+    assert estimate_training_memory_bytes(patch, roomy.value + 1, network) > 40 * GIB
+    capped = rules.choose_batch_size(patch, network, 40 * GIB, 20 * 64 ** 3 * 3)
     assert capped.value == 3 and "5%" in capped.reason          # 0.05 × 60 patches
-    assert rules.choose_batch_size(patch, network, 40 * GIB, 70 * 64 ** 3, 1, 4).value == 4   # 3.5 rounds up
-    tiny_dataset = rules.choose_batch_size(patch, network, 40 * GIB, 64 ** 3, 1, 4)
+    assert rules.choose_batch_size(patch, network, 40 * GIB, 70 * 64 ** 3).value == 4   # 3.5 rounds up
+    tiny_dataset = rules.choose_batch_size(patch, network, 40 * GIB, 64 ** 3)
     assert tiny_dataset.value == rules.MIN_BATCH_SIZE
 
 
 def test_ct_normalization_uses_the_foreground_percentiles():
     stats = {"percentile_00_5": -1000.0, "percentile_99_5": 200.0, "mean": -600.0, "std": 250.0}
     decision = rules.ct_normalization(stats)
-    assert decision.value == {"scheme": "CT", "clip": [-1000.0, 200.0], "mean": -600.0, "std": 250.0}
+    assert decision.value.to_json() == {"scheme": "CT", "clip": [-1000.0, 200.0], "mean": -600.0, "std": 250.0}

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,14 +32,14 @@ def test_ct_normalization_statistics_equal_a_direct_numpy_computation(planned):
         label, _ = read_image(workspace.labels_tr / f"case_{index}.nii.gz")
         foreground.append(image[label > 0].astype(np.float64))
     foreground = np.concatenate(foreground)
-    scheme = plan.normalization["0"]
+    scheme = plan.normalization["0"].to_json()
     assert scheme["scheme"] == "CT"
     assert scheme["clip"] == pytest.approx([np.percentile(foreground, 0.5), np.percentile(foreground, 99.5)])
     assert scheme["mean"] == pytest.approx(foreground.mean())
     assert scheme["std"] == pytest.approx(foreground.std())
     image = np.array([-2000.0, scheme["mean"], 5000.0])
     expected = (np.clip(image, *scheme["clip"]) - scheme["mean"]) / scheme["std"]
-    np.testing.assert_allclose(normalize(image, scheme), expected, rtol=1e-5)
+    np.testing.assert_allclose(normalize(image, plan.normalization["0"]), expected, rtol=1e-5)
 
 
 def test_plans_json_round_trips_and_names_its_reasons(planned):
@@ -105,7 +106,7 @@ def test_preprocess_writes_cases_and_pool_and_is_resumable(planned):
     properties_file(labelled, "case_2").unlink()
     assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4, "refused": 0}
     # A changed plan makes every case stale.
-    plan.normalization["0"]["mean"] += 1.0
+    plan.normalization["0"] = replace(plan.normalization["0"], mean=plan.normalization["0"].mean + 1.0)
     assert preprocess_dataset(workspace, plan, num_processes=2) == {"done": 5, "skipped": 0, "refused": 0}
     assert not list(workspace.preprocessed.rglob(".tmp-*"))
 
@@ -116,7 +117,7 @@ def test_plan_resampling_fields_drive_the_separate_z_rule(planned):
     plan.target_spacing = [6.0, 1.5, 1.5]          # target anisotropy 4 > 3: separate z along axis 0
 
     def preprocessed(**resampling):
-        plan.resampling.update(resampling)
+        plan.resampling = replace(plan.resampling, **resampling)
         return preprocess_case("case_0", [image], geometry, plan)[0]
 
     nearest_z = preprocessed(order_z=0, anisotropy_threshold=3.0)

@@ -8,7 +8,7 @@ from covnet.errors import CovnetError
 from covnet.planning import rules
 from covnet.planning.fingerprint import DatasetFingerprint, case_source, extract_fingerprint
 from covnet.planning.memory import estimate_training_memory_bytes
-from covnet.planning.plans import Plan
+from covnet.planning.plans import ZSCORE_SCHEME, NormalizationScheme, Plan, ResamplingSettings
 from covnet.workspace import Workspace
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"
@@ -19,7 +19,7 @@ GIB = 2 ** 30
 def normalization_for_channel(channel_name: str, fingerprint: DatasetFingerprint) -> rules.Decision:
     if channel_name.strip().upper() == "CT":
         return rules.ct_normalization(fingerprint.foreground_intensity)
-    return rules.Decision({"scheme": "zscore"}, "not CT: z-score each image with its own mean and std")
+    return rules.Decision(NormalizationScheme(ZSCORE_SCHEME), "not CT: z-score each image with its own mean and std")
 
 
 def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, gpu_memory_gb: float = 8.0) -> Plan:
@@ -34,11 +34,10 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
         patch, network = rules.choose_patch_and_network(spacing.value, median_shape, budget, in_channels, num_classes)
     except ValueError as error:
         raise CovnetError(None, f"--gpu-memory-gb {gpu_memory_gb:g}: {error}; give covnet more memory") from None
-    batch = rules.choose_batch_size(patch.value, network, budget, float(np.sum(np.prod(resampled, axis=1))),
-                                    in_channels, num_classes)
+    batch = rules.choose_batch_size(patch.value, network, budget, float(np.sum(np.prod(resampled, axis=1))))
     normalization = {channel: normalization_for_channel(name, fingerprint)
                      for channel, name in description.channel_names.items()}
-    estimate = estimate_training_memory_bytes(patch.value, batch.value, network, in_channels, num_classes)
+    estimate = estimate_training_memory_bytes(patch.value, batch.value, network)
     reasons = {"target_spacing": spacing.reason, "patch_size": patch.reason, "batch_size": batch.reason,
                "network": "pool while ≥ 8 voxels and spacing within 2× of the finest poolable axis; kernels 3 "
                           "once within 2× of the finest; features 32·2^i ≤ 320; residual blocks 1-3-4-6-6-6"}
@@ -47,8 +46,8 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
                 channel_names=dict(description.channel_names), target_spacing=spacing.value,
                 median_shape=[float(v) for v in median_shape], patch_size=patch.value, batch_size=batch.value,
                 network=network, normalization={c: d.value for c, d in normalization.items()},
-                resampling={"image_order": 3, "segmentation_order": 1, "order_z": 0,
-                            "anisotropy_threshold": rules.ANISOTROPY_THRESHOLD},
+                resampling=ResamplingSettings(image_order=3, segmentation_order=1, order_z=0,
+                                              anisotropy_threshold=rules.ANISOTROPY_THRESHOLD),
                 gpu_memory_gb=float(gpu_memory_gb), estimated_memory_gb=round(estimate / GIB, 3), reasons=reasons)
 
 

@@ -2,17 +2,119 @@
 
 It is the one contract between the stages: preprocessing, training and inference read their settings
 from it and from nothing else, and checkpoints carry a copy of it.
+
+In memory the entries are typed (``Topology``, ``NormalizationScheme``, ``ResamplingSettings``, each frozen and
+validated); on disk they are plain JSON, converted by ``to_json`` / ``from_json``.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import MISSING, dataclass, field, fields
+from typing import NoReturn
 
 from covnet.atomic import read_json, write_json
 from covnet.errors import CovnetError
+from covnet.network.topology import Topology
 
 PLANS_VERSION = 1
+
+CT_SCHEME = "CT"
+ZSCORE_SCHEME = "zscore"
+# The interpolation orders covnet.resampling implements (not imported from there: it needs torch).
+INTERPOLATION_ORDERS = (0, 1, 3)
+
+
+def _fail(entry: str, problem: str) -> NoReturn:
+    raise CovnetError(None, f"{entry}: {problem}")
+
+
+def _finite_float(entry: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(entry, f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class NormalizationScheme:
+    """How one channel's intensities are normalized (``covnet.preprocessing.normalization.normalize``).
+
+    ``"CT"``: clip to ``clip`` = (low, high), then (x - ``mean``) / ``std``, one mapping for the whole dataset.
+    ``"zscore"``: each image by its own mean and std; no parameters.
+    In plans.json: ``{"scheme": "CT", "clip": [low, high], "mean": m, "std": s}`` or ``{"scheme": "zscore"}``.
+    """
+    name: str
+    clip: tuple[float, float] | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    def __post_init__(self):
+        entry = "normalization"
+        if self.name == CT_SCHEME:
+            if not isinstance(self.clip, (list, tuple)) or len(self.clip) != 2:
+                _fail(entry, f"CT needs clip = [low, high], got {self.clip!r}")
+            low, high = (_finite_float(entry, "clip", v) for v in self.clip)
+            if low > high:
+                _fail(entry, f"clip low {low:g} is above high {high:g}")
+            std = _finite_float(entry, "std", self.std)
+            if std <= 0:
+                _fail(entry, f"std must be > 0, got {std:g}")
+            object.__setattr__(self, "clip", (low, high))
+            object.__setattr__(self, "mean", _finite_float(entry, "mean", self.mean))
+            object.__setattr__(self, "std", std)
+        elif self.name == ZSCORE_SCHEME:
+            if (self.clip, self.mean, self.std) != (None, None, None):
+                _fail(entry, "zscore takes no clip, mean or std (each image uses its own)")
+        else:
+            _fail(entry, f"unknown scheme {self.name!r} (known: {CT_SCHEME}, {ZSCORE_SCHEME})")
+
+    def to_json(self) -> dict:
+        if self.name == CT_SCHEME:
+            return {"scheme": self.name, "clip": list(self.clip), "mean": self.mean, "std": self.std}
+        return {"scheme": self.name}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "NormalizationScheme":
+        if not isinstance(data, dict) or "scheme" not in data:
+            _fail("normalization", f"expected {{\"scheme\": ...}}, got {data!r}")
+        unknown = sorted(set(data) - {"scheme", "clip", "mean", "std"})
+        if unknown:
+            _fail("normalization", f"unknown entries {', '.join(unknown)}")
+        return cls(name=data["scheme"], clip=data.get("clip"), mean=data.get("mean"), std=data.get("std"))
+
+
+@dataclass(frozen=True)
+class ResamplingSettings:
+    """Interpolation orders onto the plan's grid and nnU-Net's separate-z rule: where the spacing's
+    anisotropy exceeds ``anisotropy_threshold``, the coarse axis is resampled with ``order_z``."""
+    image_order: int
+    segmentation_order: int
+    order_z: int
+    anisotropy_threshold: float
+
+    def __post_init__(self):
+        for name in ("image_order", "segmentation_order", "order_z"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in INTERPOLATION_ORDERS:
+                _fail("resampling", f"{name} must be one of {list(INTERPOLATION_ORDERS)}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        threshold = _finite_float("resampling", "anisotropy_threshold", self.anisotropy_threshold)
+        if threshold <= 0:
+            _fail("resampling", f"anisotropy_threshold must be > 0, got {threshold:g}")
+        object.__setattr__(self, "anisotropy_threshold", threshold)
+
+    def to_json(self) -> dict:
+        return {"image_order": self.image_order, "segmentation_order": self.segmentation_order,
+                "order_z": self.order_z, "anisotropy_threshold": self.anisotropy_threshold}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ResamplingSettings":
+        if not isinstance(data, dict):
+            _fail("resampling", f"expected a JSON object, got {data!r}")
+        names = [f.name for f in fields(cls)]
+        if set(data) != set(names):
+            _fail("resampling", f"expected exactly {', '.join(names)}, got {', '.join(sorted(data))}")
+        return cls(**data)
 
 
 @dataclass
@@ -25,13 +127,25 @@ class Plan:
     median_shape: list[float]              # median case shape after cropping and resampling, (z, y, x)
     patch_size: list[int]                  # (z, y, x) voxels
     batch_size: int
-    network: dict                          # topology, see covnet.planning.rules.network_topology
-    normalization: dict[str, dict]         # channel index -> scheme and its parameters
-    resampling: dict                       # interpolation orders and the separate-z rule
+    network: Topology                      # chosen by covnet.planning.rules.network_topology
+    normalization: dict[str, NormalizationScheme]   # channel index -> scheme and its parameters
+    resampling: ResamplingSettings
     gpu_memory_gb: float
     estimated_memory_gb: float
     reasons: dict[str, str] = field(default_factory=dict)
     version: int = PLANS_VERSION
+
+    def __post_init__(self):
+        if not isinstance(self.network, Topology) or not isinstance(self.resampling, ResamplingSettings) or not all(
+                isinstance(scheme, NormalizationScheme) for scheme in self.normalization.values()):
+            raise TypeError("Plan needs a Topology, NormalizationScheme values and ResamplingSettings "
+                            "(Plan.from_json converts plain JSON)")
+        if (self.network.in_channels, self.network.num_classes) != (self.in_channels, self.num_classes):
+            _fail("network", f"in_channels {self.network.in_channels} and num_classes {self.network.num_classes} "
+                             f"disagree with the plan's {self.in_channels} channels and {self.num_classes} classes")
+        if set(self.normalization) != set(self.channel_names):
+            _fail("normalization", f"channels {sorted(self.normalization)} are not the plan's channels "
+                                   f"{sorted(self.channel_names)}")
 
     @property
     def num_classes(self) -> int:
@@ -42,17 +156,34 @@ class Plan:
         return len(self.channel_names)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["network"] = self.network.to_json()
+        data["normalization"] = {channel: scheme.to_json() for channel, scheme in self.normalization.items()}
+        data["resampling"] = self.resampling.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict, source: str | os.PathLike = "plans.json") -> "Plan":
+        if not isinstance(data, dict):
+            raise CovnetError(source, "is not a covnet plan (not a JSON object)")
         if data.get("version") != PLANS_VERSION:
             raise CovnetError(source, f"plans version {data.get('version')} is not {PLANS_VERSION}; "
                                       "re-run covnet_plan_and_preprocess")
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+                   and f.default_factory is MISSING]
+        if missing:
+            raise CovnetError(source, f"is not a covnet plan (missing {', '.join(missing)})")
         try:
-            return cls(**data)
-        except TypeError as error:
-            raise CovnetError(source, f"is not a covnet plan ({error})") from None
+            typed = {"network": Topology.from_json(data["network"]),
+                     "normalization": {channel: NormalizationScheme.from_json(scheme)
+                                       for channel, scheme in data["normalization"].items()},
+                     "resampling": ResamplingSettings.from_json(data["resampling"])}
+            return cls(**{**data, **typed})
+        except CovnetError as error:
+            raise CovnetError(source, f"is not a covnet plan ({error.problem}); re-run covnet_plan_and_preprocess"
+                              ) from None
+        except (KeyError, TypeError, AttributeError) as error:
+            raise CovnetError(source, f"is not a covnet plan ({type(error).__name__}: {error})") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
@@ -63,8 +194,9 @@ class Plan:
 
     def preprocessing_key(self) -> dict:
         """The plan fields that determine preprocessed arrays; a case made under another key is stale."""
-        return {"target_spacing": self.target_spacing, "normalization": self.normalization,
-                "resampling": self.resampling, "labels": self.labels, "version": self.version}
+        return {"target_spacing": self.target_spacing,
+                "normalization": {channel: scheme.to_json() for channel, scheme in self.normalization.items()},
+                "resampling": self.resampling.to_json(), "labels": self.labels, "version": self.version}
 
     def table(self) -> str:
         """A compact human-readable view of the decisions and their reasons."""
@@ -74,18 +206,18 @@ class Plan:
                 ("median shape (z,y,x)", fmt(self.median_shape), "after crop and resampling"),
                 ("patch size (z,y,x)", fmt(self.patch_size), self.reasons.get("patch_size", "")),
                 ("batch size", str(self.batch_size), self.reasons.get("batch_size", "")),
-                ("stages / features", f"{len(self.network['strides'])} / "
-                                      f"{'-'.join(str(f) for f in self.network['features_per_stage'])}",
+                ("stages / features", f"{self.network.n_stages} / "
+                                      f"{'-'.join(str(f) for f in self.network.features_per_stage)}",
                  self.reasons.get("network", "")),
-                ("strides", " ".join("".join(str(v) for v in s) for s in self.network["strides"]), ""),
+                ("strides", " ".join("".join(str(v) for v in s) for s in self.network.strides), ""),
                 ("memory estimate", f"{self.estimated_memory_gb:.2f} GB of {self.gpu_memory_gb:g}",
                  "float32 activations, see covnet.planning.memory")]
         for channel, scheme in self.normalization.items():
-            rows.append((f"normalization ch{channel}", scheme["scheme"], self.reasons.get(f"normalization_{channel}", "")))
-        rows.append(("resampling", f"image order {self.resampling['image_order']}, seg order "
-                                   f"{self.resampling['segmentation_order']}",
-                     f"order {self.resampling['order_z']} along z where anisotropy > "
-                     f"{self.resampling['anisotropy_threshold']:g}"))
+            rows.append((f"normalization ch{channel}", scheme.name, self.reasons.get(f"normalization_{channel}", "")))
+        rows.append(("resampling", f"image order {self.resampling.image_order}, seg order "
+                                   f"{self.resampling.segmentation_order}",
+                     f"order {self.resampling.order_z} along z where anisotropy > "
+                     f"{self.resampling.anisotropy_threshold:g}"))
         width = max(len(name) for name, _, _ in rows)
         value_width = max(len(value) for _, value, _ in rows)
         return "\n".join(f"{name:<{width}}  {value:<{value_width}}  {why}".rstrip() for name, value, why in rows)

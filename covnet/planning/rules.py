@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covnet.planning.memory import estimate_training_memory_bytes
 from covnet.geometry import ANISOTROPY_THRESHOLD
+from covnet.network.topology import Topology
+from covnet.planning.memory import estimate_training_memory_bytes
+from covnet.planning.plans import CT_SCHEME, NormalizationScheme
 
 # nnU-Net v2 sizes the initial 3D patch to 256³ voxels, shaped like the target spacing's aspect ratio.
 INITIAL_PATCH_VOXELS = 256 ** 3
@@ -71,7 +73,7 @@ def resampled_shapes(shapes: np.ndarray, spacings: np.ndarray, target_spacing) -
     return np.round(np.asarray(shapes, float) * np.asarray(spacings, float) / np.asarray(target_spacing, float))
 
 
-def network_topology(target_spacing, patch_size) -> dict:
+def network_topology(target_spacing, patch_size, in_channels: int, num_classes: int) -> Topology:
     """Strides, kernels, features and blocks per stage for a patch at the target spacing (nnU-Net's rules).
 
     Why: pooling an axis whose spacing is much coarser than the others would make the receptive field
@@ -101,22 +103,19 @@ def network_topology(target_spacing, patch_size) -> dict:
         size = [s // p for s, p in zip(size, pool)]
         spacing = [s * p for s, p in zip(spacing, pool)]
     stages = len(kernel_sizes)
-    return {"features_per_stage": [min(BASE_FEATURES * 2 ** i, MAX_FEATURES) for i in range(stages)],
-            "kernel_sizes": kernel_sizes, "strides": strides,
-            "n_blocks_per_stage": [ENCODER_BLOCKS[min(i, len(ENCODER_BLOCKS) - 1)] for i in range(stages)],
-            "n_conv_per_stage_decoder": [1] * (stages - 1), "deep_supervision": True}
+    return Topology(in_channels=in_channels, num_classes=num_classes,
+                    features_per_stage=[min(BASE_FEATURES * 2 ** i, MAX_FEATURES) for i in range(stages)],
+                    kernel_sizes=kernel_sizes, strides=strides,
+                    n_blocks_per_stage=[ENCODER_BLOCKS[min(i, len(ENCODER_BLOCKS) - 1)] for i in range(stages)],
+                    n_conv_per_stage_decoder=[1] * (stages - 1), deep_supervision=True)
 
 
-def total_pooling(network: dict) -> list[int]:
-    return [int(np.prod([stride[a] for stride in network["strides"]])) for a in range(3)]
-
-
-def fit_patch_to_network(target_spacing, patch_size) -> tuple[list[int], dict]:
+def fit_patch_to_network(target_spacing, patch_size, in_channels: int, num_classes: int) -> tuple[list[int], Topology]:
     """Round the patch down to a multiple of the total pooling per axis (a UNet needs it) and re-derive."""
     patch = [int(p) for p in patch_size]
     while True:
-        network = network_topology(target_spacing, patch)
-        divisor = total_pooling(network)
+        network = network_topology(target_spacing, patch, in_channels, num_classes)
+        divisor = network.total_stride
         rounded = [max(d, (p // d) * d) for p, d in zip(patch, divisor)]
         if rounded == patch:
             return patch, network
@@ -140,35 +139,35 @@ def axis_to_shrink(patch_size, median_shape, divisor) -> int | None:
 
 
 def choose_patch_and_network(target_spacing, median_shape, memory_budget_bytes: float,
-                             in_channels: int, num_classes: int) -> tuple[Decision, dict]:
+                             in_channels: int, num_classes: int) -> tuple[Decision, Topology]:
     """Largest patch (from 256³ down) whose batch of 2 fits the memory budget.
 
     Why: a larger patch gives more context; when it does not fit, shrink the axis that is furthest above
     the median shape (relative to it) by one pooling unit, so the patch stays close to the data's shape.
     """
-    patch, network = fit_patch_to_network(target_spacing, initial_patch_size(target_spacing, median_shape))
+    patch, network = fit_patch_to_network(target_spacing, initial_patch_size(target_spacing, median_shape),
+                                          in_channels, num_classes)
     start = list(patch)
-    while estimate_training_memory_bytes(patch, MIN_BATCH_SIZE, network, in_channels, num_classes) > memory_budget_bytes:
-        divisor = total_pooling(network)
+    while estimate_training_memory_bytes(patch, MIN_BATCH_SIZE, network) > memory_budget_bytes:
+        divisor = network.total_stride
         axis = axis_to_shrink(patch, median_shape, divisor)
         if axis is None:
             raise ValueError(f"no patch fits a {memory_budget_bytes / 2**30:.2f} GiB budget")
         patch[axis] -= divisor[axis]
-        patch, network = fit_patch_to_network(target_spacing, patch)
+        patch, network = fit_patch_to_network(target_spacing, patch, in_channels, num_classes)
     if patch == start:
         reason = f"isotropic-in-mm 256³ start capped by median shape {_fmt(median_shape)}; fits the budget"
     else:
         reason = f"shrunk from {_fmt(start)} (largest axis relative to median shape first) to fit the budget"
-    reason += f"; divisible by pooling {_fmt(total_pooling(network))}"
+    reason += f"; divisible by pooling {_fmt(network.total_stride)}"
     return Decision(patch, reason), network
 
 
-def choose_batch_size(patch_size, network: dict, memory_budget_bytes: float, dataset_voxels: float,
-                      in_channels: int, num_classes: int) -> Decision:
+def choose_batch_size(patch_size, network: Topology, memory_budget_bytes: float, dataset_voxels: float) -> Decision:
     """Largest batch that fits the budget, but ≥ 2 and covering ≤ 5% of the dataset's voxels."""
-    per_sample = (estimate_training_memory_bytes(patch_size, 2, network, in_channels, num_classes)
-                  - estimate_training_memory_bytes(patch_size, 1, network, in_channels, num_classes))
-    fixed = estimate_training_memory_bytes(patch_size, 1, network, in_channels, num_classes) - per_sample
+    per_sample = (estimate_training_memory_bytes(patch_size, 2, network)
+                  - estimate_training_memory_bytes(patch_size, 1, network))
+    fixed = estimate_training_memory_bytes(patch_size, 1, network) - per_sample
     fits = int((memory_budget_bytes - fixed) // per_sample) if per_sample > 0 else MIN_BATCH_SIZE
     cap = round(dataset_voxels * MAX_BATCH_DATASET_FRACTION / math.prod(patch_size))
     batch = max(MIN_BATCH_SIZE, min(fits, cap))
@@ -188,7 +187,7 @@ def ct_normalization(foreground_intensity: dict) -> Decision:
     across scans, and clipping removes metal and air outliers (nnU-Net's "CT" scheme).
     """
     low, high = foreground_intensity["percentile_00_5"], foreground_intensity["percentile_99_5"]
-    value = {"scheme": "CT", "clip": [low, high], "mean": foreground_intensity["mean"],
-             "std": max(foreground_intensity["std"], 1e-8)}
+    value = NormalizationScheme(CT_SCHEME, clip=(low, high), mean=foreground_intensity["mean"],
+                                std=max(foreground_intensity["std"], 1e-8))
     return Decision(value, f"CT: clip to foreground [{low:.0f}, {high:.0f}] HU, z-score "
-                           f"mean {value['mean']:.0f} std {value['std']:.0f}")
+                           f"mean {value.mean:.0f} std {value.std:.0f}")

@@ -12,7 +12,7 @@ import numpy as np
 from covnet.cropping import body_bounding_box
 from covnet.geometry import crop, uncrop
 from covnet.io import Geometry
-from covnet.planning.plans import Plan
+from covnet.planning.plans import Plan, ResamplingSettings
 from covnet.preprocessing.normalization import normalize
 from covnet.resampling import resample_image, resample_probabilities, resample_segmentation
 
@@ -55,9 +55,9 @@ def sample_class_locations(segmentation: np.ndarray, labels: list[int], rng: np.
     return locations
 
 
-def anisotropy_settings(resampling: dict) -> dict:
-    """The separate-z keywords of covnet.resampling from a plan's ``resampling`` entry."""
-    return {"order_z": resampling["order_z"], "anisotropy_threshold": resampling["anisotropy_threshold"]}
+def anisotropy_settings(resampling: ResamplingSettings) -> dict:
+    """The separate-z keywords of covnet.resampling from a plan's resampling settings."""
+    return {"order_z": resampling.order_z, "anisotropy_threshold": resampling.anisotropy_threshold}
 
 
 def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, plan: Plan,
@@ -70,14 +70,14 @@ def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, p
     settings = plan.resampling
     anisotropy = anisotropy_settings(settings)
     image = np.stack([resample_image(normalize(crop(channel, box), plan.normalization[str(index)]), geometry.spacing,
-                                     target, order=settings["image_order"], **anisotropy)
+                                     target, order=settings.image_order, **anisotropy)
                       for index, channel in enumerate(channels)])
     seg = None
     locations = {}
     if segmentation is not None:
         all_labels = sorted(plan.labels.values())
         seg = resample_segmentation(crop(segmentation, box), geometry.spacing, target, labels=all_labels,
-                                    order=settings["segmentation_order"], **anisotropy)
+                                    order=settings.segmentation_order, **anisotropy)
         locations = sample_class_locations(seg, all_labels[1:], np.random.default_rng(seed))
     properties = CaseProperties(case=case, original_geometry=geometry, bounding_box=[list(b) for b in box],
                                 shape_after_crop=[b - a for a, b in box], target_spacing=list(target),
@@ -85,7 +85,8 @@ def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, p
     return image, seg, properties
 
 
-def probabilities_to_original(probabilities: np.ndarray, properties: CaseProperties, resampling: dict) -> np.ndarray:
+def probabilities_to_original(probabilities: np.ndarray, properties: CaseProperties,
+                              resampling: ResamplingSettings) -> np.ndarray:
     """(C, z, y, x) class probabilities on the plan's grid → (C, ...) on the original image grid.
 
     Outside the body box everything is background (channel 0 = 1)."""
@@ -98,10 +99,10 @@ def probabilities_to_original(probabilities: np.ndarray, properties: CasePropert
 
 
 def segmentation_to_original(segmentation: np.ndarray, properties: CaseProperties, labels: list[int],
-                             resampling: dict) -> np.ndarray:
+                             resampling: ResamplingSettings) -> np.ndarray:
     """(z, y, x) labels on the plan's grid → labels on the original image grid (0 outside the body box)."""
     cropped = resample_segmentation(segmentation, properties.target_spacing, new_shape=properties.shape_after_crop,
-                                    labels=labels, order=resampling["segmentation_order"],
+                                    labels=labels, order=resampling.segmentation_order,
                                     **anisotropy_settings(resampling))
     box = [tuple(b) for b in properties.bounding_box]
     return uncrop(cropped, box, properties.original_geometry.shape, fill_value=0).astype(np.uint8)
