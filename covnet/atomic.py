@@ -24,14 +24,34 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
-def process_alive(pid: int) -> bool:
+def _linux_process_state(pid: int) -> tuple[str, float] | None:
+    """State letter and start time (seconds since the epoch) of a process, from /proc; None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot_time = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                         if line.startswith("btime"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], boot_time + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_alive(pid: int, not_started_after: float | None = None) -> bool:
+    """Whether ``pid`` runs (a zombie does not); with ``not_started_after`` (epoch seconds), a process that
+    started later is another one that reuses the pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by someone else
+        pass
+    state = _linux_process_state(pid)
+    if state is None:
         return True
-    return True
+    letter, started = state
+    if letter in "ZX":
+        return False
+    return not_started_after is None or started <= not_started_after + 1.0
 
 
 def sweep_dead_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
@@ -43,7 +63,7 @@ def sweep_dead_temporaries(folder: str | os.PathLike, recursive: bool = True) ->
     removed = []
     for entry in list(folder.iterdir()):
         match = TEMPORARY_NAME.match(entry.name)
-        if match and not process_alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1)), not_started_after=entry.lstat().st_mtime):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

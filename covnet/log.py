@@ -14,7 +14,11 @@ ROOT = "covnet"
 
 
 def logger(name: str = ROOT) -> logging.Logger:
-    """The logger for a module (pass ``__name__``); all of them hang below ``covnet``."""
+    """The logger for a module (pass ``__name__``); all of them hang below ``covnet``. Until a command
+    calls ``setup_logging``, covnet logs to the console (so plain Python calls and notebooks see it too)."""
+    root = logging.getLogger(ROOT)
+    if not root.handlers:
+        setup_logging()
     return logging.getLogger(name if name == ROOT or name.startswith(ROOT + ".") else f"{ROOT}.{name}")
 
 
@@ -42,7 +46,7 @@ def distributed_rank() -> int:
 def setup_logging(log_file: str | os.PathLike | None = None, rank: int | None = None,
                   level: int = logging.INFO) -> logging.Logger:
     """Route ``covnet`` logs to the console (and ``log_file``, appended); ranks other than 0 stay silent."""
-    root = logger()
+    root = logging.getLogger(ROOT)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()

@@ -101,3 +101,48 @@ def test_memory_budget_that_fits_no_patch(workspace, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plan_and_preprocess.main(["--workspace", str(workspace), "--gpu-memory-gb", "0"])
     assert exit_info.value.code == 2 and "must be > 0" in capsys.readouterr().err
+
+
+def test_channel_key_that_is_not_an_index_blames_dataset_json(workspace, capsys):
+    path = workspace / "raw" / "dataset.json"
+    data = json.loads(path.read_text())
+    data["channel_names"] = {"1": "CT"}
+    path.write_text(json.dumps(data))
+    assert_refused(workspace, capsys, "dataset.json", "channel_names keys must be the channel indices ['0']")
+    assert not (workspace / "preprocessed" / "plans.json").exists()
+
+
+@pytest.mark.parametrize("field, changed", [("origin", lambda g: Geometry(g.spacing, (0.0, 0.0, 0.0), g.direction,
+                                                                            g.shape)),
+                                            ("direction", lambda g: Geometry(g.spacing, g.origin,
+                                                                               (0.0, 1.0, 0.0, 1.0, 0.0, 0.0,
+                                                                                0.0, 0.0, 1.0), g.shape))])
+def test_geometry_mismatch_names_the_differing_field(workspace, capsys, field, changed):
+    image, label, geometry = make_tiny_case(1)
+    write_image(label, changed(geometry), workspace / "raw" / "labelsTr" / "case_1.nii.gz")
+    code, error_lines = run(workspace, capsys)
+    assert code == 2 and len(error_lines) == 1
+    assert f"{field} " in error_lines[0] and " vs " in error_lines[0], error_lines[0]
+    other = {"origin": "direction", "direction": "origin"}[field]
+    assert f"{other} " not in error_lines[0].split("label vs image:")[1]
+
+
+def test_windowed_ct_in_the_pool_is_refused_loudly_and_left_out(workspace, capsys):
+    image, _, geometry = make_tiny_case(11)
+    windowed = np.clip((image.astype(np.float32) + 1000) / 8, 0, 255).astype(np.uint8)
+    write_image(windowed, geometry, workspace / "raw" / "imagesUnlabelled" / "pool_1_0000.nii.gz")
+    code, error_lines = run(workspace, capsys)
+    assert code == 0
+    assert len(error_lines) == 1 and error_lines[0].startswith("warning: ")
+    assert "pool_1_0000.nii.gz" in error_lines[0] and "does not look like HU" in error_lines[0]
+    pool = sorted(p.name for p in (workspace / "preprocessed" / "unlabelled").glob("*.json"))
+    assert pool == ["pool_0.json"]
+
+
+def test_windowed_ct_among_the_labelled_cases_is_an_error(workspace, capsys):
+    image, _, geometry = make_tiny_case(2)
+    windowed = np.clip((image.astype(np.float32) + 1000) / 8, 0, 255).astype(np.uint8)
+    write_image(windowed, geometry, workspace / "raw" / "imagesTr" / "case_2_0000.nii.gz")
+    code, error_lines = run(workspace, capsys)
+    assert code == 2 and len(error_lines) == 1
+    assert "case_2_0000.nii.gz" in error_lines[0] and "does not look like HU" in error_lines[0]

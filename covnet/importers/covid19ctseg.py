@@ -28,7 +28,10 @@ from covnet.errors import CovnetError
 from covnet.importers import warn
 from covnet.importers.hu import to_hu_int16
 from covnet.io import read_image, strip_image_suffix, write_image
+from covnet.log import logger
 from covnet.workspace import Workspace
+
+log = logger(__name__)
 
 IMAGES_PART = "COVID-19-CT-Seg_20cases"
 LABELS_PART = "Lung_and_Infection_Mask"
@@ -270,11 +273,11 @@ def import_covid19ctseg(source_dir: str | os.PathLike, workspace: Workspace, ove
         scratch.mkdir()
         for number, pair in enumerate(pairs, start=1):
             _convert_case(pair, images, masks, description, staging, scratch)
-            print(f"[{number}/{len(pairs)}] {pair.case}")
+            log.info(f"[{number}/{len(pairs)}] {pair.case}")
         _install(staging, workspace)
         description.save(workspace.dataset_json)
         _install_marker(workspace).unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"imported {len(pairs)} labelled cases into {workspace.raw}")
+    log.info(f"imported {len(pairs)} labelled cases into {workspace.raw}")
     return [pair.case for pair in pairs]

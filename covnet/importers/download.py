@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import Iterable
 
 from covnet.errors import CovnetError
+from covnet.log import logger
+
+log = logger(__name__)
 
 ZENODO_RECORD_ID = "3757476"
 ZENODO_FILES_URL = f"https://zenodo.org/records/{ZENODO_RECORD_ID}/files"
@@ -127,9 +129,9 @@ def download_file(url: str, destination: str | os.PathLike, checksum: Checksum,
     destination = Path(destination)
     if destination.is_file():
         if file_digest(destination, checksum.algorithm) == checksum.hexdigest:
-            print(f"{destination.name}: already downloaded and verified")
+            log.info(f"{destination.name}: already downloaded and verified")
             return destination
-        print(f"{destination.name}: existing file does not match {checksum}; downloading it again")
+        log.info(f"{destination.name}: existing file does not match {checksum}; downloading it again")
         destination.unlink()
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
@@ -140,14 +142,14 @@ def download_file(url: str, destination: str | os.PathLike, checksum: Checksum,
         except _Interrupted as interruption:
             if attempt == attempts:
                 raise CovnetError(part, f"download interrupted ({interruption}); run again to resume") from None
-            print(f"{destination.name}: {interruption}; resuming (attempt {attempt + 1} of {attempts})")
+            log.info(f"{destination.name}: {interruption}; resuming (attempt {attempt + 1} of {attempts})")
     actual = file_digest(part, checksum.algorithm)
     if actual != checksum.hexdigest:
         part.unlink()
         raise CovnetError(destination, f"checksum mismatch: expected {checksum}, got {checksum.algorithm}:{actual}; "
                                        "the download was deleted")
     os.replace(part, destination)
-    print(f"{destination.name}: downloaded and verified ({checksum.algorithm})")
+    log.info(f"{destination.name}: downloaded and verified ({checksum.algorithm})")
     return destination
 
 
@@ -196,7 +198,7 @@ def download_covid19ctseg(directory: str | os.PathLike, base_url: str = ZENODO_F
             checksum = record_checksums[name]
         path = download_file(file_url(base_url, name), directory / name, checksum, attempts, timeout)
         if checksum.algorithm != "sha256":
-            print(f"{name}: sha256 {file_digest(path)} (verified via {checksum.algorithm}; "
-                  "record it in covnet.importers.download.KNOWN_SHA256)", file=sys.stderr)
+            log.warning(f"{name}: sha256 {file_digest(path)} (verified via {checksum.algorithm}; "
+                        "record it in covnet.importers.download.KNOWN_SHA256)")
         downloaded.append(path)
     return downloaded

@@ -19,7 +19,10 @@ from covnet.errors import CovnetError
 from covnet.importers.hu import to_hu_int16
 from covnet.io import (IMAGE_SUFFIXES, is_dicom_series_dir, is_image_file, read_image, strip_image_suffix,
                        write_image)
+from covnet.log import logger
 from covnet.workspace import Workspace
+
+log = logger(__name__)
 
 SOURCES_FILE = "unlabelled_sources.json"
 DEFAULT_FILE_ENDING = ".nii.gz"
@@ -146,7 +149,7 @@ def import_unlabelled(source_dir: str | os.PathLike, workspace: Workspace) -> Im
         taken.add(case)
         write_json(sources_file, recorded)
         summary.added.append(case)
-        print(f"added {case} from {source}")
-    print(f"{len(summary.added)} CT(s) added, {len(summary.skipped)} already imported and skipped "
+        log.info(f"added {case} from {source}")
+    log.info(f"{len(summary.added)} CT(s) added, {len(summary.skipped)} already imported and skipped "
           f"({target_dir})")
     return summary
