@@ -1,0 +1,100 @@
+"""Clean-up of a predicted lung/infection segmentation with connected components.
+
+Two rules, applied by :func:`postprocess` in this order:
+
+1. :func:`remove_infection_outside_lungs`: infection can only exist inside a lung. Components of the union
+   "lung ∪ infection" that contain no lung voxel at all (pure infection, e.g. a false positive in the bowel
+   or the other side of the diaphragm) are set to background. Infection that touches a lung, even only by
+   an edge or a corner with the default 26-connectivity, stays.
+2. :func:`keep_largest_lung_components`: a chest CT holds (at most) two lungs. Of the components of
+   "lung ∪ infection" the ``num_lung_components`` largest are kept, and of those only the ones at least
+   ``min_fraction_of_largest`` the size of the largest; the rest (stray blobs in the airway, bowel gas,
+   outside the body) become background. Lungs that touch each other form one component, so in that case the
+   second largest component is usually a small stray blob: the size fraction drops it.
+
+Infection is removed first so that a large false-positive infection blob cannot take the place of a lung.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_sizes
+
+FULL_CONNECTIVITY = 26
+
+
+def _lung_and_infection_labels(lung_labels: Sequence[int], infection_label: int | None) -> list[int]:
+    return list(lung_labels) + ([] if infection_label is None else [infection_label])
+
+
+def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Component ids of ``mask`` (0 outside) and the voxel count of each id (index 0 unused, 0)."""
+    if connectivity not in (6, 18, 26):
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    component_ids, sizes_by_id = cc3d_label_with_component_sizes(np.ascontiguousarray(mask), connectivity)
+    sizes = np.zeros(len(sizes_by_id) + 1, dtype=np.int64)
+    for component, size in sizes_by_id.items():
+        sizes[component] = size
+    return component_ids, sizes
+
+
+def remove_infection_outside_lungs(segmentation: np.ndarray, lung_labels: Sequence[int] = (1, 2),
+                                   infection_label: int | None = 3,
+                                   connectivity: int = FULL_CONNECTIVITY) -> np.ndarray:
+    """A copy of ``segmentation`` without infection that is not connected to any lung voxel.
+
+    Connection is judged on the union of lung and infection labels: an infection voxel survives when its
+    component of that union contains at least one lung voxel. ``infection_label=None`` returns a plain copy.
+    """
+    cleaned = np.array(segmentation, copy=True)
+    if infection_label is None:
+        return cleaned
+    infection = cleaned == infection_label
+    if not infection.any():
+        return cleaned
+    component_ids, sizes = _components(np.isin(cleaned, _lung_and_infection_labels(lung_labels, infection_label)),
+                                       connectivity)
+    lung_voxels_per_component = np.bincount(component_ids[np.isin(cleaned, list(lung_labels))].ravel(),
+                                            minlength=len(sizes))
+    touches_lung = lung_voxels_per_component > 0
+    cleaned[infection & ~touches_lung[component_ids]] = 0
+    return cleaned
+
+
+def keep_largest_lung_components(segmentation: np.ndarray, lung_labels: Sequence[int] = (1, 2),
+                                 infection_label: int | None = 3, num_lung_components: int = 2,
+                                 min_fraction_of_largest: float = 0.1,
+                                 connectivity: int = FULL_CONNECTIVITY) -> np.ndarray:
+    """A copy of ``segmentation`` keeping only the largest components of "lung ∪ infection".
+
+    A component is kept when it is among the ``num_lung_components`` largest and has at least
+    ``min_fraction_of_largest`` times the voxels of the largest one (ties in size keep the lower component id,
+    i.e. the one met first in (z, y, x) order). Every label inside a kept component is unchanged; voxels of
+    removed components become 0. Labels other than the lung and infection labels are never touched.
+    """
+    if num_lung_components < 1:
+        raise ValueError(f"num_lung_components must be at least 1, got {num_lung_components}")
+    cleaned = np.array(segmentation, copy=True)
+    foreground = np.isin(cleaned, _lung_and_infection_labels(lung_labels, infection_label))
+    if not foreground.any():
+        return cleaned
+    component_ids, sizes = _components(foreground, connectivity)
+    by_size = np.argsort(-sizes[1:], kind="stable") + 1
+    largest_size = sizes[by_size[0]]
+    keep = np.zeros(len(sizes), dtype=bool)
+    for component in by_size[:num_lung_components]:
+        if sizes[component] >= min_fraction_of_largest * largest_size:
+            keep[component] = True
+    cleaned[foreground & ~keep[component_ids]] = 0
+    return cleaned
+
+
+def postprocess(segmentation: np.ndarray, lung_labels: Sequence[int] = (1, 2), infection_label: int | None = 3,
+                num_lung_components: int = 2, min_fraction_of_largest: float = 0.1,
+                connectivity: int = FULL_CONNECTIVITY) -> np.ndarray:
+    """Remove infection not connected to a lung, then keep the largest lung components (see module doc)."""
+    without_stray_infection = remove_infection_outside_lungs(segmentation, lung_labels, infection_label,
+                                                             connectivity)
+    return keep_largest_lung_components(without_stray_infection, lung_labels, infection_label,
+                                        num_lung_components, min_fraction_of_largest, connectivity)
