@@ -17,6 +17,7 @@ from covnet.io import Geometry, is_image_file, read_geometry, read_image
 CHANNEL_SUFFIX = "_0000"
 COVID_LABELS = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
 COVID_REGIONS = {"lungs": [1, 2, 3], "infection": [3]}
+COVID_LATERAL_PAIRS = (("left_lung", "right_lung"),)
 
 
 @dataclass
@@ -28,6 +29,12 @@ class DatasetDescription:
     regions: dict[str, list[int]] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
     name: str = "covnet"
+    # Label names that trade places under a left-right mirror, e.g. [["left_lung", "right_lung"]].
+    lateral_pairs: list[list[str]] = field(default_factory=list)
+
+    @property
+    def lateral_label_pairs(self) -> list[list[int]]:
+        return [[self.labels[left], self.labels[right]] for left, right in self.lateral_pairs]
 
     @property
     def label_values(self) -> list[int]:
@@ -48,6 +55,8 @@ class DatasetDescription:
             data["regions"] = self.regions
         if self.groups:
             data["groups"] = self.groups
+        if self.lateral_pairs:
+            data["lateral_pairs"] = self.lateral_pairs
         return data
 
     @classmethod
@@ -68,7 +77,11 @@ class DatasetDescription:
         if sorted(channel_names, key=lambda key: (len(key), key)) != expected_keys:
             raise CovnetError(source, f"channel_names keys must be the channel indices {expected_keys} "
                                       f"(files CASE_0000…), not {sorted(channel_names)}")
-        return cls(channel_names=channel_names, labels=labels,
+        lateral_pairs = [[str(name) for name in pair] for pair in data.get("lateral_pairs", [])]
+        for pair in lateral_pairs:
+            if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(labels) - {"background"}:
+                raise CovnetError(source, f"lateral pair {pair} must name two different declared foreground labels")
+        return cls(channel_names=channel_names, labels=labels, lateral_pairs=lateral_pairs,
                    num_training=int(data.get("numTraining", 0)), file_ending=str(data.get("file_ending", ".nii.gz")),
                    regions=regions, groups={str(k): str(v) for k, v in data.get("groups", {}).items()},
                    name=str(data.get("name", "covnet")))
@@ -86,6 +99,7 @@ def covid_description(name: str = "COVID-19-CT-Seg", num_training: int = 0,
                       groups: dict[str, str] | None = None) -> DatasetDescription:
     """A CT dataset with COVID-19-CT-Seg's labels (left lung, right lung, infection) and regions."""
     return DatasetDescription(channel_names={"0": "CT"}, labels=dict(COVID_LABELS), num_training=num_training,
+                              lateral_pairs=[list(pair) for pair in COVID_LATERAL_PAIRS],
                               regions={region: list(values) for region, values in COVID_REGIONS.items()},
                               groups=dict(groups or {}), name=name)
 

@@ -1,4 +1,7 @@
-"""Where everything for one dataset lives: ``<workspace>/raw``, ``preprocessed`` and ``results``."""
+"""Where everything for one dataset lives: ``<workspace>/raw``, ``preprocessed`` and ``results``.
+
+The workspace owns every path: a stage asks it where another stage's files are, it never spells them out.
+"""
 from __future__ import annotations
 
 import os
@@ -54,3 +57,42 @@ class Workspace:
     @property
     def labels_ts(self) -> Path:
         return self.raw / "labelsTs"
+
+    # ------------------------------------------------------------------ preprocessed/: planning and preprocessing
+    @property
+    def fingerprint_json(self) -> Path:
+        return self.preprocessed / "dataset_fingerprint.json"
+
+    @property
+    def plans_json(self) -> Path:
+        return self.preprocessed / "plans.json"
+
+    @property
+    def preprocessed_cases(self) -> Path:
+        """The labelled cases on the plan's grid (``<case>.npy``, ``<case>_seg.npy``, ``<case>.json``)."""
+        return self.preprocessed / "cases"
+
+    @property
+    def preprocessed_pool(self) -> Path:
+        """The unlabelled CTs on the plan's grid."""
+        return self.preprocessed / "unlabelled"
+
+    @property
+    def splits_json(self) -> Path:
+        return self.preprocessed / "splits.json"
+
+    # ------------------------------------------------------------------ results/: training and self-training
+    def fold(self, fold: int | str) -> Path:
+        """``results/fold_<k>`` for k in 0–4, ``results/fold_all`` for the model trained on every case."""
+        return self.results / f"fold_{fold}"
+
+    @property
+    def selftrain(self) -> Path:
+        return self.results / "selftrain"
+
+    def selftrain_round(self, round_index: int) -> Path:
+        return self.selftrain / f"round_{round_index:02d}"
+
+    @property
+    def selftrain_final(self) -> Path:
+        return self.selftrain / "final"

@@ -12,7 +12,7 @@ from covnet.planning.planner import plan_dataset
 from covnet.planning.plans import Plan
 from covnet.preprocessing.case import preprocess_case, segmentation_to_original, probabilities_to_original
 from covnet.preprocessing.normalization import normalize
-from covnet.preprocessing.run import LABELLED_FOLDER, UNLABELLED_FOLDER, preprocess_dataset
+from covnet.preprocessing.run import preprocess_dataset
 from covnet.preprocessing.storage import load_case, properties_file
 from covnet.workspace import Workspace
 
@@ -44,7 +44,7 @@ def test_ct_normalization_statistics_equal_a_direct_numpy_computation(planned):
 
 def test_plans_json_round_trips_and_names_its_reasons(planned):
     workspace, plan = planned
-    loaded = Plan.load(workspace.preprocessed / "plans.json")
+    loaded = Plan.load(workspace.plans_json)
     assert loaded == plan
     for key in ("target_spacing", "patch_size", "batch_size", "network", "normalization_0"):
         assert plan.reasons[key]
@@ -92,14 +92,14 @@ def test_preprocess_writes_cases_and_pool_and_is_resumable(planned):
     workspace, plan = planned
     counts = preprocess_dataset(workspace, plan, num_processes=1)
     assert counts == {"done": 5, "skipped": 0, "refused": 0}
-    labelled = workspace.preprocessed / LABELLED_FOLDER
+    labelled = workspace.preprocessed_cases
     image, segmentation, properties = load_case(labelled, "case_0")
     assert isinstance(image, np.memmap) and image.dtype == np.float32
     assert segmentation.dtype == np.uint8 and set(np.unique(segmentation)) <= {0, 1, 2, 3}
     assert set(properties.class_locations) == {"1", "2", "3"}
     for value, locations in properties.class_locations.items():
         assert all(segmentation[tuple(location)] == int(value) for location in locations)
-    pool_image, pool_segmentation, _ = load_case(workspace.preprocessed / UNLABELLED_FOLDER, "pool_1")
+    pool_image, pool_segmentation, _ = load_case(workspace.preprocessed_pool, "pool_1")
     assert pool_segmentation is None and pool_image.ndim == 4
     # A rerun skips finished cases; a case killed before its JSON was written is redone.
     assert preprocess_dataset(workspace, plan) == {"done": 0, "skipped": 5, "refused": 0}
@@ -140,7 +140,7 @@ def test_edited_raw_files_and_interrupted_writes_are_redone(planned, monkeypatch
     plan = plan_dataset(workspace, gpu_memory_gb=8, num_processes=1)
     assert fingerprint_file.read_text() != before
     assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4, "refused": 0}
-    _, segmentation, properties = load_case(workspace.preprocessed / LABELLED_FOLDER, "case_0")
+    _, segmentation, properties = load_case(workspace.preprocessed_cases, "case_0")
     assert 3 not in np.asarray(segmentation) and "3" in properties.class_locations
     # A rerun killed between the two arrays leaves no JSON behind, so the case is redone next time.
     import covnet.preprocessing.storage as storage
@@ -155,7 +155,7 @@ def test_edited_raw_files_and_interrupted_writes_are_redone(planned, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         preprocess_dataset(workspace, plan, overwrite=True)
     monkeypatch.setattr(storage, "_save_array", real_save)
-    assert not properties_file(workspace.preprocessed / LABELLED_FOLDER, "case_0").exists()
+    assert not properties_file(workspace.preprocessed_cases, "case_0").exists()
     assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4, "refused": 0}
 
 

@@ -140,9 +140,10 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
 ORPHAN = """
 import os, sys, time
 from covnet.parallel import die_with_parent
+parent = os.getpid()
 pid = os.fork()
 if pid == 0:
-    die_with_parent()
+    die_with_parent(parent)
     time.sleep(60)
     os._exit(0)
 print(pid, flush=True)

@@ -6,7 +6,7 @@ import sys
 import time
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
-from covnet.planning.planner import PLANS_FILE, plan_dataset
+from covnet.planning.planner import plan_dataset
 from covnet.preprocessing.run import preprocess_dataset
 
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 def _plan_then_preprocess(workspace, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     plan = plan_dataset(workspace, args.gpu_memory_gb, args.num_processes, args.overwrite)
-    print(f"plan written to {workspace.preprocessed / PLANS_FILE}\n")
+    print(f"plan written to {workspace.plans_json}\n")
     print(plan.table())
     if args.plan_only:
         return 0

@@ -19,6 +19,7 @@ from covnet.atomic import source_stamp, write_text
 from covnet.cropping import body_bounding_box
 from covnet.dataset import DatasetDescription, image_path, label_path, read_labelled_case
 from covnet.errors import CovnetError
+from covnet.orientation import canonical_reorientation
 from covnet.parallel import map_cases
 
 SAMPLES_PER_CASE = 10_000
@@ -73,8 +74,12 @@ def fingerprint_case(images_dir: Path, labels_dir: Path, case: str, description:
     foreground = image[label > 0]
     rng = np.random.default_rng(seed)
     sample = foreground if foreground.size <= SAMPLES_PER_CASE else rng.choice(foreground, SAMPLES_PER_CASE, replace=False)
-    return CaseFingerprint(case=case, spacing=list(geometry.spacing), shape_before_crop=list(image.shape),
-                           shape_after_crop=[stop - start for start, stop in box],
+    # Spacing and shapes along the LPS-canonical axes that preprocessing reorients every case to (a box's
+    # extents only permute under reorientation).
+    canonical = canonical_reorientation(geometry.direction)
+    return CaseFingerprint(case=case, spacing=list(canonical.spacing(geometry.spacing)),
+                           shape_before_crop=list(canonical.shape(image.shape)),
+                           shape_after_crop=list(canonical.shape([stop - start for start, stop in box])),
                            foreground_sample=[round(float(v), 2) for v in sample],
                            foreground_voxels=int(foreground.size), source=case_source(images_dir, labels_dir, case, description))
 

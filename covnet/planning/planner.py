@@ -8,11 +8,9 @@ from covnet.errors import CovnetError
 from covnet.planning import rules
 from covnet.planning.fingerprint import DatasetFingerprint, case_source, extract_fingerprint
 from covnet.planning.memory import estimate_training_memory_bytes
-from covnet.planning.plans import ZSCORE_SCHEME, NormalizationScheme, Plan, ResamplingSettings
+from covnet.planning.plans import IGNORE_LABEL_NAME, ZSCORE_SCHEME, NormalizationScheme, Plan, ResamplingSettings
 from covnet.workspace import Workspace
 
-FINGERPRINT_FILE = "dataset_fingerprint.json"
-PLANS_FILE = "plans.json"
 GIB = 2 ** 30
 
 
@@ -28,7 +26,8 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
     spacing = rules.choose_target_spacing(spacings, shapes)
     resampled = rules.resampled_shapes(shapes, spacings, spacing.value)
     median_shape = np.median(resampled, axis=0)
-    in_channels, num_classes = len(description.channel_names), max(description.labels.values()) + 1
+    in_channels = len(description.channel_names)
+    num_classes = max(v for name, v in description.labels.items() if name != IGNORE_LABEL_NAME) + 1
     budget = gpu_memory_gb * GIB
     try:
         patch, network = rules.choose_patch_and_network(spacing.value, median_shape, budget, in_channels, num_classes)
@@ -44,6 +43,7 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
     reasons.update({f"normalization_{channel}": decision.reason for channel, decision in normalization.items()})
     return Plan(dataset_name=description.name, labels=dict(description.labels), regions=dict(description.regions),
                 channel_names=dict(description.channel_names), target_spacing=spacing.value,
+                lateral_pairs=description.lateral_label_pairs,
                 median_shape=[float(v) for v in median_shape], patch_size=patch.value, batch_size=batch.value,
                 network=network, normalization={c: d.value for c, d in normalization.items()},
                 resampling=ResamplingSettings(image_order=3, segmentation_order=1, order_z=0,
@@ -57,7 +57,7 @@ def plan_dataset(workspace: Workspace, gpu_memory_gb: float = 8.0, num_processes
 
     An existing fingerprint of exactly the same, unchanged raw files is reused unless ``overwrite``."""
     description, cases = validate_raw_dataset(workspace.raw)
-    fingerprint_file = workspace.preprocessed / FINGERPRINT_FILE
+    fingerprint_file = workspace.fingerprint_json
     fingerprint = None
     if fingerprint_file.is_file() and not overwrite:
         fingerprint = DatasetFingerprint.load(fingerprint_file)
@@ -68,5 +68,5 @@ def plan_dataset(workspace: Workspace, gpu_memory_gb: float = 8.0, num_processes
         fingerprint = extract_fingerprint(workspace.raw, cases, description, num_processes)
         fingerprint.save(fingerprint_file)
     plan = make_plan(fingerprint, description, gpu_memory_gb)
-    plan.save(workspace.preprocessed / PLANS_FILE)
+    plan.save(workspace.plans_json)
     return plan

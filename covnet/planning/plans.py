@@ -18,6 +18,7 @@ from covnet.errors import CovnetError
 from covnet.network.topology import Topology
 
 PLANS_VERSION = 1
+IGNORE_LABEL_NAME = "ignore"
 
 CT_SCHEME = "CT"
 ZSCORE_SCHEME = "zscore"
@@ -133,6 +134,8 @@ class Plan:
     gpu_memory_gb: float
     estimated_memory_gb: float
     reasons: dict[str, str] = field(default_factory=dict)
+    # Label value pairs that swap under a left-right mirror (left lung 1 <-> right lung 2), from dataset.json.
+    lateral_pairs: list[list[int]] = field(default_factory=list)
     version: int = PLANS_VERSION
 
     def __post_init__(self):
@@ -148,8 +151,14 @@ class Plan:
                                    f"{sorted(self.channel_names)}")
 
     @property
+    def ignore_label(self) -> int | None:
+        """The value of the label named "ignore" (voxels with no known class), if declared."""
+        return self.labels.get(IGNORE_LABEL_NAME)
+
+    @property
     def num_classes(self) -> int:
-        return max(self.labels.values()) + 1
+        """Output channels of the network: every declared label but the ignore label."""
+        return max(value for name, value in self.labels.items() if name != IGNORE_LABEL_NAME) + 1
 
     @property
     def in_channels(self) -> int:

@@ -1,7 +1,8 @@
-"""One case from raw geometry to the plan's grid (crop → normalize → resample), and back again.
+"""One case from raw geometry to the plan's grid (reorient → crop → normalize → resample), and back again.
 
 ``CaseProperties`` records everything needed to put a prediction on the preprocessed grid back into the
-original image: the original geometry, the body bounding box and the shapes before and after resampling.
+original image: the original geometry, the reorientation to LPS, the body bounding box (in the reoriented
+array) and the shapes before and after resampling.
 """
 from __future__ import annotations
 
@@ -12,26 +13,37 @@ import numpy as np
 from covnet.cropping import body_bounding_box
 from covnet.geometry import crop, uncrop
 from covnet.io import Geometry
+from covnet.orientation import Reorientation, canonical_reorientation
 from covnet.planning.plans import Plan, ResamplingSettings
 from covnet.preprocessing.normalization import normalize
 from covnet.resampling import resample_image, resample_probabilities, resample_segmentation
 
 # Foreground voxel positions stored per class for oversampling patches around rare classes.
 LOCATIONS_PER_CLASS = 2000
+# Bumped whenever preprocessing changes what it writes: cases made by an older version are stale.
+# 2: cases are reoriented to LPS before cropping.
+PREPROCESSING_VERSION = 2
 
 
 @dataclass
 class CaseProperties:
     case: str
     original_geometry: Geometry
-    bounding_box: list[list[int]]          # (start, stop) per axis (z, y, x) in the original array
+    bounding_box: list[list[int]]          # (start, stop) per axis (z, y, x) in the reoriented array
     shape_after_crop: list[int]
     target_spacing: list[float]
     shape_after_resampling: list[int]
     class_locations: dict[str, list[list[int]]] = field(default_factory=dict)   # label value -> [[z, y, x], ...]
+    reorientation: Reorientation = Reorientation()
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        """The whole original array's shape once reoriented (what the bounding box refers to)."""
+        return self.reorientation.shape(self.original_geometry.shape)
 
     def to_json(self) -> dict:
         return {"case": self.case, "original_geometry": self.original_geometry.to_json(),
+                "reorientation": self.reorientation.to_json(),
                 "bounding_box": self.bounding_box, "shape_after_crop": self.shape_after_crop,
                 "target_spacing": self.target_spacing, "shape_after_resampling": self.shape_after_resampling,
                 "class_locations": self.class_locations}
@@ -41,7 +53,8 @@ class CaseProperties:
         return cls(case=data["case"], original_geometry=Geometry.from_json(data["original_geometry"]),
                    bounding_box=[list(b) for b in data["bounding_box"]], shape_after_crop=list(data["shape_after_crop"]),
                    target_spacing=list(data["target_spacing"]), shape_after_resampling=list(data["shape_after_resampling"]),
-                   class_locations=data.get("class_locations", {}))
+                   class_locations=data.get("class_locations", {}),
+                   reorientation=Reorientation.from_json(data.get("reorientation")))
 
 
 def sample_class_locations(segmentation: np.ndarray, labels: list[int], rng: np.random.Generator,
@@ -65,23 +78,28 @@ def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, p
                     ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Channels (each (z, y, x), raw intensities) → image (C, z, y, x) float32 on the plan's grid,
     segmentation (z, y, x) uint8 or None, and the properties that invert the mapping."""
+    reorientation = canonical_reorientation(geometry.direction)
+    channels = [reorientation.to_canonical(channel) for channel in channels]
+    segmentation = None if segmentation is None else reorientation.to_canonical(segmentation)
+    spacing = reorientation.spacing(geometry.spacing)
     box = body_bounding_box(channels[0], segmentation)
     target = plan.target_spacing
     settings = plan.resampling
     anisotropy = anisotropy_settings(settings)
-    image = np.stack([resample_image(normalize(crop(channel, box), plan.normalization[str(index)]), geometry.spacing,
+    image = np.stack([resample_image(normalize(crop(channel, box), plan.normalization[str(index)]), spacing,
                                      target, order=settings.image_order, **anisotropy)
                       for index, channel in enumerate(channels)])
     seg = None
     locations = {}
     if segmentation is not None:
         all_labels = sorted(plan.labels.values())
-        seg = resample_segmentation(crop(segmentation, box), geometry.spacing, target, labels=all_labels,
+        seg = resample_segmentation(crop(segmentation, box), spacing, target, labels=all_labels,
                                     order=settings.segmentation_order, **anisotropy)
         locations = sample_class_locations(seg, all_labels[1:], np.random.default_rng(seed))
     properties = CaseProperties(case=case, original_geometry=geometry, bounding_box=[list(b) for b in box],
                                 shape_after_crop=[b - a for a, b in box], target_spacing=list(target),
-                                shape_after_resampling=list(image.shape[1:]), class_locations=locations)
+                                shape_after_resampling=list(image.shape[1:]), class_locations=locations,
+                                reorientation=reorientation)
     return image, seg, properties
 
 
@@ -92,10 +110,10 @@ def probabilities_to_original(probabilities: np.ndarray, properties: CasePropert
     Outside the body box everything is background (channel 0 = 1)."""
     cropped = resample_probabilities(probabilities, properties.target_spacing, new_shape=properties.shape_after_crop,
                                      **anisotropy_settings(resampling))
-    full_shape = properties.original_geometry.shape
     box = [tuple(b) for b in properties.bounding_box]
-    return np.stack([uncrop(channel, box, full_shape, fill_value=1.0 if index == 0 else 0.0)
-                     for index, channel in enumerate(cropped)])
+    canonical = np.stack([uncrop(channel, box, properties.canonical_shape, fill_value=1.0 if index == 0 else 0.0)
+                          for index, channel in enumerate(cropped)])
+    return properties.reorientation.to_original(canonical)
 
 
 def segmentation_to_original(segmentation: np.ndarray, properties: CaseProperties, labels: list[int],
@@ -105,4 +123,5 @@ def segmentation_to_original(segmentation: np.ndarray, properties: CasePropertie
                                     labels=labels, order=resampling.segmentation_order,
                                     **anisotropy_settings(resampling))
     box = [tuple(b) for b in properties.bounding_box]
-    return uncrop(cropped, box, properties.original_geometry.shape, fill_value=0).astype(np.uint8)
+    canonical = uncrop(cropped, box, properties.canonical_shape, fill_value=0).astype(np.uint8)
+    return properties.reorientation.to_original(canonical)

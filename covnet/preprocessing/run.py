@@ -19,8 +19,6 @@ from covnet.preprocessing.storage import is_case_done, save_case
 from covnet.workspace import Workspace
 
 log = logger(__name__)
-LABELLED_FOLDER = "cases"
-UNLABELLED_FOLDER = "unlabelled"
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,8 @@ def _single_threaded_worker() -> None:
 
 def collect_jobs(workspace: Workspace, description: DatasetDescription) -> list[CaseJob]:
     ending = description.file_ending
-    labelled_out = workspace.preprocessed / LABELLED_FOLDER
-    unlabelled_out = workspace.preprocessed / UNLABELLED_FOLDER
+    labelled_out = workspace.preprocessed_cases
+    unlabelled_out = workspace.preprocessed_pool
     jobs = [CaseJob(case, image_path(workspace.images_tr, case, ending), label_path(workspace.labels_tr, case, ending),
                     labelled_out, index) for index, case in enumerate(find_cases(workspace.images_tr, ending))]
     jobs += [CaseJob(case, image_path(workspace.images_unlabelled, case, ending), None, unlabelled_out, index)

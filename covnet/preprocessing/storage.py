@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from covnet.atomic import atomic_path, write_json
-from covnet.preprocessing.case import CaseProperties
+from covnet.preprocessing.case import PREPROCESSING_VERSION, CaseProperties
+
+# What a case's JSON records about how it was made: another value for any of them makes the case stale.
+STAMP_KEYS = ("plan_key", "source", "preprocessing_version")
 
 
 def image_file(folder: Path, case: str) -> Path:
@@ -37,7 +40,8 @@ def _save_array(path: Path, array: np.ndarray) -> None:
 
 def _stamp(plan_key: dict, source: list) -> dict:
     # Through JSON once, so that tuples and lists compare equal with what is read back.
-    return json.loads(json.dumps({"plan_key": plan_key, "source": source}))
+    return json.loads(json.dumps({"plan_key": plan_key, "source": source,
+                                  "preprocessing_version": PREPROCESSING_VERSION}))
 
 
 def save_case(folder: Path, image: np.ndarray, segmentation: np.ndarray | None, properties: CaseProperties,
@@ -61,12 +65,12 @@ def is_case_done(folder: Path, case: str, plan_key: dict, source: list, labelled
         stored = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    return {key: stored.get(key) for key in ("plan_key", "source")} == _stamp(plan_key, source)
+    return {key: stored.get(key) for key in STAMP_KEYS} == _stamp(plan_key, source)
 
 
 def load_properties(folder: Path, case: str) -> CaseProperties:
     data = json.loads(properties_file(folder, case).read_text())
-    for key in ("plan_key", "source"):
+    for key in STAMP_KEYS:
         data.pop(key, None)
     return CaseProperties.from_json(data)
 
