@@ -7,7 +7,7 @@ setup(
                 "with student-teacher self-training on unlabelled CTs",
     packages=find_packages(include=["covnet", "covnet.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "SimpleITK", "batchgenerators", "numpy", "scipy", "acvl-utils", "tqdm", "matplotlib"],
+    install_requires=["torch", "SimpleITK", "batchgenerators", "batchgeneratorsv2", "numpy", "scipy", "acvl-utils", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [
         "covnet_make_phantoms=covnet.cli.make_phantoms:entry",
@@ -15,5 +15,6 @@ setup(
         "covnet_import_unlabelled=covnet.cli.import_unlabelled:entry",
         "covnet_evaluate=covnet.cli.evaluate:entry",
         "covnet_plan_and_preprocess=covnet.cli.plan_and_preprocess:entry",
+        "covnet_train=covnet.cli.train:entry",
     ]},
 )

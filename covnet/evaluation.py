@@ -11,7 +11,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -151,7 +151,8 @@ def format_mean_table(summary: dict) -> str:
 
 def evaluate_folders(reference_dir: str | os.PathLike, prediction_dir: str | os.PathLike,
                      description: DatasetDescription, output_json: str | os.PathLike | None = None,
-                     num_processes: int = 1, tolerances_mm: Mapping[str, float] | None = None) -> dict:
+                     num_processes: int = 1, tolerances_mm: Mapping[str, float] | None = None,
+                     cases: Sequence[str] | None = None) -> dict:
     """Evaluate every reference case and return (and, if ``output_json`` is given, write) the summary.
 
     The summary is ``{"per_case": [{"case": ..., name: {"dice": x, "nsd": y}, ...}], "mean": {name:
@@ -165,7 +166,13 @@ def evaluate_folders(reference_dir: str | os.PathLike, prediction_dir: str | os.
     reference_dir, prediction_dir = Path(reference_dir), Path(prediction_dir)
     structures = structures_of(description)
     tolerances = tolerances_for(structures, tolerances_mm)
-    cases = reference_cases(reference_dir, description.file_ending)
+    available = reference_cases(reference_dir, description.file_ending)
+    if cases is not None:
+        missing = sorted(set(cases) - set(available))
+        if missing:
+            raise CovnetError(reference_dir, f"holds no reference for {', '.join(missing)}")
+        available = sorted(cases)
+    cases = available
     if not prediction_dir.is_dir():
         raise CovnetError(prediction_dir, "prediction folder not found")
     jobs = [(label_path(reference_dir, case, description.file_ending),

@@ -1,0 +1,88 @@
+"""A training checkpoint: everything inference needs, and everything a resumed run needs, as plain types.
+
+It loads with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only, so loading
+a checkpoint never runs code. Writing is atomic (temporary name, fsync, rename): a kill while saving never
+leaves a partial checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covnet.atomic import atomic_path
+from covnet.errors import CovnetError
+from covnet.planning.plans import Plan
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    plan: dict                              # plans.json content: labels, topology, spacing, normalization, ...
+    fold: str                               # "0".."4" or "all" (or "selftrain_round_NN")
+    settings: dict                          # every training flag
+    network_state: dict                     # state_dict of the UNet
+    epoch: int = 0                          # epochs completed
+    optimizer_state: dict | None = None
+    grad_scaler_state: dict | None = None
+    rng_state: dict | None = None           # python, numpy and torch RNG states
+    history: dict = field(default_factory=dict)   # per-epoch curves for progress.png and the log
+    best_ema_dice: float | None = None
+    format: int = CHECKPOINT_FORMAT
+
+    @property
+    def typed_plan(self) -> Plan:
+        return Plan.from_json(self.plan, "checkpoint plan")
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as temporary:
+            torch.save(asdict(self), temporary)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Checkpoint":
+        path = Path(path)
+        if not path.is_file():
+            raise CovnetError(path, "checkpoint not found")
+        try:
+            data = torch.load(path, map_location=map_location, weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CovnetError(path, f"is not a readable covnet checkpoint ({message[:200]})") from None
+        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+            raise CovnetError(path, f"is not a covnet checkpoint of format {CHECKPOINT_FORMAT}")
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def capture_rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {"python": _plain(random.getstate()),
+            "numpy": {"key": numpy_state[0], "state": torch.from_numpy(numpy_state[1].astype(np.int64)),
+                      "position": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
+                      "cached_gaussian": float(numpy_state[4])},
+            "torch": torch.get_rng_state()}
+
+
+def restore_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    random.setstate(_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["key"], numpy_state["state"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+
+
+def _plain(value):
+    return [_plain(item) for item in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value

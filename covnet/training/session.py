@@ -1,0 +1,212 @@
+"""The state of one training run and its epoch loop: network, optimizer, loss, data, history, checkpoints.
+
+Nothing here reads flags or paths of its own: ``covnet.training.run`` hands over the plan, the settings, the
+cases and the fold folder. Under DDP every rank runs a session; only rank 0 saves and logs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from covnet.checkpoint import Checkpoint, capture_rng_state, restore_rng_state
+from covnet.errors import CovnetError
+from covnet.inference.predictor import MIRROR_AXES
+from covnet.log import logger
+from covnet.network.unet import ResidualEncoderUNet
+from covnet.planning.plans import Plan
+from covnet.training.augmentation import training_read_size, training_transforms, validation_transforms
+from covnet.training.data import PatchSampler
+from covnet.training.distributed import DistributedContext
+from covnet.training.loop import train_epoch, validate_patches
+from covnet.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+from covnet.training.progress import History, plot_progress
+
+log = logger(__name__)
+POLY_EXPONENT = 0.9
+# Under DDP every output must take part in the loss, or DDP waits for gradients that never come.
+DDP_COARSEST_WEIGHT = 1e-6
+
+
+def poly_learning_rate(initial_lr: float, epoch: int, epochs: int) -> float:
+    """nnU-Net's schedule, stepped once per epoch: ``initial · (1 − epoch/epochs)^0.9``."""
+    return initial_lr * (1 - epoch / epochs) ** POLY_EXPONENT
+
+
+class TrainingSession:
+    def __init__(self, workspace, plan: Plan, settings, train_cases: list[str], validation_cases: list[str],
+                 context: DistributedContext, device: torch.device, fold_dir: Path):
+        self.workspace, self.plan, self.settings = workspace, plan, settings
+        self.train_cases, self.validation_cases = train_cases, validation_cases
+        self.context, self.device, self.fold_dir = context, device, fold_dir
+        self.label_names = [name for name, value in sorted(plan.labels.items(), key=lambda item: item[1])
+                            if 0 < value < plan.num_classes]
+        self.network = ResidualEncoderUNet(plan.network).to(device)
+        self.optimizer = torch.optim.SGD(self.network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
+                                         weight_decay=settings.weight_decay, nesterov=True)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+        weights = deep_supervision_weights(len(plan.network.deep_supervision_scales))
+        if context.enabled and len(weights) > 1:
+            weights[-1] = DDP_COARSEST_WEIGHT
+        self.loss = DeepSupervisionLoss(DiceCELoss(batch_dice=settings.batch_dice, ignore_label=plan.ignore_label),
+                                        weights)
+        self.history = History()
+        self.best_ema: float | None = None
+        self.epoch = 0
+        self.model = self.network
+        if context.enabled:
+            self.model = DistributedDataParallel(self.network, device_ids=[device.index] if device.type == "cuda"
+                                                 else None)
+        if settings.compile and device.type == "cuda":
+            self.model = torch.compile(self.model)
+
+    # ------------------------------------------------------------------------------------------ state
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(plan=self.plan.to_json(), fold=str(self.settings.fold), settings=self.settings.to_json(),
+                          network_state=self.network.state_dict(), epoch=self.epoch,
+                          optimizer_state=self.optimizer.state_dict(), grad_scaler_state=self.scaler.state_dict(),
+                          rng_state=capture_rng_state(), history=self.history.to_json(), best_ema_dice=self.best_ema)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        self._check_topology(checkpoint)
+        self.network.load_state_dict(checkpoint.network_state)
+        if checkpoint.optimizer_state:
+            self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        if checkpoint.grad_scaler_state:
+            self.scaler.load_state_dict(checkpoint.grad_scaler_state)
+        restore_rng_state(checkpoint.rng_state)
+        self.history = History.from_json(checkpoint.history)
+        self.best_ema, self.epoch = checkpoint.best_ema_dice, checkpoint.epoch
+        log.info(f"resuming after epoch {self.epoch} of {self.settings.epochs}")
+
+    def load_pretrained(self, checkpoint: Checkpoint) -> None:
+        """Start from another model's weights (e.g. a teacher): weights only, a fresh optimizer and schedule."""
+        self._check_topology(checkpoint)
+        self.network.load_state_dict(checkpoint.network_state)
+        log.info(f"initialised from the weights of fold {checkpoint.fold}")
+
+    def _check_topology(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.typed_plan.network != self.plan.network:
+            raise CovnetError(None, f"checkpoint of fold {checkpoint.fold} has another network topology than "
+                                    "plans.json; it cannot be continued or used as initialisation")
+
+    def _save(self, name: str) -> None:
+        if self.context.is_main:
+            self.checkpoint().save(self.fold_dir / f"checkpoint_{name}.pth")
+
+    # ------------------------------------------------------------------------------------------ data
+    def _loader(self, cases: list[str], transforms, read_size, workers: int, seed_offset: int):
+        batch = self.context.share_of_batch(self.plan.batch_size)
+        folders = [self.workspace.preprocessed_cases]
+        sampler = PatchSampler(folders[0], cases, self.plan.patch_size, batch,
+                               oversample_foreground=self.settings.oversample_foreground,
+                               seed=_stream_seed(self.settings.seed, self.context.rank, self.epoch, seed_offset),
+                               pre_augmentation_patch_size=read_size, ignore_label=self.plan.ignore_label,
+                               num_threads_in_multithreaded=max(1, workers))
+        if workers == 0:
+            return SingleThreadedAugmenter(sampler, transforms)
+        return MultiThreadedAugmenter(sampler, transforms, workers, num_cached_per_queue=2, seeds=None,
+                                      pin_memory=self.device.type == "cuda")
+
+    def _loaders(self):
+        scales = self.plan.network.deep_supervision_scales
+        workers = self.settings.data_workers
+        train = self._loader(self.train_cases, training_transforms(
+            self.plan.patch_size, scales, MIRROR_AXES, [tuple(p) for p in self.plan.lateral_pairs],
+            self.plan.ignore_label), training_read_size(self.plan.patch_size), workers, 0)
+        # Fold 'all' has no validation cases: its patch validation watches the training cases.
+        validation = self._loader(self.validation_cases or self.train_cases,
+                                  validation_transforms(scales, self.plan.ignore_label), None,
+                                  min(workers, max(1, workers // 2)), 1)
+        return train, validation
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self, should_stop=lambda: False) -> bool:
+        """Train the remaining epochs; True when finished, False when stopped early (latest is saved)."""
+        settings = self.settings
+        if self.epoch >= settings.epochs:
+            self._finish()
+            return True
+        train_loader, validation_loader = self._loaders()
+        try:
+            while self.epoch < settings.epochs:
+                if not self._run_epoch(train_loader, validation_loader, should_stop):
+                    self._save("latest")
+                    log.warning(f"stopped during epoch {self.epoch + 1}; checkpoint_latest.pth holds the state "
+                                f"after epoch {self.epoch} plus the interrupted epoch's updates; "
+                                "resume with --continue")
+                    return False
+        finally:
+            for loader in (train_loader, validation_loader):
+                if isinstance(loader, MultiThreadedAugmenter):
+                    loader._finish()
+        self._finish()
+        return True
+
+    def _run_epoch(self, train_loader, validation_loader, should_stop) -> bool:
+        settings = self.settings
+        learning_rate = poly_learning_rate(settings.initial_lr, self.epoch, settings.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        bar = tqdm(total=settings.iterations_per_epoch, desc=f"epoch {self.epoch + 1}/{settings.epochs}",
+                   unit="it", leave=False, disable=None if self.context.is_main else True)
+        try:
+            started = time.perf_counter()
+            result = train_epoch(self.model, train_loader, self.loss, self.optimizer, self.scaler,
+                                 settings.iterations_per_epoch, self.device, settings.gradient_clip, bar, should_stop)
+        finally:
+            bar.close()
+        if should_stop():
+            return False
+        validation_loss, pseudo_dice = validate_patches(
+            self.model, validation_loader, self.loss, settings.validation_iterations, self.device,
+            self.plan.num_classes, self.plan.ignore_label, self.context) if settings.validation_iterations else \
+            (float("nan"), [float("nan")] * (self.plan.num_classes - 1))
+        seconds = time.perf_counter() - started
+        ema = self.history.record(result.mean_loss, validation_loss, pseudo_dice, learning_rate, seconds,
+                                  result.data_wait_share)
+        self.epoch += 1
+        if self.context.is_main:
+            log.info(self.history.epoch_line(self.epoch - 1, self.label_names))
+            if not math.isnan(ema) and (self.best_ema is None or ema > self.best_ema):
+                self.best_ema = ema
+                self._save("best")
+                log.info(f"new best moving-average pseudo-Dice {ema:.4f}: checkpoint_best.pth")
+            if self.epoch % settings.checkpoint_every == 0 and self.epoch < settings.epochs:
+                self._save("latest")
+            plot_progress(self.history, self.fold_dir / "progress.png", self.label_names)
+        return True
+
+    def _finish(self) -> None:
+        self._check_ranks_agree()
+        if self.context.is_main:
+            self._save("final")
+            (self.fold_dir / "checkpoint_latest.pth").unlink(missing_ok=True)
+            log.info(f"training finished after {self.epoch} epochs: checkpoint_final.pth")
+
+
+    def _check_ranks_agree(self) -> None:
+        """Under DDP every rank must end with the same weights; a difference means a broken setup."""
+        if not self.context.enabled:
+            return
+        with torch.no_grad():
+            checksum = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                    for p in self.network.parameters()]).sum(dim=0)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.context.world_size)]
+        torch.distributed.all_gather(gathered, checksum)
+        if any(not torch.equal(gathered[0], other) for other in gathered[1:]):
+            raise CovnetError(None, f"the {self.context.world_size} processes ended with different weights "
+                                    f"({[g.tolist() for g in gathered]})")
+        log.info(f"all {self.context.world_size} processes end with identical weights "
+                 f"(checksum {gathered[0][0].item():.6f})")
+
+
+def _stream_seed(seed: int, rank: int, epoch: int, offset: int) -> int:
+    """A different patch stream for each rank, each loader, and each (re)start epoch of a resumed run."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch * 101 + offset) % (2 ** 31)

@@ -1,0 +1,139 @@
+"""Cross-validation folds that keep every patient on one side of each split.
+
+``make_splits`` groups cases by patient (``DatasetDescription.groups``; a case without a group is its own
+patient), shuffles the patients with a fixed seed and deals them, largest group first, to whichever fold
+holds the fewest cases so far. The result depends only on the set of cases, the groups, the number of folds
+and the seed, never on the order the cases were listed in.
+
+``load_or_create_splits`` writes the folds once (``splits.json``) and afterwards only reads them: adding or
+removing a case would reshuffle every fold, so a changed case set is an error that says what changed and
+how to re-split, instead of a silent regeneration that would make old and new results incomparable.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from covnet.atomic import read_json, write_json
+from covnet.errors import CovnetError
+
+DEFAULT_NUM_FOLDS = 5
+DEFAULT_SPLIT_SEED = 12345
+ALL_FOLDS = "all"
+_LISTED_NAMES = 5   # how many added/removed case names an error message spells out
+
+
+def _patients(cases: Iterable[str], groups: Mapping[str, str]) -> dict[str, list[str]]:
+    members: dict[str, list[str]] = defaultdict(list)
+    for case in sorted(set(cases)):
+        members[groups.get(case, case)].append(case)
+    return dict(members)
+
+
+def make_splits(cases: Iterable[str], groups: Mapping[str, str] | None = None, num_folds: int = DEFAULT_NUM_FOLDS,
+                seed: int = DEFAULT_SPLIT_SEED) -> list[dict[str, list[str]]]:
+    """``num_folds`` dicts ``{"train": [...], "val": [...]}`` (sorted case lists); each case is validated in
+    exactly one fold, and all cases of one patient group are validated in the same fold."""
+    if num_folds < 2:
+        raise CovnetError(None, f"cross-validation needs at least 2 folds, not {num_folds}")
+    patients = _patients(cases, groups or {})
+    if len(patients) < num_folds:
+        raise CovnetError(None, f"cannot make {num_folds} folds from {len(patients)} patient(s); "
+                                "use fewer folds or train on all cases (fold 'all')")
+    order = sorted(patients)
+    np.random.default_rng(seed).shuffle(order)
+    # stable sort: patients of equal size keep their shuffled order
+    order.sort(key=lambda patient: -len(patients[patient]))
+    validation: list[list[str]] = [[] for _ in range(num_folds)]
+    for patient in order:
+        smallest = min(range(num_folds), key=lambda fold: len(validation[fold]))
+        validation[smallest].extend(patients[patient])
+    all_cases = sorted(case for members in patients.values() for case in members)
+    splits = []
+    for fold_cases in validation:
+        held_out = set(fold_cases)
+        splits.append({"train": [case for case in all_cases if case not in held_out], "val": sorted(fold_cases)})
+    return splits
+
+
+def _named(cases: list[str]) -> str:
+    shown = ", ".join(cases[:_LISTED_NAMES])
+    return shown + (f" and {len(cases) - _LISTED_NAMES} more" if len(cases) > _LISTED_NAMES else "")
+
+
+def _check_structure(path: Path, stored) -> list[dict[str, list[str]]]:
+    well_formed = isinstance(stored, list) and stored and all(
+        isinstance(fold, dict) and isinstance(fold.get("train"), list) and isinstance(fold.get("val"), list)
+        for fold in stored)
+    if not well_formed:
+        raise CovnetError(path, "is not a splits file (expected a list of {\"train\": [...], \"val\": [...]}); "
+                                "delete it to re-split")
+    return [{"train": [str(c) for c in fold["train"]], "val": [str(c) for c in fold["val"]]} for fold in stored]
+
+
+def _check_stored_splits(path: Path, splits: list[dict[str, list[str]]], cases: set[str],
+                         groups: Mapping[str, str], num_folds: int) -> None:
+    hint = f"delete {path} to re-split (this reassigns every fold, so earlier fold results are no longer comparable)"
+    if len(splits) != num_folds:
+        raise CovnetError(path, f"holds {len(splits)} folds, not the {num_folds} asked for; {hint}")
+    fold_of: dict[str, int] = {}
+    for fold, split in enumerate(splits):
+        for case in split["val"]:
+            if case in fold_of:
+                raise CovnetError(path, f"validates case {case} in folds {fold_of[case]} and {fold}; {hint}")
+            fold_of[case] = fold
+    stored = set(fold_of)
+    for fold, split in enumerate(splits):
+        if set(split["train"]) != stored - set(split["val"]):
+            raise CovnetError(path, f"fold {fold} does not train on exactly the cases it does not validate; {hint}")
+    added, removed = sorted(cases - stored), sorted(stored - cases)
+    if added or removed:
+        changes = []
+        if added:
+            changes.append(f"{len(added)} case(s) added since it was written ({_named(added)})")
+        if removed:
+            changes.append(f"{len(removed)} case(s) removed ({_named(removed)})")
+        raise CovnetError(path, f"was made for another set of cases: {'; '.join(changes)}; {hint}")
+    folds_of_patient: dict[str, set[int]] = defaultdict(set)
+    for case, fold in fold_of.items():
+        folds_of_patient[groups.get(case, case)].add(fold)
+    for patient, folds in sorted(folds_of_patient.items()):
+        if len(folds) > 1:
+            raise CovnetError(path, f"validates cases of patient {patient} in folds {sorted(folds)}, so the patient "
+                                    f"is on both sides of a split; {hint}")
+
+
+def load_or_create_splits(path: str | os.PathLike, cases: Iterable[str], groups: Mapping[str, str] | None = None,
+                          num_folds: int = DEFAULT_NUM_FOLDS, seed: int = DEFAULT_SPLIT_SEED
+                          ) -> list[dict[str, list[str]]]:
+    """The folds stored at ``path``, after checking they still describe ``cases``; made with
+    ``make_splits`` and written (atomically) if the file does not exist yet."""
+    path = Path(path)
+    cases = set(cases)
+    groups = groups or {}
+    if not path.exists():
+        splits = make_splits(cases, groups, num_folds, seed)
+        write_json(path, splits)
+        return splits
+    splits = _check_structure(path, read_json(path, "delete it to re-split"))
+    _check_stored_splits(path, splits, cases, groups, num_folds)
+    return splits
+
+
+def cases_for_fold(splits: list[dict[str, list[str]]], fold: int | str) -> tuple[list[str], list[str]]:
+    """(training cases, validation cases) of ``fold``: an index into ``splits`` or ``"all"`` (every case in
+    training, none in validation)."""
+    if isinstance(fold, str) and fold.strip().lower() == ALL_FOLDS:
+        every_case = sorted({case for split in splits for part in ("train", "val") for case in split[part]})
+        return every_case, []
+    try:
+        index = int(fold)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or isinstance(fold, bool) or str(index) != str(fold).strip() or not 0 <= index < len(splits):
+        raise CovnetError(None, f"fold {fold!r} does not exist; choose 0 to {len(splits) - 1} or '{ALL_FOLDS}'")
+    return list(splits[index]["train"]), list(splits[index]["val"])

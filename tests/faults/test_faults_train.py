@@ -1,0 +1,81 @@
+"""covnet_train under faults: kill -9 while writing a checkpoint (then --continue), data-loader workers
+orphaned by a kill, a second run on the same fold, a damaged checkpoint."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from faultkit import (assert_no_orphans, assert_one_line_error, assert_second_run_refused, run, run_crashing, run_ok,
+                      temporaries)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training_kit import TRAIN_FLAGS, copy_workspace, make_tiny_trainable_workspace  # noqa: E402
+
+from covnet.checkpoint import Checkpoint  # noqa: E402
+from covnet.locking import lock_file  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_tiny_trainable_workspace(tmp_path_factory.mktemp("train_faults") / "ws").root
+
+
+@pytest.fixture
+def workspace(prepared, tmp_path):
+    return copy_workspace(prepared, tmp_path / "ws")
+
+
+def flags(**changes) -> list[str]:
+    values = list(TRAIN_FLAGS)
+    for name, value in changes.items():
+        values[values.index(f"--{name.replace('_', '-')}") + 1] = str(value)
+    return values
+
+
+def test_kill_while_writing_a_checkpoint_then_continue_gives_the_full_run(workspace):
+    arguments = ["0", "--workspace", workspace.root, *flags(epochs=4)]
+    # The second write of checkpoint_latest.pth (after epoch 2) is killed before its rename.
+    run_crashing("self@checkpoint_latest.pth#2", "covnet_train", *arguments)
+    fold = workspace.fold(0)
+    assert temporaries(fold), "the kill should leave the unfinished checkpoint under a temporary name"
+    assert Checkpoint.load(fold / "checkpoint_latest.pth").epoch == 1   # never the partial one
+    run_ok("covnet_train", *arguments, "--continue")
+    assert temporaries(fold) == []
+    final = Checkpoint.load(fold / "checkpoint_final.pth")
+    assert final.epoch == 4
+    assert all(len(curve) == 4 for curve in final.history.values()), "a gap or a repeat in the curves"
+    log = (fold / "training_log.txt").read_text()
+    assert "resuming after epoch 1 of 4" in log
+    assert json.loads((fold / "validation" / "summary.json").read_text())["per_case"]
+
+
+def test_kill_leaves_no_orphaned_data_loader_workers(workspace):
+    arguments = ["0", "--workspace", workspace.root, *flags(num_workers=2)]
+    _, group = run_crashing("self@checkpoint_latest.pth#1", "covnet_train", *arguments)
+    assert_no_orphans(group)
+
+
+def test_second_run_on_the_same_fold_is_refused(workspace):
+    arguments = ["0", "--workspace", workspace.root, *flags(epochs=2)]
+    assert_second_run_refused("covnet_train", lock_file(workspace.root, "fold_0"), arguments, arguments)
+
+
+def test_damaged_checkpoint_is_one_line(workspace):
+    fold = workspace.fold(0)
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_latest.pth").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    result = run("covnet_train", "0", "--workspace", workspace.root, *flags(), "--continue")
+    assert_one_line_error(result, "checkpoint_latest.pth", "not a readable covnet checkpoint")
+
+
+def test_read_only_results_is_one_line(workspace):
+    from faultkit import make_read_only, make_writable, without_write_permission
+    make_read_only(workspace.root)
+    try:
+        result = run("covnet_train", "0", "--workspace", workspace.root, *flags(),
+                     prefix=without_write_permission())
+    finally:
+        make_writable(workspace.root)
+    assert_one_line_error(result, str(workspace.root), "Permission denied")

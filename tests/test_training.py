@@ -1,0 +1,116 @@
+"""covnet_train on a tiny workspace: outputs, self-contained checkpoints, resume, refusals, the schedule."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from training_kit import TRAIN_FLAGS, copy_workspace, make_tiny_trainable_workspace
+
+from covnet.checkpoint import Checkpoint
+from covnet.cli.common import run_command
+from covnet.cli.train import main as train_main
+from covnet.inference.predictor import InferenceSettings, Predictor
+from covnet.io import read_image
+from covnet.training.session import poly_learning_rate
+
+SCRIPTS = __import__("pathlib").Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with fold 0 trained for 3 tiny epochs."""
+    workspace = make_tiny_trainable_workspace(tmp_path_factory.mktemp("trained") / "ws")
+    code = run_command("covnet_train", train_main, ["0", "--workspace", str(workspace.root), *TRAIN_FLAGS])
+    assert code == 0
+    return workspace
+
+
+def test_a_trained_fold_has_every_output(trained):
+    fold = trained.fold(0)
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth", "training_log.txt", "progress.png",
+                 "settings.json", "validation/summary.json"):
+        assert (fold / name).is_file(), name
+    assert not (fold / "checkpoint_latest.pth").exists()
+    settings = json.loads((fold / "settings.json").read_text())
+    splits = json.loads(trained.splits_json.read_text())
+    assert settings["validation"] == sorted(splits[0]["val"]) or settings["validation"] == splits[0]["val"]
+    assert settings["settings"]["epochs"] == 3
+    log = (fold / "training_log.txt").read_text()
+    assert log.count("epoch 3: train loss") == 1 and "waiting for data" in log
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    validated = sorted(case["case"] for case in summary["per_case"])
+    assert validated == sorted(splits[0]["val"])
+    assert {"left_lung", "right_lung", "infection", "lungs"} <= set(summary["mean"])
+
+
+def test_checkpoint_is_plain_and_self_contained(trained, tmp_path):
+    path = trained.fold(0) / "checkpoint_final.pth"
+    raw = torch.load(path, weights_only=True)       # plain types only
+    assert raw["epoch"] == 3 and raw["fold"] == "0" and len(raw["history"]["train_loss"]) == 3
+    checkpoint = Checkpoint.load(path)
+    assert checkpoint.typed_plan.lateral_pairs == [[1, 2]]
+    # Inference from the checkpoint alone: a raw case comes back in its own geometry.
+    copied = tmp_path / "model.pth"
+    copied.write_bytes(path.read_bytes())
+    image, geometry = read_image(trained.images_tr / "phantom_000_0000.nii.gz")
+    predictor = Predictor.from_files([copied], settings=InferenceSettings(use_mirroring=False))
+    segmentation, probabilities = predictor.predict_image(image, geometry, output_file=tmp_path / "out.nii.gz")
+    written, written_geometry = read_image(tmp_path / "out.nii.gz")
+    assert written.shape == image.shape and written_geometry == geometry
+    assert np.array_equal(written, segmentation) and set(np.unique(written)) <= {0, 1, 2, 3}
+    assert np.allclose(probabilities.sum(axis=0), 1, atol=1e-4)
+
+
+def test_poly_schedule_per_epoch():
+    assert poly_learning_rate(0.01, 0, 1000) == 0.01
+    assert poly_learning_rate(0.01, 500, 1000) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly_learning_rate(0.01, 999, 1000) > 0
+
+
+def test_finished_fold_is_not_redone_and_needs_a_choice(trained, capsys):
+    before = (trained.fold(0) / "checkpoint_final.pth").stat().st_mtime_ns
+    code = run_command("covnet_train", train_main, ["0", "--workspace", str(trained.root), *TRAIN_FLAGS])
+    error = capsys.readouterr().err
+    assert code == 2 and "already holds a finished training" in error
+    assert run_command("covnet_train", train_main, ["0", "--workspace", str(trained.root), "--continue",
+                                                    *TRAIN_FLAGS]) == 0
+    assert (trained.fold(0) / "checkpoint_final.pth").stat().st_mtime_ns == before
+
+
+def test_validate_only_redoes_the_validation(trained):
+    summary_file = trained.fold(0) / "validation" / "summary.json"
+    summary_file.unlink()
+    assert run_command("covnet_train", train_main, ["0", "--workspace", str(trained.root), "--validate-only",
+                                                    "--no-val-mirroring"]) == 0
+    assert summary_file.is_file()
+
+
+def test_bad_fold_and_missing_preprocessing_are_one_line(trained, tmp_path, capsys):
+    assert run_command("covnet_train", train_main, ["7", "--workspace", str(trained.root)]) == 2
+    assert "fold '7' does not exist" in capsys.readouterr().err
+    assert run_command("covnet_train", train_main, ["0", "--workspace", str(tmp_path / "empty")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_fold_all_trains_on_every_case_without_validation(trained, tmp_path):
+    workspace = copy_workspace(trained.root, tmp_path / "ws")
+    assert run_command("covnet_train", train_main, ["all", "--workspace", str(workspace.root), "--epochs", "1",
+                                                    "--iters-per-epoch", "1", "--val-iters", "1",
+                                                    "--num-workers", "0"]) == 0
+    settings = json.loads((workspace.fold("all") / "settings.json").read_text())
+    assert settings["validation"] == [] and len(settings["train"]) == 10
+    assert not (workspace.fold("all") / "validation").exists()
+
+
+def test_background_workers_train_too(trained, tmp_path):
+    workspace = copy_workspace(trained.root, tmp_path / "ws")
+    flags = [f for f in TRAIN_FLAGS]
+    flags[flags.index("--num-workers") + 1] = "1"
+    result = subprocess.run([str(SCRIPTS / "covnet_train"), "1", "--workspace", str(workspace.root), *flags,
+                             "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (workspace.fold(1) / "checkpoint_final.pth").is_file()
