@@ -9,11 +9,16 @@ activation memory the estimate models; the parameter part of the estimate is exa
   CPU  (default): baseline = resident set from /proc/self/statm; peak = VmHWM after resetting it through
         /proc/self/clear_refs (falls back to getrusage ru_maxrss where that is not possible); glibc's
         mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) so freed tensors leave the resident set.
-  CUDA (--device cuda): torch.cuda.max_memory_allocated growth, in float32 and with fp16 autocast.
+  CUDA (--device cuda): torch.cuda.max_memory_allocated growth.
+
+Precision: float32 by default; ``--amp`` runs the step under autocast instead (bfloat16 on CPU, float16 with a
+GradScaler on CUDA), which calibrates ``CALIBRATED_BYTES_PER_ACTIVATION_AMP``. Under autocast the half-precision
+copies of the weights are cached for the step; the model counts them in its parameter part
+(``covnet.planning.memory.HALF_WEIGHT_BYTES`` per parameter), so they are subtracted before fitting.
 
 Then fits bytes-per-element by least squares through the origin and prints a markdown table.
 
-    .venv/bin/python benchmarks/calibrate_memory.py [--device cpu|cuda] [--threads 2] [--json out.json]
+    .venv/bin/python benchmarks/calibrate_memory.py [--device cpu|cuda] [--amp] [--threads 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import sys
 import time
 
 from covnet.network.topology import Topology
-from covnet.planning.memory import estimate_activation_elements, estimate_training_memory
+from covnet.planning.memory import HALF_WEIGHT_BYTES, estimate_activation_elements, estimate_training_memory
 
 IN_CHANNELS, NUM_CLASSES = 1, 4
 
@@ -146,10 +151,12 @@ def run_worker(spec: dict) -> dict:
     topology, patch_size, batch_size = Topology.from_json(spec["topology"]), spec["patch_size"], spec["batch_size"]
     network = ResidualEncoderUNet(topology).to(device)
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    # CPU autocast runs in bfloat16 (no loss scaling needed); CUDA AMP in float16 with a GradScaler.
+    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
     def train_step(x, targets):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             loss = _deep_supervision_loss(network(x), targets)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -195,7 +202,9 @@ def measure(name, topology: Topology, patch_size, batch_size, device, amp, threa
         raise RuntimeError(f"{name} {patch_size} x{batch_size} failed:\n{completed.stderr}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     elements = estimate_activation_elements(patch_size, topology)
-    estimate = estimate_training_memory(patch_size, batch_size, topology)
+    estimate = estimate_training_memory(patch_size, batch_size, topology, amp=amp)
+    if amp:  # the autocast weight cache is part of the parameter model, not of the activations
+        result["measured_bytes"] -= HALF_WEIGHT_BYTES * topology.parameter_count()
     return {"name": name, "patch_size": patch_size, "batch_size": batch_size, "amp": amp,
             "elements": elements * batch_size, "elements_per_sample": elements,
             "parameter_bytes": estimate.parameter_bytes, **result}
@@ -223,6 +232,8 @@ def markdown_table(rows: list[dict], bytes_per_element: float) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--amp", action="store_true",
+                        help="measure under autocast (bfloat16 on CPU, float16 + GradScaler on CUDA)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", help="also write the raw rows here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -231,24 +242,24 @@ def main(argv=None) -> int:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
 
-    precisions = [False, True] if args.device == "cuda" else [False]
-    for amp in precisions:
-        rows = []
-        for name, topology, patch_size, batch_size in CONFIGS:
-            rows.append(measure(name, topology, patch_size, batch_size, args.device, amp, args.threads))
-            print(f"measured {name} {patch_size} x{batch_size}: {rows[-1]['measured_bytes'] / 1e6:.0f} MB "
-                  f"in {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
-        constant = fit_bytes_per_element(rows)
-        ratios = sorted(r["measured_bytes"] / r["elements"] for r in rows)
-        errors = [abs(constant * r["elements"] - r["measured_bytes"]) / r["measured_bytes"] for r in rows]
-        print(f"\n## device={args.device} {'fp16 autocast' if amp else 'float32'}  threads={args.threads}")
-        print(f"fitted bytes per activation element (least squares through origin): {constant:.3f}")
-        print(f"median ratio: {ratios[len(ratios) // 2]:.3f}; range {ratios[0]:.3f}–{ratios[-1]:.3f}; "
-              f"max relative error {max(errors):.1%}\n")
-        print(markdown_table(rows, constant))
-        if args.json:
-            with open(args.json if not amp else args.json.replace(".json", "_amp.json"), "w") as out:
-                json.dump({"bytes_per_element": constant, "rows": rows}, out, indent=2)
+    amp = args.amp
+    rows = []
+    for name, topology, patch_size, batch_size in CONFIGS:
+        rows.append(measure(name, topology, patch_size, batch_size, args.device, amp, args.threads))
+        print(f"measured {name} {patch_size} x{batch_size}: {rows[-1]['measured_bytes'] / 1e6:.0f} MB "
+              f"in {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    constant = fit_bytes_per_element(rows)
+    ratios = sorted(r["measured_bytes"] / r["elements"] for r in rows)
+    errors = [abs(constant * r["elements"] - r["measured_bytes"]) / r["measured_bytes"] for r in rows]
+    precision = ("bf16 autocast" if args.device == "cpu" else "fp16 autocast") if amp else "float32"
+    print(f"\n## device={args.device} {precision}  threads={args.threads}")
+    print(f"fitted bytes per activation element (least squares through origin): {constant:.3f}")
+    print(f"median ratio: {ratios[len(ratios) // 2]:.3f}; range {ratios[0]:.3f}–{ratios[-1]:.3f}; "
+          f"max relative error {max(errors):.1%}\n")
+    print(markdown_table(rows, constant))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"bytes_per_element": constant, "rows": rows}, out, indent=2)
     return 0
 
 

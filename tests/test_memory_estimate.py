@@ -107,3 +107,13 @@ def test_memory_module_does_not_import_torch():
 def test_bad_patch_or_batch_is_rejected(patch, batch_size):
     with pytest.raises(CovnetError, match="network plan"):
         estimate_training_memory_bytes(patch, batch_size, PLAN)
+
+
+def test_amp_estimate_keeps_float32_parameters_plus_a_half_copy_and_fewer_activation_bytes():
+    amp = estimate_training_memory(PATCH, 2, PLAN, amp=True)
+    fp32 = estimate_training_memory(PATCH, 2, PLAN)
+    elements = estimate_activation_elements(PATCH, PLAN)
+    assert amp.parameter_bytes == (3 * 4 + memory.HALF_WEIGHT_BYTES) * PLAN.parameter_count()
+    assert amp.activation_bytes == round(memory.CALIBRATED_BYTES_PER_ACTIVATION_AMP * 2 * elements)
+    assert amp.activation_bytes < fp32.activation_bytes
+    assert estimate_training_memory_bytes(PATCH, 2, PLAN, amp=True) == amp.total_bytes

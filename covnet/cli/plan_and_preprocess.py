@@ -23,8 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "size and network topology (plans.json), then preprocess the "
                                                  "labelled cases and the unlabelled pool.")
     add_workspace_argument(parser)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="the device that will train: cuda sizes the patch and batch to the memory budget with "
+                             "mixed precision; cpu picks the network width, blocks and patch so that one "
+                             "iteration fits --seconds-per-iteration (default cuda)")
     parser.add_argument("--gpu-memory-gb", type=positive_float, default=8.0,
-                        help="training memory budget the patch and batch size must fit (default 8)")
+                        help="training memory budget the patch and batch size must fit; for --device cpu, the "
+                             "RAM training may use (default 8)")
+    parser.add_argument("--seconds-per-iteration", type=positive_float, default=1.0,
+                        help="--device cpu: time budget of one training iteration (forward, backward, SGD step "
+                             "at batch 2), by a time model calibrated on a 2-core CPU (default 1)")
+    parser.add_argument("--measure-cpu-time", action="store_true",
+                        help="--device cpu: time the chosen iteration on this machine and rescale the time model "
+                             "to it before planning again (slower, and no longer deterministic)")
     parser.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo the fingerprint and every case, even those already finished")
@@ -41,7 +52,8 @@ def main(argv=None) -> int:
 
 def _plan_then_preprocess(workspace, args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    plan = plan_dataset(workspace, args.gpu_memory_gb, args.num_processes, args.overwrite)
+    plan = plan_dataset(workspace, args.gpu_memory_gb, args.num_processes, args.overwrite, device=args.device,
+                        seconds_per_iteration=args.seconds_per_iteration, measure_cpu_time=args.measure_cpu_time)
     print(f"plan written to {workspace.plans_json}\n")
     print(plan.table())
     if args.plan_only:

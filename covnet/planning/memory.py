@@ -26,12 +26,19 @@ freed tensors leave the resident set (an earlier run with glibc's default and a 
 scattered 4.2–6.6 bytes/element, max error 25%). The hook-counted saved tensors matched
 estimate_activation_elements within 0.04% in every configuration.
 
-Not measured: the CUDA path of the script (``--device cuda``: torch.cuda.max_memory_allocated growth, float32
-and fp16 autocast) exists but was not run, as this machine has no GPU. With AMP on a GPU, conv outputs are
-kept in half precision, so the bytes per element should come out lower (expected, not measured: roughly 2–3
-instead of 4.78, as norms and the loss may keep float32 copies), while cuDNN workspaces and the caching
-allocator's reserve come on top of max_memory_allocated; parameters, gradients and momentum stay float32.
-Until the script is run on a GPU, this float32 CPU constant is a conservative choice for AMP training.
+AMP mode (``amp=True``, what a CUDA plan uses: training under autocast): conv outputs, norm outputs and most
+saved maps are 16-bit, while weights, gradients and momentum stay float32 and autocast caches a 16-bit copy of
+each weight for the step, so
+
+    total = (3 × 4 + HALF_WEIGHT_BYTES) bytes × parameters
+          + CALIBRATED_BYTES_PER_ACTIVATION_AMP × batch_size × estimate_activation_elements(...)
+
+with the same element count. The constant was fitted the same way (``calibrate_memory.py --amp``, same 10
+configurations, same machine) under ``torch.autocast("cpu", dtype=torch.bfloat16)``; the numbers are in
+BENCHMARKS.md "AMP memory model (bf16 on CPU)". On CPU, softmax stays bf16 where CUDA autocast computes it in
+float32, and the CUDA caching allocator and cuDNN workspaces come on top; the CUDA path of the script
+(``--device cuda [--amp]``: torch.cuda.max_memory_allocated growth, fp16 + GradScaler) exists but was not
+run, as this machine has no GPU. Re-fit on the GPU before trusting the AMP constant to the last few percent.
 """
 from __future__ import annotations
 
@@ -47,6 +54,10 @@ PARAMETER_COPIES = 3
 LOSS_MAPS_PER_LOGIT = 4
 # bytes per counted activation element, float32, fitted by benchmarks/calibrate_memory.py (see above)
 CALIBRATED_BYTES_PER_ACTIVATION = 4.78
+# the same under autocast (bf16 on CPU), fitted by benchmarks/calibrate_memory.py --amp (see above)
+CALIBRATED_BYTES_PER_ACTIVATION_AMP = 2.49
+# autocast's cached 16-bit copy of every weight, alive from the forward until backward has used it
+HALF_WEIGHT_BYTES = 2
 
 
 def estimate_activation_elements(patch_size: Sequence[int], topology: Topology) -> int:
@@ -64,17 +75,22 @@ class TrainingMemoryEstimate:
         return self.parameter_bytes + self.activation_bytes
 
 
-def estimate_training_memory(patch_size: Sequence[int], batch_size: int, topology: Topology) -> TrainingMemoryEstimate:
+def estimate_training_memory(patch_size: Sequence[int], batch_size: int, topology: Topology,
+                             amp: bool = False) -> TrainingMemoryEstimate:
+    """Float32 training, or with ``amp`` mixed-precision training under autocast (module docstring)."""
     if not is_positive_int(batch_size):
         raise CovnetError(None, f"memory estimate for the network plan: batch size must be a positive integer, "
                                 f"got {batch_size}")
     elements = estimate_activation_elements(patch_size, topology)
+    per_parameter = PARAMETER_COPIES * FLOAT32_BYTES + (HALF_WEIGHT_BYTES if amp else 0)
+    per_element = CALIBRATED_BYTES_PER_ACTIVATION_AMP if amp else CALIBRATED_BYTES_PER_ACTIVATION
     return TrainingMemoryEstimate(
-        parameter_bytes=PARAMETER_COPIES * FLOAT32_BYTES * topology.parameter_count(),
-        activation_bytes=round(CALIBRATED_BYTES_PER_ACTIVATION * batch_size * elements),
+        parameter_bytes=per_parameter * topology.parameter_count(),
+        activation_bytes=round(per_element * batch_size * elements),
     )
 
 
-def estimate_training_memory_bytes(patch_size: Sequence[int], batch_size: int, topology: Topology) -> int:
-    """Estimated peak float32 training memory in bytes (see the module docstring for the model)."""
-    return estimate_training_memory(patch_size, batch_size, topology).total_bytes
+def estimate_training_memory_bytes(patch_size: Sequence[int], batch_size: int, topology: Topology,
+                                   amp: bool = False) -> int:
+    """Estimated peak training memory in bytes, float32 or ``amp`` (see the module docstring for the model)."""
+    return estimate_training_memory(patch_size, batch_size, topology, amp).total_bytes

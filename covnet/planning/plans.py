@@ -17,7 +17,12 @@ from covnet.atomic import read_json, write_json
 from covnet.errors import CovnetError
 from covnet.network.topology import Topology
 
-PLANS_VERSION = 1
+# 2: the plan names the training device (device, mixed_precision, limited_by, time per iteration).
+PLANS_VERSION = 2
+# The "version" inside preprocessing_key(): bumped only when preprocessed arrays must be remade, so a plan
+# format change alone does not make preprocessed cases stale.
+PREPROCESSING_KEY_VERSION = 1
+DEVICES = ("cuda", "cpu")
 IGNORE_LABEL_NAME = "ignore"
 
 CT_SCHEME = "CT"
@@ -131,8 +136,13 @@ class Plan:
     network: Topology                      # chosen by covnet.planning.rules.network_topology
     normalization: dict[str, NormalizationScheme]   # channel index -> scheme and its parameters
     resampling: ResamplingSettings
-    gpu_memory_gb: float
+    gpu_memory_gb: float                   # the training device's memory budget (host RAM for a CPU plan)
     estimated_memory_gb: float
+    device: str                            # "cuda" or "cpu": what the plan was sized for
+    mixed_precision: bool                  # AMP training (CUDA plans); the memory estimate's model
+    limited_by: str                        # what bounded the patch: "memory", "time" or "median shape"
+    seconds_per_iteration: float | None = None            # CPU plans: the time budget of one iteration
+    estimated_seconds_per_iteration: float | None = None  # CPU plans: covnet.planning.cpu_time's estimate
     reasons: dict[str, str] = field(default_factory=dict)
     # Label value pairs that swap under a left-right mirror (left lung 1 <-> right lung 2), from dataset.json.
     lateral_pairs: list[list[int]] = field(default_factory=list)
@@ -146,6 +156,14 @@ class Plan:
         if (self.network.in_channels, self.network.num_classes) != (self.in_channels, self.num_classes):
             _fail("network", f"in_channels {self.network.in_channels} and num_classes {self.network.num_classes} "
                              f"disagree with the plan's {self.in_channels} channels and {self.num_classes} classes")
+        if self.device not in DEVICES:
+            _fail("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not isinstance(self.mixed_precision, bool):
+            _fail("mixed_precision", f"must be true or false, got {self.mixed_precision!r}")
+        if self.device == "cpu":
+            for name in ("seconds_per_iteration", "estimated_seconds_per_iteration"):
+                if _finite_float(name, "a CPU plan's value", getattr(self, name)) <= 0:
+                    _fail(name, f"must be > 0, got {getattr(self, name)!r}")
         if set(self.normalization) != set(self.channel_names):
             _fail("normalization", f"channels {sorted(self.normalization)} are not the plan's channels "
                                    f"{sorted(self.channel_names)}")
@@ -205,7 +223,7 @@ class Plan:
         """The plan fields that determine preprocessed arrays; a case made under another key is stale."""
         return {"target_spacing": self.target_spacing,
                 "normalization": {channel: scheme.to_json() for channel, scheme in self.normalization.items()},
-                "resampling": self.resampling.to_json(), "labels": self.labels, "version": self.version}
+                "resampling": self.resampling.to_json(), "labels": self.labels, "version": PREPROCESSING_KEY_VERSION}
 
     def table(self) -> str:
         """A compact human-readable view of the decisions and their reasons."""
@@ -220,7 +238,15 @@ class Plan:
                  self.reasons.get("network", "")),
                 ("strides", " ".join("".join(str(v) for v in s) for s in self.network.strides), ""),
                 ("memory estimate", f"{self.estimated_memory_gb:.2f} GB of {self.gpu_memory_gb:g}",
-                 "float32 activations, see covnet.planning.memory")]
+                 f"{'AMP' if self.mixed_precision else 'float32'} activations, see covnet.planning.memory")]
+        device = f"{self.device}, {'AMP' if self.mixed_precision else 'float32'}"
+        budget = self.reasons.get("device", "")
+        rows.insert(0, ("device", device, f"{budget}; patch limited by {self.limited_by}" if budget
+                        else f"patch limited by {self.limited_by}"))
+        if self.device == "cpu":
+            rows.append(("time per iteration", f"{self.estimated_seconds_per_iteration:.2f} s of "
+                                               f"{self.seconds_per_iteration:g}",
+                         self.reasons.get("time_per_iteration", "see covnet.planning.cpu_time")))
         for channel, scheme in self.normalization.items():
             rows.append((f"normalization ch{channel}", scheme.name, self.reasons.get(f"normalization_{channel}", "")))
         rows.append(("resampling", f"image order {self.resampling.image_order}, seg order "

@@ -1,0 +1,202 @@
+"""Plans sized for the training device: CUDA plans by memory (AMP model), CPU plans by time per iteration."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from covnet.cli import plan_and_preprocess
+from covnet.dataset import covid_description
+from covnet.errors import CovnetError
+from covnet.planning import cpu_time, rules
+from covnet.planning.fingerprint import CaseFingerprint, DatasetFingerprint
+from covnet.planning.memory import estimate_training_memory_bytes
+from covnet.planning.planner import make_plan
+from covnet.planning.plans import PLANS_VERSION, Plan
+from covnet.workspace import Workspace
+
+GIB = 2 ** 30
+FOREGROUND = {"mean": -600.0, "std": 250.0, "median": -700.0, "percentile_00_5": -1000.0,
+              "percentile_99_5": 200.0, "min": -1024.0, "max": 400.0}
+
+
+def fingerprint(shape, spacing, cases=10) -> DatasetFingerprint:
+    return DatasetFingerprint(cases=[
+        CaseFingerprint(case=f"case_{i}", spacing=list(spacing), shape_before_crop=list(shape),
+                        shape_after_crop=list(shape), foreground_sample=[], foreground_voxels=1000, source=[])
+        for i in range(cases)], foreground_intensity=dict(FOREGROUND))
+
+
+ISOTROPIC_1MM = fingerprint([300, 300, 300], [1.0, 1.0, 1.0])
+CLINICAL = fingerprint([120, 400, 400], [2.5, 0.8, 0.8])
+DESCRIPTION = covid_description("devices", 10)
+
+
+def network_cost(network) -> tuple:
+    return (network.parameter_count(), sum(network.n_blocks_per_stage))
+
+
+def size_rank(network) -> int:
+    """How far down rules.CPU_NETWORK_SIZES (largest first) the plan's network is: larger = smaller network."""
+    stages = network.n_stages
+    ranks = [i for i, size in enumerate(rules.CPU_NETWORK_SIZES)
+             if (tuple(size.features(stages)), tuple(size.blocks(stages)))
+             == (network.features_per_stage, network.n_blocks_per_stage)]
+    assert len(ranks) == 1
+    return ranks[0]
+
+
+def test_cuda_plan_of_1mm_isotropic_data_at_8_gb_reaches_128_cubed_at_batch_2():
+    plan = make_plan(ISOTROPIC_1MM, DESCRIPTION, gpu_memory_gb=8, device="cuda")
+    assert plan.device == "cuda" and plan.mixed_precision
+    assert all(size >= 128 for size in plan.patch_size) and plan.batch_size >= 2
+    assert plan.estimated_memory_gb <= 8
+    assert estimate_training_memory_bytes(plan.patch_size, plan.batch_size, plan.network, amp=True) <= 8 * GIB
+    assert plan.limited_by == "memory" and "memory" in plan.reasons["patch_size"]
+    assert "AMP" in plan.reasons["patch_size"] and "memory is the budget" in plan.reasons["device"]
+    assert plan.network.features_per_stage[:2] == (32, 64) and plan.network.n_blocks_per_stage[:4] == (1, 3, 4, 6)
+    assert plan.seconds_per_iteration is None and plan.estimated_seconds_per_iteration is None
+
+
+def test_amp_memory_model_gives_bigger_patches_than_float32():
+    amp, _ = rules.choose_patch_and_network([1.0, 1.0, 1.0], [300.0] * 3, 8 * GIB, 1, 4, amp=True)
+    fp32, network = rules.choose_patch_and_network([1.0, 1.0, 1.0], [300.0] * 3, 8 * GIB, 1, 4)
+    assert math.prod(amp.value) > math.prod(fp32.value)
+    assert estimate_training_memory_bytes(amp.value, 2, network, amp=True) < estimate_training_memory_bytes(
+        amp.value, 2, network)
+
+
+@pytest.mark.parametrize("data", [ISOTROPIC_1MM, CLINICAL], ids=["isotropic", "clinical"])
+def test_cpu_plan_fits_the_time_budget_by_the_cost_model(data):
+    plan = make_plan(data, DESCRIPTION, gpu_memory_gb=8, device="cpu", seconds_per_iteration=1.0)
+    assert plan.device == "cpu" and not plan.mixed_precision and plan.batch_size == 2
+    estimate = cpu_time.estimate_seconds_per_iteration(plan.patch_size, plan.batch_size, plan.network)
+    assert estimate == pytest.approx(plan.estimated_seconds_per_iteration, rel=1e-3)
+    assert estimate <= plan.seconds_per_iteration == 1.0
+    assert plan.network.patch_is_valid(plan.patch_size)
+    assert plan.limited_by == "time" and "time is the budget" in plan.reasons["device"]
+    assert "CPU plan" in plan.reasons["patch_size"] and "≤ budget 1 s" in plan.reasons["patch_size"]
+    assert "CPU plan" in plan.reasons["network"]
+    # A useful patch, not a sliver: the rule keeps ≥ CPU_MIN_PATCH_VOXELS by shrinking the network first.
+    assert math.prod(plan.patch_size) >= rules.CPU_MIN_PATCH_VOXELS
+    # The GPU-sized network would not fit: on a 2-core CPU time, not memory, decides.
+    gpu = make_plan(data, DESCRIPTION, gpu_memory_gb=8, device="cuda")
+    assert cpu_time.estimate_seconds_per_iteration(gpu.patch_size, 2, gpu.network) > 1.0
+
+
+def test_cpu_plan_shrinks_with_the_budget_and_never_grows_when_it_shrinks():
+    budgets = [0.25, 0.5, 1.0, 2.0, 4.0, 16.0]
+    plans = [make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=b) for b in budgets]
+    for smaller, larger in zip(plans, plans[1:]):
+        assert size_rank(larger.network) <= size_rank(smaller.network)       # never a smaller network
+        if size_rank(larger.network) == size_rank(smaller.network):           # same size: never a smaller patch
+            assert all(a >= b for a, b in zip(larger.patch_size, smaller.patch_size))
+    assert size_rank(plans[0].network) > size_rank(plans[-1].network)
+    assert network_cost(plans[0].network) < network_cost(plans[-1].network)
+    assert math.prod(plans[0].patch_size) <= math.prod(plans[-1].patch_size)
+    for budget, plan in zip(budgets, plans):
+        assert plan.estimated_seconds_per_iteration <= budget
+
+
+def test_cpu_plan_is_deterministic():
+    first = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=0.8)
+    second = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=0.8)
+    assert first.to_json() == second.to_json()
+
+
+def test_cpu_time_scale_from_a_measurement_shrinks_the_plan_on_a_slower_machine():
+    here = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=1.0)
+    slower = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=1.0, time_scale=3.0)
+    assert (size_rank(slower.network) > size_rank(here.network)
+            or math.prod(slower.patch_size) < math.prod(here.patch_size))
+    assert slower.estimated_seconds_per_iteration <= 1.0 and "measured" in slower.reasons["time_per_iteration"]
+
+
+def test_cpu_cost_model_grows_with_patch_width_and_blocks():
+    small = rules.network_topology([1.0, 1.0, 1.0], [64, 64, 64], 1, 4, rules.CPU_NETWORK_SIZES[-1])
+    wide = rules.network_topology([1.0, 1.0, 1.0], [64, 64, 64], 1, 4, rules.CPU_NETWORK_SIZES[0])
+    seconds = cpu_time.estimate_seconds_per_iteration
+    assert seconds([64, 64, 64], 2, small) < seconds([64, 64, 64], 2, wide)
+    assert seconds([32, 64, 64], 2, small) < seconds([64, 64, 64], 2, small) < seconds([64, 64, 64], 4, small)
+    # MACs: one 3×3×3 conv from 1 to 8 channels over 64³ voxels is the stem's share exactly
+    assert cpu_time.forward_macs([64, 64, 64], small) > 27 * 8 * 64 ** 3
+    assert cpu_time.training_macs([64, 64, 64], small) == 3 * cpu_time.forward_macs([64, 64, 64], small)
+
+
+def test_network_sizes_for_cpu_plans_shrink_monotonically():
+    costs = [network_cost(rules.network_topology([1.0, 1.0, 1.0], [64, 64, 64], 1, 4, size))
+             for size in rules.CPU_NETWORK_SIZES]
+    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
+    assert rules.CPU_NETWORK_SIZES[0] == rules.RESENC_M
+
+
+def test_an_impossible_cpu_budget_is_a_clear_error():
+    with pytest.raises(CovnetError, match="seconds-per-iteration"):
+        make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=1e-6)
+    with pytest.raises(CovnetError, match="--device"):
+        make_plan(CLINICAL, DESCRIPTION, device="tpu")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_plans_json_round_trips_the_device_fields(tmp_path, device):
+    plan = make_plan(CLINICAL, DESCRIPTION, device=device, seconds_per_iteration=0.5)
+    plan.save(tmp_path / "plans.json")
+    loaded = Plan.load(tmp_path / "plans.json")
+    assert loaded.to_json() == plan.to_json()
+    saved = json.loads((tmp_path / "plans.json").read_text())
+    assert saved["device"] == device and saved["version"] == PLANS_VERSION
+    assert saved["mixed_precision"] == (device == "cuda")
+    assert (saved["seconds_per_iteration"] == 0.5) == (device == "cpu")
+    table = plan.table()
+    assert f"{device}, {'AMP' if device == 'cuda' else 'float32'}" in table and "limited by" in table
+    assert ("time per iteration" in table) == (device == "cpu")
+
+
+def test_old_plans_are_refused_clearly_but_keep_their_preprocessing_key(tmp_path):
+    plan = make_plan(CLINICAL, DESCRIPTION)
+    old = plan.to_json()
+    for name in ("device", "mixed_precision", "limited_by", "seconds_per_iteration",
+                 "estimated_seconds_per_iteration"):
+        old.pop(name)
+    old["version"] = 1
+    (tmp_path / "plans.json").write_text(json.dumps(old))
+    with pytest.raises(CovnetError, match="plans version 1 is not .*re-run covnet_plan_and_preprocess"):
+        Plan.load(tmp_path / "plans.json")
+    # The preprocessing key did not change with the plan format: preprocessed cases stay valid.
+    assert plan.preprocessing_key()["version"] == 1
+    cpu = make_plan(CLINICAL, DESCRIPTION, device="cpu")
+    assert cpu.preprocessing_key() == plan.preprocessing_key()
+
+
+def test_a_cpu_plan_needs_its_time_budget():
+    data = make_plan(CLINICAL, DESCRIPTION, device="cpu").to_json()
+    data["seconds_per_iteration"] = None
+    with pytest.raises(CovnetError, match="seconds_per_iteration"):
+        Plan.from_json(data)
+
+
+def test_cli_device_cpu_writes_a_cpu_plan(tiny_workspace, tmp_path, capsys):
+    code = plan_and_preprocess.main(["--workspace", str(tmp_path), "--device", "cpu", "--seconds-per-iteration",
+                                     "0.5", "--plan-only", "-np", "1"])
+    assert code == 0
+    plan = Plan.load(Workspace(tmp_path).plans_json)
+    assert plan.device == "cpu" and plan.seconds_per_iteration == 0.5
+    assert plan.estimated_seconds_per_iteration <= 0.5
+    output = capsys.readouterr().out
+    assert "cpu, float32" in output and "time per iteration" in output
+
+
+def test_measure_cpu_time_rescales_the_model_to_this_machine(tiny_workspace, tmp_path):
+    from covnet.planning.planner import plan_dataset
+
+    plan = plan_dataset(Workspace(tmp_path), device="cpu", seconds_per_iteration=2.0, measure_cpu_time=True)
+    assert plan.device == "cpu" and "measured on this machine" in plan.reasons["time_per_iteration"]
+    assert plan.estimated_seconds_per_iteration <= 2.0
+
+
+def test_cpu_time_model_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, covnet.planning.cpu_time, covnet.planning.rules; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
