@@ -16,5 +16,6 @@ setup(
         "covnet_evaluate=covnet.cli.evaluate:entry",
         "covnet_plan_and_preprocess=covnet.cli.plan_and_preprocess:entry",
         "covnet_train=covnet.cli.train:entry",
+        "covnet_predict=covnet.cli.predict:entry",
     ]},
 )

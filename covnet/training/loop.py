@@ -23,6 +23,11 @@ class EpochResult:
     mean_loss: float
     seconds: float
     data_seconds: float
+    iterations: int
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        return self.seconds / self.iterations if self.iterations else float("nan")
 
     @property
     def data_wait_share(self) -> float:
@@ -80,7 +85,7 @@ def train_epoch(network: nn.Module, loader: Iterator, loss_function: nn.Module, 
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             progress.update()
     seconds = time.perf_counter() - started
-    return EpochResult(total_loss / max(done, 1), seconds, data_seconds)
+    return EpochResult(total_loss / max(done, 1), seconds, data_seconds, done)
 
 
 def validate_patches(network: nn.Module, loader: Iterator, loss_function: nn.Module, iterations: int,

@@ -23,13 +23,14 @@ class History:
     learning_rate: list[float] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
     data_wait_share: list[float] = field(default_factory=list)
+    seconds_per_iteration: list[float] = field(default_factory=list)   # training steps only
 
     @property
     def epochs(self) -> int:
         return len(self.train_loss)
 
     def record(self, train_loss: float, validation_loss: float, pseudo_dice: list[float], learning_rate: float,
-               seconds: float, data_wait_share: float) -> float:
+               seconds: float, data_wait_share: float, seconds_per_iteration: float) -> float:
         """Append one epoch; return the new moving average of the mean pseudo-Dice."""
         mean_dice = _nan_mean(pseudo_dice)
         previous = self.ema_pseudo_dice[-1] if self.ema_pseudo_dice else None
@@ -38,7 +39,8 @@ class History:
         for name, value in (("train_loss", train_loss), ("validation_loss", validation_loss),
                             ("pseudo_dice", [float(v) for v in pseudo_dice]), ("ema_pseudo_dice", ema),
                             ("learning_rate", learning_rate), ("epoch_seconds", seconds),
-                            ("data_wait_share", data_wait_share)):
+                            ("data_wait_share", data_wait_share),
+                            ("seconds_per_iteration", seconds_per_iteration)):
             getattr(self, name).append(value)
         return ema
 
@@ -54,7 +56,8 @@ class History:
         dice = " ".join(f"{name} {value:.3f}" for name, value in zip(label_names, self.pseudo_dice[i]))
         return (f"epoch {i + 1}: train loss {self.train_loss[i]:.4f}, val loss {self.validation_loss[i]:.4f}, "
                 f"pseudo-Dice {dice} (EMA {self.ema_pseudo_dice[i]:.3f}), lr {self.learning_rate[i]:.2e}, "
-                f"{self.epoch_seconds[i]:.1f} s, {100 * self.data_wait_share[i]:.0f}% waiting for data")
+                f"{self.epoch_seconds[i]:.1f} s ({self.seconds_per_iteration[i]:.2f} s/it), "
+                f"{100 * self.data_wait_share[i]:.0f}% waiting for data")
 
 
 def _nan_mean(values: list[float]) -> float:

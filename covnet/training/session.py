@@ -170,7 +170,7 @@ class TrainingSession:
             (float("nan"), [float("nan")] * (self.plan.num_classes - 1))
         seconds = time.perf_counter() - started
         ema = self.history.record(result.mean_loss, validation_loss, pseudo_dice, learning_rate, seconds,
-                                  result.data_wait_share)
+                                  result.data_wait_share, result.seconds_per_iteration)
         self.epoch += 1
         if self.context.is_main:
             log.info(self.history.epoch_line(self.epoch - 1, self.label_names))
