@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch is pinned first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 DEMO_WORKSPACE ?= demo_workspace
+# A few minutes of CPU training: enough to see the pipeline work end to end, not to converge.
+DEMO_EPOCHS ?= 8
+DEMO_ITERATIONS ?= 25
 
 .PHONY: venv test demo clean
 
@@ -23,9 +26,9 @@ test: venv
 demo: venv
 	rm -rf $(DEMO_WORKSPACE)
 	$(BIN)/covnet_make_phantoms --workspace $(DEMO_WORKSPACE) --num-labelled 10 --num-unlabelled 4 --num-test 2 --seed 0
-	$(BIN)/covnet_plan_and_preprocess --workspace $(DEMO_WORKSPACE) -np 2
-	$(BIN)/covnet_evaluate --ref $(DEMO_WORKSPACE)/raw/labelsTr --pred $(DEMO_WORKSPACE)/raw/labelsTr \
-		--labels $(DEMO_WORKSPACE)/raw/dataset.json -o $(DEMO_WORKSPACE)/results/sanity_summary.json
+	$(BIN)/covnet_plan_and_preprocess --workspace $(DEMO_WORKSPACE) -np 2 --device cpu
+	$(BIN)/covnet_train 0 --workspace $(DEMO_WORKSPACE) --epochs $(DEMO_EPOCHS) --iters-per-epoch $(DEMO_ITERATIONS) \
+		--val-iters 5 --checkpoint-every 5
 
 clean:
 	rm -rf $(VENV) $(DEMO_WORKSPACE) *.egg-info

@@ -35,7 +35,7 @@ def as_covid19ctseg_release(phantom_raw: Path, release: Path) -> list[str]:
 
 def test_phantoms_import_plan_preprocess_evaluate(tmp_path):
     phantoms = tmp_path / "phantoms"
-    run("covnet_make_phantoms", "--workspace", phantoms, "--num-labelled", 5, "--num-unlabelled", 2,
+    run("covnet_make_phantoms", "--workspace", phantoms, "--num-labelled", 10, "--num-unlabelled", 2,
         "--num-test", 1, "--seed", 3)
 
     # The reference against itself is perfect (the sanity check).
@@ -53,12 +53,12 @@ def test_phantoms_import_plan_preprocess_evaluate(tmp_path):
     run("covnet_import_covid19ctseg", "--source", tmp_path / "release", "--workspace", workspace)
     run("covnet_import_unlabelled", "--source", phantoms / "raw" / "imagesUnlabelled", "--workspace", workspace)
     description = DatasetDescription.load(workspace / "raw" / "dataset.json")
-    assert description.num_training == len(cases) == 5
+    assert description.num_training == len(cases) == 10
 
-    printed = run("covnet_plan_and_preprocess", "--workspace", workspace, "-np", 2)
+    printed = run("covnet_plan_and_preprocess", "--workspace", workspace, "-np", 2, "--device", "cpu")
     assert "patch size" in printed and "target spacing" in printed
     plan = Plan.load(workspace / "preprocessed" / "plans.json")
-    for case in ("coronacases_001", "coronacases_005"):
+    for case in ("coronacases_001", "coronacases_010"):
         image, segmentation, properties = load_case(workspace / "preprocessed" / "cases", case)
         assert list(image.shape[1:]) == properties.shape_after_resampling == list(segmentation.shape)
         assert properties.target_spacing == plan.target_spacing
@@ -68,4 +68,14 @@ def test_phantoms_import_plan_preprocess_evaluate(tmp_path):
     pool = sorted(p.name for p in (workspace / "preprocessed" / "unlabelled").glob("*.json"))
     assert len(pool) == 2
     # A rerun finds everything done.
-    assert "(7 already done)" in run("covnet_plan_and_preprocess", "--workspace", workspace, "-np", 1)
+    assert "(12 already done)" in run("covnet_plan_and_preprocess", "--workspace", workspace, "-np", 1,
+                                      "--device", "cpu")
+
+    # Train fold 0 for a moment; it validates its cases whole, in their original geometry.
+    printed = run("covnet_train", 0, "--workspace", workspace, "--epochs", 1, "--iters-per-epoch", 2, "--val-iters", 1,
+                  "--num-workers", 0, "--no-val-mirroring")
+    assert "epoch 1: train loss" in printed
+    fold = workspace / "results" / "fold_0"
+    validation = json.loads((fold / "validation" / "summary.json").read_text())
+    splits = json.loads((workspace / "preprocessed" / "splits.json").read_text())
+    assert sorted(case["case"] for case in validation["per_case"]) == sorted(splits[0]["val"])

@@ -148,6 +148,10 @@ def _train_and_validate(workspace, settings, resume, validate_only, context, dev
         write_json(fold_dir / "settings.json", {"settings": settings.to_json(), "world_size": context.world_size,
                                                 "device": str(device), "train": train_cases,
                                                 "validation": validation_cases})
+    if plan.device == "cuda" and device.type == "cpu" and context.is_main:
+        log.warning("plans.json was made for a GPU (--device cuda) but training runs on the CPU, where its "
+                    "network and patch are slow; for CPU training re-plan with covnet_plan_and_preprocess "
+                    "--device cpu")
     session = TrainingSession(workspace, plan, settings, train_cases, validation_cases, context, device, fold_dir)
     if resume and latest.is_file():
         session.restore(Checkpoint.load(latest, map_location=device))

@@ -1,0 +1,88 @@
+"""``covnet_predict -i IN -o OUT``: segment every CT of a folder with the trained model(s), and report."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from covnet.cli.common import add_workspace_argument, run_command, workspace_from
+from covnet.errors import CovnetError
+from covnet.inference.cohort import (CHECKPOINT_CHOICES, CohortSettings, find_cohort, predict_cohort,
+                                     prepare_output_folder, select_checkpoints, shard)
+from covnet.inference.predictor import InferenceSettings, Predictor, resolve_device
+
+PROGRAM = "covnet_predict"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Segment lungs and COVID-19 infection in every CT under a folder (NIfTI/MHA/NRRD files, "
+                    "with or without the _0000 suffix, and DICOM series folders, at any depth). Each label map "
+                    "has its CT's grid and format (DICOM series: <folder>.nii.gz); OUT/report.csv and "
+                    "report.json hold each case's lung and infection volumes.")
+    parser.add_argument("-i", "--input", required=True, type=Path, help="folder of CTs (or one CT file)")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the label maps and report")
+    add_workspace_argument(parser)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a results folder copied from another machine (holding fold_*/checkpoint_*.pth or "
+                             "selftrain/final/), one model's folder, or a checkpoint file (default: the "
+                             "workspace's results/)")
+    parser.add_argument("-f", "--folds", nargs="+", default=None,
+                        help="predict with these folds (0-4, all); default: the self-trained model if there is "
+                             "one, else every trained fold, else fold_all")
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="final",
+                        help="checkpoint_final.pth (default) or checkpoint_best.pth of each model")
+    parser.add_argument("--step-size", type=float, default=0.5,
+                        help="sliding-window step as a fraction of the patch (default 0.5; larger is faster)")
+    parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (8x faster, less exact)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="keep the raw argmax (default: keep the largest lung components and drop infection "
+                             "outside the lungs)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write OUT/<case>.npz: float16 class probabilities on the CT's grid")
+    parser.add_argument("--preview", action="store_true",
+                        help="also write OUT/<case>.png: axial, coronal and sagittal slices with the labels")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="skip the cases already complete in OUT (after a kill, or to add new CTs)")
+    parser.add_argument("--num-parts", type=int, default=1,
+                        help="split the cases into this many parts, e.g. one per GPU (default 1)")
+    parser.add_argument("--part-id", type=int, default=0, help="which part this run does (0 .. num-parts - 1)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.step_size <= 1:
+        raise CovnetError(None, f"--step-size {args.step_size}: must be in (0, 1]")
+    settings = CohortSettings(save_probabilities=args.save_probabilities, preview=args.preview,
+                              resume=args.resume, num_parts=args.num_parts, part_id=args.part_id)
+    cases = find_cohort(args.input, args.output)
+    shard(cases, settings.num_parts, settings.part_id)      # refused before the models load: a bad part,
+    prepare_output_folder(args.output)                      # an output folder that cannot be written
+    model = args.model if args.model is not None else workspace_from(args).results
+    checkpoints, description = select_checkpoints(model, args.folds, args.checkpoint)
+    device = resolve_device(args.device)
+    inference = InferenceSettings(step_size=args.step_size, use_mirroring=not args.disable_tta,
+                                  postprocess=not args.no_postprocessing)
+    predictor = Predictor.from_files(checkpoints, device, inference)
+    print(f"{len(cases)} case(s) in {args.input}; model: {description}; device: {device}")
+    summary = predict_cohort(predictor, cases, args.output, settings)
+    line = f"{len(summary.written)} case(s) written"
+    if summary.skipped:
+        line += f", {len(summary.skipped)} already done"
+    if summary.failed:
+        print(f"{PROGRAM}: {line}, {len(summary.failed)} failed: {', '.join(summary.failed)}", file=sys.stderr)
+        return 2
+    print(f"{line}; report: {' and '.join(str(path) for path in summary.report_files)}")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_command(PROGRAM, main))
+
+
+if __name__ == "__main__":
+    entry()

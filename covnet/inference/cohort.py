@@ -1,0 +1,351 @@
+"""``covnet_predict``'s work: a folder of CTs in, one label map per case and a report out.
+
+* **Cases.** Every NIfTI/MHA/NRRD file and DICOM series folder under the input, at any depth (the importer's
+  discovery, ``find_ct_sources``); case ids are its ``propose_case_ids`` with a trailing ``_0000`` (nnU-Net's
+  channel suffix) removed. Each output keeps its input's format (``.mhd``/``.nhdr`` become ``.mha``/``.nrrd``,
+  one file that can be renamed atomically); a DICOM series becomes ``<folder name>.nii.gz``.
+* **Models** (:func:`select_checkpoints`): the self-trained model when there is one, else the ensemble of the
+  trained folds, else ``fold_all``.
+* **Per case**, in this order, each file atomically: probabilities (``<case>.npz``, optional), preview
+  (``<case>.png``, optional), the report row (``.reports/<case>.json``), and the label map last. A label map
+  under its final name therefore means the case is complete, which is what ``resume`` relies on, and
+  ``report.csv``/``report.json`` are rebuilt from the rows at the end, so a killed run loses nothing.
+* **Failures.** A case that cannot be read (damaged, empty, 2D, ...) is logged as one ``error:`` line naming
+  the file, and the other cases go on; the caller gets the failures in the summary.
+* **Throughput.** ``num_parts``/``part_id`` shard the sorted cases (case i goes to part i % num_parts); while
+  the network works on one case, a background thread reads and preprocesses the next.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from covnet.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
+from covnet.errors import CovnetError
+from covnet.importers.unlabelled import find_ct_sources, propose_case_ids
+from covnet.inference.predictor import Predictor
+from covnet.inference.preview import write_preview
+from covnet.inference.report import REQUIRED_LABELS, case_report, write_report
+from covnet.io import IMAGE_SUFFIXES, Geometry, is_image_file, read_image, write_image
+from covnet.log import logger
+from covnet.planning.plans import IGNORE_LABEL_NAME
+from covnet.preprocessing.case import CaseProperties, preprocess_case
+
+log = logger(__name__)
+# Reading an image redirects the process's stdout/stderr for a moment (covnet.io keeps ITK's console messages
+# off the terminal and puts them in the error): while the reader thread does that, the main thread must not
+# write to the console, or its lines would be lost or end up in a read error.
+_CONSOLE = threading.Lock()
+
+CROSS_VALIDATION_FOLDS = ("0", "1", "2", "3", "4")
+CHECKPOINT_CHOICES = ("final", "best")
+CHANNEL_SUFFIX = "_0000"
+REPORTS_FOLDER = ".reports"
+DICOM_OUTPUT_SUFFIX = ".nii.gz"
+# The output format of each input format: header + data pairs become their one-file variants.
+OUTPUT_SUFFIXES = {".nii.gz": ".nii.gz", ".nii": ".nii", ".mha": ".mha", ".mhd": ".mha", ".nrrd": ".nrrd",
+                   ".nhdr": ".nrrd"}
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _checkpoint_file(folder: Path, checkpoint: str) -> Path:
+    return folder / f"checkpoint_{checkpoint}.pth"
+
+
+def _model_file(folder: Path, checkpoint: str) -> Path:
+    """``folder/checkpoint_<checkpoint>.pth``; when missing, a one-line error that says what to do."""
+    path = _checkpoint_file(folder, checkpoint)
+    if path.is_file():
+        return path
+    other = "best" if checkpoint == "final" else "final"
+    if _checkpoint_file(folder, other).is_file():
+        raise CovnetError(path, f"not found, but checkpoint_{other}.pth is: pass --checkpoint {other}")
+    if folder.is_dir():
+        raise CovnetError(path, "not found; this model has not finished training (covnet_train ... --continue)")
+    raise CovnetError(path, "not found; train this fold first (covnet_train) or choose other folds with -f")
+
+
+def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkpoint: str = "final"
+                       ) -> tuple[list[Path], str]:
+    """The checkpoint files to predict with from a results folder, and a short description of the choice.
+
+    With ``folds``: ``fold_<k>/checkpoint_<checkpoint>.pth`` of each. Otherwise the first of:
+    ``results`` itself holding ``checkpoint_<checkpoint>.pth`` (one model's folder); the self-trained model
+    (``selftrain/final/checkpoint_final.pth`` exists); every fold 0-4 that finished training
+    (``fold_<k>/checkpoint_final.pth`` exists); ``fold_all``. A folder holding a ``results/`` folder (a copied
+    workspace) is looked into. ``checkpoint`` picks ``checkpoint_final.pth`` or ``checkpoint_best.pth`` of the
+    chosen models.
+    """
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise CovnetError(None, f"--checkpoint {checkpoint!r}: choose one of {', '.join(CHECKPOINT_CHOICES)}")
+    results = Path(results)
+    if results.is_file():
+        return [results], f"checkpoint {results}"
+    if not results.is_dir():
+        raise CovnetError(results, "not found; no trained model to predict with (train with covnet_train, or "
+                                   "pass --model)")
+    if not any(results.glob("fold_*")) and not (results / "selftrain").is_dir() and (results / "results").is_dir():
+        results = results / "results"
+    if folds:
+        names = [str(fold).strip().lower() for fold in folds]
+        paths = [_model_file(results / f"fold_{fold}", checkpoint) for fold in names]
+        return paths, f"fold{'s' if len(names) > 1 else ''} {', '.join(names)} (checkpoint_{checkpoint})"
+    if _checkpoint_file(results, checkpoint).is_file():
+        return [_checkpoint_file(results, checkpoint)], f"{results.name} (checkpoint_{checkpoint})"
+    selftrained = results / "selftrain" / "final"
+    if _checkpoint_file(selftrained, "final").is_file():
+        return [_model_file(selftrained, checkpoint)], \
+            f"the self-trained model (checkpoint_{checkpoint})"
+    trained = [fold for fold in CROSS_VALIDATION_FOLDS if _checkpoint_file(results / f"fold_{fold}", "final").is_file()]
+    if not trained and _checkpoint_file(results / "fold_all", "final").is_file():
+        trained = ["all"]
+    if not trained:
+        raise CovnetError(results, "holds no trained model (no selftrain/final/, fold_0..fold_4/ or fold_all/ with "
+                                   "checkpoint_final.pth); train one with covnet_train first, or pass --model")
+    paths = [_model_file(results / f"fold_{fold}", checkpoint) for fold in trained]
+    what = "fold all" if trained == ["all"] else f"the ensemble of folds {', '.join(trained)}"
+    return paths, f"{what} (checkpoint_{checkpoint})"
+
+
+# ---------------------------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class CohortCase:
+    case: str
+    source: Path                    # an image file or a DICOM series folder
+    output: Path                    # the label map
+
+    @property
+    def probabilities_file(self) -> Path:
+        return self.output.with_name(f"{self.case}.npz")
+
+    @property
+    def preview_file(self) -> Path:
+        return self.output.with_name(f"{self.case}.png")
+
+    @property
+    def report_file(self) -> Path:
+        return self.output.parent / REPORTS_FOLDER / f"{self.case}.json"
+
+
+def output_suffix(source: Path) -> str:
+    if source.is_dir():
+        return DICOM_OUTPUT_SUFFIX
+    name = source.name.lower()
+    return next(OUTPUT_SUFFIXES[suffix] for suffix in IMAGE_SUFFIXES if name.endswith(suffix))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def find_cohort(input_path: str | os.PathLike, output_dir: str | os.PathLike) -> list[CohortCase]:
+    """The cases under ``input_path`` (a folder, or a single image file), sorted by case id."""
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    if not input_path.exists():
+        raise CovnetError(input_path, "not found")
+    if input_path.is_file():
+        if not is_image_file(input_path):
+            raise CovnetError(input_path, f"is not a CT image file ({', '.join(IMAGE_SUFFIXES)})")
+        sources, source_dir = [input_path], input_path.parent
+    else:
+        if output_dir.exists() and input_path.resolve() == output_dir.resolve():
+            raise CovnetError(output_dir, "is the input folder; write the label maps to another folder")
+        source_dir = input_path
+        sources = [source for source in find_ct_sources(input_path)
+                   if not (output_dir.exists() and _inside(source, output_dir))]
+    if not sources:
+        raise CovnetError(input_path, "holds no CT images (NIfTI/MHA/NRRD files or DICOM series folders)")
+    proposed = propose_case_ids(sources, source_dir)
+    taken = set(proposed.values())
+    cases = []
+    for source, case in proposed.items():
+        if source.is_file() and case.endswith(CHANNEL_SUFFIX) and case[: -len(CHANNEL_SUFFIX)] not in taken:
+            taken.discard(case)
+            case = case[: -len(CHANNEL_SUFFIX)]
+            taken.add(case)
+        cases.append(CohortCase(case, source, output_dir / f"{case}{output_suffix(source)}"))
+    return sorted(cases, key=lambda item: item.case)
+
+
+def shard(cases: Sequence[CohortCase], num_parts: int = 1, part_id: int = 0) -> list[CohortCase]:
+    """Part ``part_id`` of ``num_parts``: the cases whose index in the sorted list is ``part_id`` mod ``num_parts``."""
+    if num_parts < 1:
+        raise CovnetError(None, f"--num-parts {num_parts}: must be at least 1")
+    if not 0 <= part_id < num_parts:
+        raise CovnetError(None, f"--part-id {part_id}: must be between 0 and {num_parts - 1} "
+                                f"for --num-parts {num_parts}")
+    ordered = sorted(cases, key=lambda item: item.case)
+    return [case for index, case in enumerate(ordered) if index % num_parts == part_id]
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+@dataclass(frozen=True)
+class CohortSettings:
+    save_probabilities: bool = False
+    preview: bool = False
+    resume: bool = False            # keep the cases already complete
+    num_parts: int = 1
+    part_id: int = 0
+
+
+@dataclass
+class CohortSummary:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)     # case -> the one-line error
+    report_files: tuple[Path, ...] = ()
+
+
+@dataclass
+class _LoadedCase:
+    image: np.ndarray
+    geometry: Geometry
+    preprocessed: np.ndarray
+    properties: CaseProperties
+
+
+def is_complete(case: CohortCase, settings: CohortSettings) -> bool:
+    """Every file this run would write for the case is there (the label map is written last)."""
+    wanted = [case.output, case.report_file]
+    wanted += [case.probabilities_file] if settings.save_probabilities else []
+    wanted += [case.preview_file] if settings.preview else []
+    return all(path.is_file() for path in wanted)
+
+
+def prepare_output_folder(output_dir: Path) -> None:
+    """Create ``output_dir``, check that it is writable and remove what a killed run left half-written."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not output_dir.is_dir():
+        raise CovnetError(output_dir, "is a file; -o must name a folder")
+    probe = temporary_sibling(output_dir / "write-check")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise CovnetError(output_dir, f"cannot write here ({error.strerror or error})") from None
+    sweep_dead_temporaries(output_dir, recursive=False)
+    sweep_dead_temporaries(output_dir / REPORTS_FOLDER, recursive=False)
+    (output_dir / REPORTS_FOLDER).mkdir(exist_ok=True)
+
+
+def prediction_labels(predictor: Predictor) -> dict[str, int]:
+    return {name: value for name, value in predictor.plan.labels.items() if name != IGNORE_LABEL_NAME}
+
+
+def _load(case: CohortCase, predictor: Predictor) -> _LoadedCase:
+    with _CONSOLE:
+        image, geometry = read_image(case.source)
+    preprocessed, _, properties = preprocess_case(case.case, [image], geometry, predictor.plan)
+    return _LoadedCase(image, geometry, preprocessed, properties)
+
+
+def _failure_line(error: Exception, case: CohortCase) -> str:
+    if isinstance(error, CovnetError):
+        return str(error)
+    if isinstance(error, OSError):
+        return f"{error.filename or case.source}: {error.strerror or error}"
+    return f"{case.source}: {error}"
+
+
+def _save_probabilities(path: Path, probabilities: np.ndarray, labels: dict[str, int]) -> None:
+    names = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez_compressed(handle, probabilities=probabilities.astype(np.float16),
+                                class_names=np.array(names, dtype=str))
+
+
+def _predict_one(predictor: Predictor, case: CohortCase, loaded: _LoadedCase, settings: CohortSettings,
+                 labels: dict[str, int]) -> dict:
+    segmentation, probabilities = predictor.predict_preprocessed(loaded.preprocessed, loaded.properties)
+    if segmentation.shape != loaded.geometry.shape:
+        raise RuntimeError(f"{case.case}: prediction of shape {segmentation.shape} for an image of shape "
+                           f"{loaded.geometry.shape}")
+    row = {"case": case.case}
+    if all(name in labels for name in REQUIRED_LABELS):
+        row.update(case_report(segmentation, loaded.geometry.spacing, probabilities, labels))
+    if settings.save_probabilities:
+        _save_probabilities(case.probabilities_file, probabilities, labels)
+    if settings.preview:
+        write_preview(loaded.image, segmentation, loaded.geometry, case.preview_file, labels, title=case.case)
+    write_json(case.report_file, row)
+    write_image(segmentation, loaded.geometry, case.output)   # last: its presence means the case is complete
+    return row
+
+
+def _describe(row: dict) -> str:
+    if "infection_percent_lungs" not in row:
+        return "written"
+    lungs = row["left_lung_ml"] + row["right_lung_ml"]
+    percent = row["infection_percent_lungs"]
+    return f"lungs {lungs:.0f} mL, infection {row['infection_ml']:.1f} mL" + \
+        ("" if percent is None else f" ({percent:.1f}% of the lungs)")
+
+
+def predict_cohort(predictor: Predictor, cases: Sequence[CohortCase], output_dir: str | os.PathLike,
+                   settings: CohortSettings = CohortSettings()) -> CohortSummary:
+    """Predict this part's share of ``cases`` into ``output_dir`` and rebuild the report over all ``cases``."""
+    output_dir = Path(output_dir)
+    if predictor.plan.in_channels != 1:
+        raise CovnetError(None, f"the model needs {predictor.plan.in_channels} images per case; covnet_predict "
+                                f"reads one CT per case")
+    mine = shard(cases, settings.num_parts, settings.part_id)
+    prepare_output_folder(output_dir)
+    labels = prediction_labels(predictor)
+    summary = CohortSummary()
+    todo = []
+    for case in mine:
+        (summary.skipped if settings.resume and is_complete(case, settings) else todo).append(case)
+    if summary.skipped:
+        log.info(f"{len(summary.skipped)} case(s) already complete, skipped (--continue)")
+    progress = tqdm(total=len(todo), desc="predict", unit="case", leave=False, disable=None)
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covnet-predict-reader")
+    try:
+        upcoming: Future | None = reader.submit(_load, todo[0], predictor) if todo else None
+        for index, case in enumerate(todo):
+            current = upcoming
+            upcoming = reader.submit(_load, todo[index + 1], predictor) if index + 1 < len(todo) else None
+            started = time.monotonic()
+            try:
+                loaded = current.result()
+            except (CovnetError, OSError, ValueError) as error:
+                summary.failed[case.case] = _failure_line(error, case)
+                with _CONSOLE:
+                    log.error(summary.failed[case.case])
+                    progress.update()
+                continue
+            row = _predict_one(predictor, case, loaded, settings, labels)
+            del loaded
+            summary.written.append(case.case)
+            with _CONSOLE:
+                progress.update()
+                log.info(f"[{index + 1}/{len(todo)}] {case.case}: {_describe(row)} -> {case.output.name} "
+                         f"({time.monotonic() - started:.1f} s)")
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    summary.report_files = rebuild_report(cases, output_dir, exclude=set(summary.failed))
+    return summary
+
+
+def rebuild_report(cases: Sequence[CohortCase], output_dir: Path, exclude: set[str] = frozenset()
+                   ) -> tuple[Path, ...]:
+    """``report.csv`` and ``report.json`` from the row of every case with a label map and a row, in case order.
+
+    Cases in ``exclude`` (those that failed in this run) are left out even if an older run wrote them."""
+    rows = []
+    for case in sorted(cases, key=lambda item: item.case):
+        if case.case in exclude or not case.output.is_file() or not case.report_file.is_file():
+            continue
+        row = read_json(case.report_file, "")
+        if isinstance(row, dict) and row.get("case") == case.case:
+            rows.append(row)
+    return write_report(rows, output_dir)

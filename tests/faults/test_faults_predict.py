@@ -1,0 +1,82 @@
+"""covnet_predict under faults: kill -9 while writing a label map (then --continue), damaged and empty input
+files among good ones, an output folder without write permission."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from faultkit import (assert_one_line_error, make_read_only, make_writable, run, run_crashing, run_ok, snapshot,
+                      temporaries, truncate, without_write_permission)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_predict import phantom, predict, trained_prediction_workspace  # noqa: E402
+
+from covnet.io import write_image  # noqa: E402
+
+CASES = ("c0", "c1", "c2")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_prediction_workspace(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def inputs(trained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("predict_faults") / "in"
+    for index, case in enumerate(CASES):
+        write_image(*phantom(trained, index), folder / f"{case}_0000.nii.gz")
+    return folder
+
+
+def arguments(trained, inputs, output) -> list:
+    return ["-i", inputs, "-o", output, "--workspace", trained.root, "-f", "0", "--disable-tta"]
+
+
+def test_kill_while_writing_a_label_map_then_continue_gives_the_full_run(trained, inputs, tmp_path):
+    reference, output = tmp_path / "reference", tmp_path / "out"
+    assert predict(*arguments(trained, inputs, reference)) == 0
+    # The second label map (c1) is complete under its temporary name when the process is killed.
+    run_crashing("self@.nii.gz#2", "covnet_predict", *arguments(trained, inputs, output))
+    assert (output / "c0.nii.gz").is_file() and not (output / "c1.nii.gz").exists()
+    assert [path.name.endswith("-c1.nii.gz") for path in temporaries(output)] == [True]
+    run_ok("covnet_predict", *arguments(trained, inputs, output), "--continue")
+    assert temporaries(output) == []
+    assert snapshot(output) == snapshot(reference)        # label maps, report and per-case rows, byte for byte
+    rows = json.loads((output / "report.json").read_text())["cases"]
+    assert [row["case"] for row in rows] == list(CASES)
+
+
+def test_damaged_and_empty_inputs_are_one_line_each(trained, inputs, tmp_path):
+    folder, output = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    (folder / "good.nii.gz").write_bytes((inputs / "c0_0000.nii.gz").read_bytes())
+    (folder / "cut.nii.gz").write_bytes((inputs / "c1_0000.nii.gz").read_bytes())
+    truncate(folder / "cut.nii.gz")
+    (folder / "blank.nii.gz").write_bytes(b"")
+    (folder / "blank_mha.mha").write_bytes(b"")
+    result = run("covnet_predict", *arguments(trained, folder, output))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    problems = {"cut.nii.gz": "is truncated", "blank.nii.gz": "is empty", "blank_mha.mha": "is empty"}
+    for name, problem in problems.items():
+        mentioning = [line for line in lines if str(folder / name) in line]
+        assert len(mentioning) == 1 and problem in mentioning[0], result.stderr
+    assert lines[-1] == "covnet_predict: 1 case(s) written, 3 failed: blank, blank_mha, cut"
+    assert len(lines) == 4, result.stderr
+    assert (output / "good.nii.gz").is_file() and temporaries(output) == []
+    assert [row["case"] for row in json.loads((output / "report.json").read_text())["cases"]] == ["good"]
+
+
+def test_output_folder_without_write_permission_is_one_line(trained, inputs, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    make_read_only(output)
+    try:
+        result = run("covnet_predict", *arguments(trained, inputs, output), prefix=without_write_permission())
+    finally:
+        make_writable(output)
+    assert_one_line_error(result, str(output), "Permission denied")
+    assert list(output.iterdir()) == []

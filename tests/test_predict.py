@@ -1,0 +1,264 @@
+"""covnet_predict on a tiny trained workspace: formats and geometry, model choice, ensembles, bad inputs,
+the report, --continue, parts, probabilities and previews."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import write_dicom_series  # noqa: E402
+from training_kit import make_tiny_trainable_workspace  # noqa: E402
+
+from covnet.cli.common import run_command  # noqa: E402
+from covnet.cli.predict import main as predict_main  # noqa: E402
+from covnet.cli.train import main as train_main  # noqa: E402
+from covnet.errors import CovnetError  # noqa: E402
+from covnet.inference.cohort import find_cohort, select_checkpoints  # noqa: E402
+from covnet.inference.report import case_report  # noqa: E402
+from covnet.io import Geometry, read_image, write_image  # noqa: E402
+from covnet.workspace import Workspace  # noqa: E402
+
+QUICK_TRAINING = ("--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--num-workers", "0",
+                  "--no-val-mirroring")
+# A scan tilted by 20° about x and 30° about z (SimpleITK's row-major direction), and one with flipped x and y.
+_A, _B = np.deg2rad(20), np.deg2rad(30)
+OBLIQUE = tuple((np.array([[np.cos(_B), -np.sin(_B), 0], [np.sin(_B), np.cos(_B), 0], [0, 0, 1]])
+                 @ np.array([[1, 0, 0], [0, np.cos(_A), -np.sin(_A)], [0, np.sin(_A), np.cos(_A)]])).ravel())
+FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def trained_prediction_workspace(tmp_path_factory) -> Workspace:
+    """Ten tiny phantoms with folds 0 and 1 trained for one iteration; built once per test session (the fault
+    tests of covnet_predict use it too) and only read afterwards."""
+    root = tmp_path_factory.getbasetemp() / "predict_trained"
+    workspace = Workspace(root / "ws")
+    if not (root / "ready").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        make_tiny_trainable_workspace(root / "ws")
+        for fold in ("0", "1"):
+            assert run_command("covnet_train", train_main, [fold, "--workspace", str(workspace.root),
+                                                            *QUICK_TRAINING]) == 0
+        (root / "ready").write_text("")
+    return workspace
+
+
+def phantom(workspace: Workspace, index: int) -> tuple[np.ndarray, Geometry]:
+    return read_image(workspace.images_tr / f"phantom_{index:03d}_0000.nii.gz")
+
+
+def predict(*args) -> int:
+    return run_command("covnet_predict", predict_main, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_prediction_workspace(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cohort(trained, tmp_path_factory):
+    """One run over an oblique NIfTI with a _0000 suffix, a flipped .mha and a DICOM series in a subfolder."""
+    base = tmp_path_factory.mktemp("cohort")
+    inputs, outputs = base / "in", base / "out"
+    image, geometry = phantom(trained, 0)
+    write_image(image, Geometry(geometry.spacing, (-12.5, 40.25, 310.0), OBLIQUE, geometry.shape),
+                inputs / "oblique_0000.nii.gz")
+    image, geometry = phantom(trained, 1)
+    write_image(image, Geometry(geometry.spacing, (150.0, 90.5, -75.0), FLIPPED, geometry.shape),
+                inputs / "flipped.mha")
+    image, _ = phantom(trained, 2)
+    write_dicom_series(image[:16], inputs / "patient_7" / "series_a", spacing_zyx=(5.0, 5.5, 5.5))
+    code = predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "--disable-tta",
+                   "--save-probabilities", "--preview")
+    assert code == 0
+    return inputs, outputs
+
+
+def test_label_maps_keep_the_input_grid_and_format(cohort):
+    inputs, outputs = cohort
+    pairs = {"oblique.nii.gz": inputs / "oblique_0000.nii.gz", "flipped.mha": inputs / "flipped.mha",
+             "series_a.nii.gz": inputs / "patient_7" / "series_a"}
+    assert sorted(p.name for p in outputs.iterdir() if p.suffix not in (".npz", ".png", ".csv", ".json")
+                  and not p.name.startswith(".")) == sorted(pairs)
+    for name, source in pairs.items():
+        image, geometry = read_image(source)
+        labels, written = read_image(outputs / name)
+        assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}
+        assert written.shape == geometry.shape
+        assert np.allclose(written.spacing, geometry.spacing, rtol=0, atol=1e-5), name
+        assert np.allclose(written.origin, geometry.origin, rtol=0, atol=1e-4), name
+        assert np.allclose(written.direction, geometry.direction, rtol=0, atol=1e-6), name
+    assert read_image(outputs / "oblique.nii.gz")[1].origin == pytest.approx((-12.5, 40.25, 310.0), abs=1e-4)
+    assert read_image(outputs / "flipped.mha")[1].direction == FLIPPED
+    assert list(outputs.rglob(".tmp-*")) == []
+
+
+def test_report_matches_the_written_label_maps(cohort):
+    _, outputs = cohort
+    rows = json.loads((outputs / "report.json").read_text())["cases"]
+    assert [row["case"] for row in rows] == ["flipped", "oblique", "series_a"]
+    header = (outputs / "report.csv").read_text().splitlines()[0].split(",")
+    assert header == ["case", "left_lung_ml", "right_lung_ml", "infection_ml", "left_lung_infection_ml",
+                      "right_lung_infection_ml", "infection_percent_left_lung", "infection_percent_right_lung",
+                      "infection_percent_lungs", "confidence"]
+    csv_rows = (outputs / "report.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[0] for line in csv_rows] == ["flipped", "oblique", "series_a"]
+    for row in rows:
+        name = "flipped.mha" if row["case"] == "flipped" else f"{row['case']}.nii.gz"
+        labels, geometry = read_image(outputs / name)
+        voxel_ml = float(np.prod(geometry.spacing)) / 1000
+        counts = np.bincount(labels.ravel(), minlength=4)
+        assert row["infection_ml"] == pytest.approx(counts[3] * voxel_ml)
+        assert row["left_lung_ml"] + row["right_lung_ml"] == pytest.approx(counts[1:].sum() * voxel_ml)
+        probabilities = np.load(outputs / f"{row['case']}.npz")["probabilities"].astype(np.float32)
+        expected = case_report(labels, geometry.spacing, probabilities)
+        for key, value in expected.items():
+            if value is None:
+                assert row[key] is None, key
+            else:
+                assert row[key] == pytest.approx(value, rel=1e-6, abs=2e-3 if key == "confidence" else 1e-9), key
+
+
+def test_probabilities_and_previews(cohort):
+    _, outputs = cohort
+    for case, label_file in {"flipped": "flipped.mha", "oblique": "oblique.nii.gz",
+                             "series_a": "series_a.nii.gz"}.items():
+        saved = np.load(outputs / f"{case}.npz")
+        probabilities = saved["probabilities"]
+        labels = read_image(outputs / label_file)[0]
+        assert probabilities.dtype == np.float16 and probabilities.shape == (4, *labels.shape)
+        assert np.allclose(probabilities.astype(np.float32).sum(axis=0), 1, atol=5e-3)
+        assert list(saved["class_names"]) == ["background", "left_lung", "right_lung", "infection"]
+        assert (outputs / f"{case}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ensemble_averages_the_folds(trained, tmp_path):
+    inputs = tmp_path / "in"
+    write_image(*phantom(trained, 3), inputs / "case_0000.nii.gz")
+    probabilities = {}
+    for name, flags in {"both": [], "0": ["-f", "0"], "1": ["-f", "1"]}.items():
+        out = tmp_path / name
+        assert predict("-i", inputs, "-o", out, "--workspace", trained.root, "--disable-tta",
+                       "--save-probabilities", "--no-postprocessing", *flags) == 0
+        probabilities[name] = np.load(out / "case.npz")["probabilities"].astype(np.float32)
+    assert not np.allclose(probabilities["0"], probabilities["1"], atol=1e-3)
+    assert np.allclose(probabilities["both"], (probabilities["0"] + probabilities["1"]) / 2, atol=2e-3)
+    labels = read_image(tmp_path / "both" / "case.nii.gz")[0]
+    assert np.array_equal(labels, np.argmax(probabilities["both"], axis=0)) or \
+        np.mean(labels == np.argmax(probabilities["both"], axis=0)) > 0.999   # float16 ties may differ
+
+
+def test_model_from_a_copied_results_folder_or_file(trained, tmp_path):
+    inputs = tmp_path / "in"
+    write_image(*phantom(trained, 4), inputs / "case.nrrd")
+    copied = tmp_path / "elsewhere" / "results"
+    shutil.copytree(trained.fold(0), copied / "fold_0")
+    assert predict("-i", inputs, "-o", tmp_path / "ws", "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
+    assert predict("-i", inputs, "-o", tmp_path / "copied", "--model", copied, "--workspace", tmp_path / "none",
+                   "--disable-tta") == 0
+    assert predict("-i", inputs, "-o", tmp_path / "file", "--model", copied / "fold_0" / "checkpoint_final.pth",
+                   "--disable-tta") == 0
+    reference = read_image(tmp_path / "ws" / "case.nrrd")[0]
+    for out in ("copied", "file"):
+        assert np.array_equal(read_image(tmp_path / out / "case.nrrd")[0], reference)
+
+
+def test_model_selection_rules(tmp_path):
+    results = tmp_path / "results"
+    for folder, names in {"fold_0": ["final", "best"], "fold_2": ["final"], "fold_3": ["latest"],
+                          "fold_all": ["final"]}.items():
+        (results / folder).mkdir(parents=True)
+        for name in names:
+            (results / folder / f"checkpoint_{name}.pth").write_bytes(b"")
+    paths, description = select_checkpoints(results)
+    assert [p.parent.name for p in paths] == ["fold_0", "fold_2"] and "folds 0, 2" in description
+    assert [p.name for p in select_checkpoints(results, ["0"], "best")[0]] == ["checkpoint_best.pth"]
+    with pytest.raises(CovnetError, match="fold_2/checkpoint_best.pth: not found, but checkpoint_final.pth is"):
+        select_checkpoints(results, checkpoint="best")
+    with pytest.raises(CovnetError, match="fold_4/checkpoint_final.pth: not found; train this fold first"):
+        select_checkpoints(results, ["0", "4"])
+    with pytest.raises(CovnetError, match="fold_3/checkpoint_final.pth: not found; this model has not finished"):
+        select_checkpoints(results, ["3"])
+    assert select_checkpoints(tmp_path)[0] == paths          # a copied workspace: its results/ folder
+    (results / "selftrain" / "final").mkdir(parents=True)
+    (results / "selftrain" / "final" / "checkpoint_final.pth").write_bytes(b"")
+    assert select_checkpoints(results)[0] == [results / "selftrain" / "final" / "checkpoint_final.pth"]
+    assert select_checkpoints(results, ["all"])[0] == [results / "fold_all" / "checkpoint_final.pth"]
+    for folder in ("selftrain", "fold_0", "fold_2"):
+        shutil.rmtree(results / folder)
+    assert select_checkpoints(results)[0] == [results / "fold_all" / "checkpoint_final.pth"]
+
+
+def test_no_trained_model_is_one_line(trained, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    write_image(*phantom(trained, 0), inputs / "case.nii.gz")
+    assert predict("-i", inputs, "-o", tmp_path / "out", "--workspace", tmp_path / "empty_ws") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("covnet_predict: error: ") and "no trained model" in error[0]
+
+
+def test_bad_cases_are_one_line_each_and_the_rest_is_written(trained, tmp_path, capsys):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    write_image(*phantom(trained, 0), inputs / "good_a_0000.nii.gz")
+    write_image(*phantom(trained, 1), inputs / "good_b.mha")
+    data = (inputs / "good_a_0000.nii.gz").read_bytes()
+    (inputs / "corrupt.nii.gz").write_bytes(data[: len(data) // 2])
+    write_image(np.zeros((1, 30, 40), np.int16), Geometry((1.0, 1.0, 1.0), (0.0,) * 3,
+                                                          (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), (1, 30, 40)),
+                inputs / "flat.nii.gz")
+    (inputs / "empty.nrrd").write_bytes(b"")
+    assert predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "--disable-tta") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    for name, problem in {"corrupt.nii.gz": "truncated", "flat.nii.gz": "not a 3D volume",
+                          "empty.nrrd": "is empty"}.items():
+        lines = [line for line in err if name in line]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and problem in lines[0], err
+    assert err[-1] == "covnet_predict: 2 case(s) written, 3 failed: corrupt, empty, flat"
+    assert sorted(p.name for p in outputs.iterdir()) == [".reports", "good_a.nii.gz", "good_b.mha",
+                                                         "report.csv", "report.json"]
+    assert [row["case"] for row in json.loads((outputs / "report.json").read_text())["cases"]] == ["good_a", "good_b"]
+
+
+def test_continue_skips_finished_cases_and_reports_all(trained, tmp_path):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for index in range(3):
+        write_image(*phantom(trained, index), inputs / f"c{index}_0000.nii.gz")
+    assert predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
+    report = (outputs / "report.json").read_text()
+    (outputs / "c1.nii.gz").unlink()
+    kept = {name: (outputs / name).stat().st_mtime_ns for name in ("c0.nii.gz", "c2.nii.gz")}
+    assert predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta",
+                   "--continue") == 0
+    assert {name: (outputs / name).stat().st_mtime_ns for name in kept} == kept
+    assert (outputs / "c1.nii.gz").is_file()
+    assert (outputs / "report.json").read_text() == report
+
+
+def test_parts_split_the_cases(trained, tmp_path, capsys):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for index in range(3):
+        write_image(*phantom(trained, index), inputs / f"p{index}.nii.gz")
+    args = ["-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "1", "--disable-tta", "--num-parts", "2"]
+    assert predict(*args, "--part-id", "0") == 0
+    assert sorted(p.name for p in outputs.glob("*.nii.gz")) == ["p0.nii.gz", "p2.nii.gz"]
+    assert predict(*args, "--part-id", "1") == 0
+    assert sorted(p.name for p in outputs.glob("*.nii.gz")) == ["p0.nii.gz", "p1.nii.gz", "p2.nii.gz"]
+    assert [row["case"] for row in json.loads((outputs / "report.json").read_text())["cases"]] == ["p0", "p1", "p2"]
+    capsys.readouterr()
+    assert predict(*args, "--part-id", "2") == 2
+    assert "--part-id 2" in capsys.readouterr().err
+
+
+def test_case_names(tmp_path):
+    (tmp_path / "in" / "deep" / "er").mkdir(parents=True)
+    for name in ("a_0000.nii.gz", "a.nii.gz", "b_0000.mhd", "deep/er/c_0000.nrrd"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+    cases = {case.case: case.output.name for case in find_cohort(tmp_path / "in", tmp_path / "out")}
+    assert cases == {"a": "a.nii.gz", "a_0000": "a_0000.nii.gz", "b": "b.mha", "c": "c.nrrd"}
+    with pytest.raises(CovnetError, match="is the input folder"):
+        find_cohort(tmp_path / "in", tmp_path / "in")
