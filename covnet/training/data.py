@@ -87,12 +87,13 @@ class _OpenCase:
 
 
 class PatchSampler(DataLoader):
-    def __init__(self, folder: str | Path, cases: Sequence[str], patch_size: Sequence[int], batch_size: int,
+    def __init__(self, folder: str | Path | Mapping[str, Path], cases: Sequence[str], patch_size: Sequence[int], batch_size: int,
                  oversample_foreground: float = DEFAULT_OVERSAMPLE_FOREGROUND, seed: int | None = None,
                  case_weights: Mapping[str, float] | Sequence[float] | None = None,
                  pre_augmentation_patch_size: Sequence[int] | None = None, ignore_label: int | None = None,
                  num_threads_in_multithreaded: int = 1):
-        """``case_weights``: relative probabilities of drawing each case (a mapping case -> weight, unlisted
+        """``folder``: where the cases are, or a mapping case -> folder (expert and pseudo-labelled cases live in
+        different folders). ``case_weights``: relative probabilities of drawing each case (a mapping case -> weight, unlisted
         cases weigh 1, or one weight per case); uniform if None. ``ignore_label`` is never chosen as the
         foreground class to centre a patch on."""
         cases = list(cases)
@@ -102,7 +103,7 @@ class PatchSampler(DataLoader):
             raise ValueError("cases are listed more than once; use case_weights to draw some more often")
         super().__init__(cases, batch_size, num_threads_in_multithreaded, seed_for_shuffle=None,
                          return_incomplete=False, shuffle=False, infinite=True)
-        self.folder = Path(folder)
+        self.folders = {case: Path(folder[case] if isinstance(folder, Mapping) else folder) for case in cases}
         self.cases = cases
         self.indices = list(range(len(cases)))
         self.patch_size = tuple(int(v) for v in patch_size)
@@ -123,8 +124,8 @@ class PatchSampler(DataLoader):
         self._open_cases: dict[str, _OpenCase] = {}
         self._num_channels: int | None = None
         for case in cases:
-            for path in (image_file(self.folder, case), segmentation_file(self.folder, case),
-                         properties_file(self.folder, case)):
+            for path in (image_file(self.folders[case], case), segmentation_file(self.folders[case], case),
+                         properties_file(self.folders[case], case)):
                 if not path.is_file():
                     raise CovnetError(path, "is missing; training needs each case's image, segmentation and "
                                             "properties (re-run covnet_plan_and_preprocess)")
@@ -143,16 +144,16 @@ class PatchSampler(DataLoader):
     def _open(self, case: str) -> _OpenCase:
         opened = self._open_cases.get(case)
         if opened is None:
-            image, segmentation, properties = load_case(self.folder, case, mmap=True)
+            image, segmentation, properties = load_case(self.folders[case], case, mmap=True)
             if image.ndim != 4 or segmentation is None or tuple(segmentation.shape) != tuple(image.shape[1:]):
-                raise CovnetError(image_file(self.folder, case),
+                raise CovnetError(image_file(self.folders[case], case),
                                   f"image shape {tuple(image.shape)} and segmentation shape "
                                   f"{None if segmentation is None else tuple(segmentation.shape)} do not make a "
                                   "(C, z, y, x) case with a (z, y, x) segmentation")
             if self._num_channels is None:
                 self._num_channels = image.shape[0]
             elif image.shape[0] != self._num_channels:
-                raise CovnetError(image_file(self.folder, case), f"has {image.shape[0]} channels, other cases "
+                raise CovnetError(image_file(self.folders[case], case), f"has {image.shape[0]} channels, other cases "
                                                                  f"{self._num_channels}")
             locations = {}
             for label, voxels in properties.class_locations.items():

@@ -6,9 +6,10 @@ writes goes to ``results/fold_K/``: checkpoints (latest, best, final), ``trainin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -51,9 +52,6 @@ class TrainingSettings:
     batch_dice: bool = True                 # nnU-Net's choice for 3D full-resolution configurations
     validation_step_size: float = 0.5
     validation_mirroring: bool = True
-    # Self-training: extra (pseudo-labelled) case folders and the weight their cases are drawn with.
-    extra_case_folders: list[str] = field(default_factory=list)
-    extra_case_weight: float = 1.0
 
     def __post_init__(self):
         for name in ("epochs", "iterations_per_epoch", "checkpoint_every"):
@@ -100,59 +98,94 @@ class _StopRequest:
             signal.signal(signal_number, self)
 
 
-def train_fold(workspace: Workspace, settings: TrainingSettings, resume: bool = False,
-               validate_only: bool = False) -> dict | None:
-    """Train (or resume) the fold and validate it; return the validation summary (None for fold 'all')."""
-    context = context_from_environment()
-    device = device_for(context, resolve_device(settings.device))
-    fold_dir = workspace.fold(settings.fold)
-    initialise(context, device)
-    try:
-        if context.is_main:
-            with exclusive(workspace.root, f"fold_{settings.fold}", "covnet_train"):
-                sweep_dead_temporaries(fold_dir)
-                return _train_and_validate(workspace, settings, resume, validate_only, context, device, fold_dir)
-        return _train_and_validate(workspace, settings, resume, validate_only, context, device, fold_dir)
-    finally:
-        shutdown(context)
+@dataclass
+class TrainingJob:
+    """What to train and where: a cross-validation fold, or a self-training round."""
+    name: str                                   # recorded in checkpoints: "0".."4", "all", "selftrain_round_01"
+    plan: Plan
+    train_cases: list[str]
+    validation_cases: list[str]
+    output_dir: Path
+    case_folders: dict[str, Path]               # case -> folder of its preprocessed arrays
+    case_weights: dict[str, float] | None = None   # relative draw probabilities (default uniform)
 
 
-def _train_and_validate(workspace, settings, resume, validate_only, context, device, fold_dir: Path):
-    setup_logging(fold_dir / "training_log.txt" if context.is_main else None, rank=context.rank)
+def fold_job(workspace: Workspace, fold: str, context=None) -> TrainingJob:
+    """The job of cross-validation fold ``fold``: its split (``splits.json``, created once) and folder."""
+    context = context or context_from_environment()
     plan = Plan.load(workspace.plans_json)
     description = DatasetDescription.load(workspace.dataset_json)
     cases = preprocessed_cases(workspace)
     splits = load_or_create_splits(workspace.splits_json, cases, description.groups) if context.is_main else None
     context.barrier()
     splits = splits or load_or_create_splits(workspace.splits_json, cases, description.groups)
-    train_cases, validation_cases = cases_for_fold(splits, settings.fold)
-    final, latest = fold_dir / "checkpoint_final.pth", fold_dir / "checkpoint_latest.pth"
+    train_cases, validation_cases = cases_for_fold(splits, fold)
+    folders = {case: workspace.preprocessed_cases for case in train_cases + validation_cases}
+    return TrainingJob(str(fold), plan, train_cases, validation_cases, workspace.fold(fold), folders)
+
+
+def train_fold(workspace: Workspace, settings: TrainingSettings, resume: bool = False,
+               validate_only: bool = False) -> dict | None:
+    """Train (or resume) the fold and validate it; return the validation summary (None for fold 'all')."""
+    context = context_from_environment()
+    device = device_for(context, resolve_device(settings.device))
+    initialise(context, device)
+    try:
+        fold_dir = workspace.fold(settings.fold)
+        with _holding(workspace, f"fold_{settings.fold}", context, fold_dir):
+            setup_logging(fold_dir / "training_log.txt" if context.is_main else None, rank=context.rank)
+            job = fold_job(workspace, settings.fold, context)
+            return run_training(workspace, job, settings, resume, validate_only, context, device)
+    finally:
+        shutdown(context)
+
+
+@contextlib.contextmanager
+def _holding(workspace: Workspace, scope: str, context, folder: Path):
+    """Rank 0 holds the lock on the output folder and clears a dead run's temporaries from it."""
+    if not context.is_main:
+        yield
+        return
+    with exclusive(workspace.root, scope, "covnet_train"):
+        sweep_dead_temporaries(folder)
+        yield
+
+
+def run_training(workspace: Workspace, job: TrainingJob, settings: TrainingSettings, resume: bool,
+                 validate_only: bool, context, device: torch.device) -> dict | None:
+    """Train ``job`` into ``job.output_dir`` (resuming from its latest checkpoint with ``resume``), then
+    predict and score its validation cases whole. A finished job is not redone."""
+    output_dir = job.output_dir
+    final, latest = output_dir / "checkpoint_final.pth", output_dir / "checkpoint_latest.pth"
     inference = InferenceSettings(step_size=settings.validation_step_size, use_mirroring=settings.validation_mirroring)
+
+    def validate(resume_validation: bool):
+        return validate_fold(workspace, Checkpoint.load(final), job.validation_cases, output_dir / "validation",
+                             device, inference, resume=resume_validation)
 
     if validate_only or final.is_file():
         if not final.is_file():
-            raise CovnetError(final, "not found: the fold has not finished training (run covnet_train without "
-                                     "--validate-only, or with --continue)")
+            raise CovnetError(final, "not found: training has not finished (run without --validate-only, or "
+                                     "with --continue)")
         if not (validate_only or resume):
-            raise CovnetError(fold_dir, "already holds a finished training; pass --continue to complete its "
-                                        "validation, --validate-only to redo it, or delete the folder to retrain")
-        if context.is_main and (validate_only or not validation_is_complete(fold_dir / "validation")):
-            return validate_fold(workspace, Checkpoint.load(final), validation_cases, fold_dir / "validation",
-                                 device, inference, resume=not validate_only)
+            raise CovnetError(output_dir, "already holds a finished training; pass --continue to complete its "
+                                          "validation, --validate-only to redo it, or delete the folder to retrain")
+        if context.is_main and (validate_only or not validation_is_complete(output_dir / "validation")):
+            return validate(resume_validation=not validate_only)
         return None
     if latest.is_file() and not resume:
-        raise CovnetError(fold_dir, "holds an unfinished training; pass --continue to resume it, or delete the "
-                                    "folder to start again")
-
-    if context.is_main:
-        write_json(fold_dir / "settings.json", {"settings": settings.to_json(), "world_size": context.world_size,
-                                                "device": str(device), "train": train_cases,
-                                                "validation": validation_cases})
-    if plan.device == "cuda" and device.type == "cpu" and context.is_main:
+        raise CovnetError(output_dir, "holds an unfinished training; pass --continue to resume it, or delete the "
+                                      "folder to start again")
+    if job.plan.device == "cuda" and device.type == "cpu" and context.is_main:
         log.warning("plans.json was made for a GPU (--device cuda) but training runs on the CPU, where its "
                     "network and patch are slow; for CPU training re-plan with covnet_plan_and_preprocess "
                     "--device cpu")
-    session = TrainingSession(workspace, plan, settings, train_cases, validation_cases, context, device, fold_dir)
+    if context.is_main:
+        write_json(output_dir / "settings.json", {"settings": settings.to_json(), "world_size": context.world_size,
+                                                  "device": str(device), "train": job.train_cases,
+                                                  "validation": job.validation_cases,
+                                                  "case_weights": job.case_weights})
+    session = TrainingSession(job, settings, context, device)
     if resume and latest.is_file():
         session.restore(Checkpoint.load(latest, map_location=device))
     elif settings.pretrained:
@@ -163,7 +196,4 @@ def _train_and_validate(workspace, settings, resume, validate_only, context, dev
     if not finished:
         raise KeyboardInterrupt
     context.barrier()
-    if context.is_main:
-        return validate_fold(workspace, Checkpoint.load(final), validation_cases, fold_dir / "validation", device,
-                             inference)
-    return None
+    return validate(resume_validation=False) if context.is_main else None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
@@ -40,11 +39,12 @@ def poly_learning_rate(initial_lr: float, epoch: int, epochs: int) -> float:
 
 
 class TrainingSession:
-    def __init__(self, workspace, plan: Plan, settings, train_cases: list[str], validation_cases: list[str],
-                 context: DistributedContext, device: torch.device, fold_dir: Path):
-        self.workspace, self.plan, self.settings = workspace, plan, settings
-        self.train_cases, self.validation_cases = train_cases, validation_cases
-        self.context, self.device, self.fold_dir = context, device, fold_dir
+    def __init__(self, job, settings, context: DistributedContext, device: torch.device):
+        """``job``: a ``covnet.training.run.TrainingJob`` (plan, cases, their folders and weights, output)."""
+        plan = job.plan
+        self.job, self.plan, self.settings = job, plan, settings
+        self.train_cases, self.validation_cases = job.train_cases, job.validation_cases
+        self.context, self.device, self.fold_dir = context, device, job.output_dir
         self.label_names = [name for name, value in sorted(plan.labels.items(), key=lambda item: item[1])
                             if 0 < value < plan.num_classes]
         self.network = ResidualEncoderUNet(plan.network).to(device)
@@ -68,7 +68,7 @@ class TrainingSession:
 
     # ------------------------------------------------------------------------------------------ state
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(plan=self.plan.to_json(), fold=str(self.settings.fold), settings=self.settings.to_json(),
+        return Checkpoint(plan=self.plan.to_json(), fold=self.job.name, settings=self.settings.to_json(),
                           network_state=self.network.state_dict(), epoch=self.epoch,
                           optimizer_state=self.optimizer.state_dict(), grad_scaler_state=self.scaler.state_dict(),
                           rng_state=capture_rng_state(), history=self.history.to_json(), best_ema_dice=self.best_ema)
@@ -101,10 +101,10 @@ class TrainingSession:
             self.checkpoint().save(self.fold_dir / f"checkpoint_{name}.pth")
 
     # ------------------------------------------------------------------------------------------ data
-    def _loader(self, cases: list[str], transforms, read_size, workers: int, seed_offset: int):
+    def _loader(self, cases: list[str], transforms, read_size, workers: int, seed_offset: int, weighted: bool):
         batch = self.context.share_of_batch(self.plan.batch_size)
-        folders = [self.workspace.preprocessed_cases]
-        sampler = PatchSampler(folders[0], cases, self.plan.patch_size, batch,
+        weights = self.job.case_weights if weighted else None
+        sampler = PatchSampler(self.job.case_folders, cases, self.plan.patch_size, batch, case_weights=weights,
                                oversample_foreground=self.settings.oversample_foreground,
                                seed=_stream_seed(self.settings.seed, self.context.rank, self.epoch, seed_offset),
                                pre_augmentation_patch_size=read_size, ignore_label=self.plan.ignore_label,
@@ -119,11 +119,11 @@ class TrainingSession:
         workers = self.settings.data_workers
         train = self._loader(self.train_cases, training_transforms(
             self.plan.patch_size, scales, MIRROR_AXES, [tuple(p) for p in self.plan.lateral_pairs],
-            self.plan.ignore_label), training_read_size(self.plan.patch_size), workers, 0)
+            self.plan.ignore_label), training_read_size(self.plan.patch_size), workers, 0, weighted=True)
         # Fold 'all' has no validation cases: its patch validation watches the training cases.
         validation = self._loader(self.validation_cases or self.train_cases,
                                   validation_transforms(scales, self.plan.ignore_label), None,
-                                  min(workers, max(1, workers // 2)), 1)
+                                  min(workers, max(1, workers // 2)), 1, weighted=False)
         return train, validation
 
     # ------------------------------------------------------------------------------------------ loop

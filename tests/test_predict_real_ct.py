@@ -1,0 +1,62 @@
+"""covnet_predict on real CTs (../shared/data/real_ct): a real DICOM series and a clinical-size 512×512×141
+NIfTI go through the tiny trained model; each label map must lie on exactly its input's grid and the report
+must have a row per case. Skipped where the real CT folder is absent (a user's clone)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_predict import predict, trained_prediction_workspace  # noqa: E402
+
+from covnet.io import read_image  # noqa: E402
+
+DICOM_SERIES = "dicom_abdomen_512x512x20"
+CHEST_CT = "chest_ct_512x512x141.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def real_ct_prediction(tmp_path_factory):
+    """One covnet_predict run (fold 0 of the tiny model, no TTA) over an input folder holding a copy of the
+    real DICOM series folder and a link to the real chest CT."""
+    from conftest import REAL_CT_DIR
+    if not REAL_CT_DIR.is_dir():
+        pytest.skip("../shared/data/real_ct is not present")
+    trained = trained_prediction_workspace(tmp_path_factory)
+    base = tmp_path_factory.mktemp("real_ct")
+    inputs, outputs = base / "in", base / "out"
+    inputs.mkdir()
+    # The series is copied (3 MB): the input walk does not follow symlinked folders. The 37 MB NIfTI is linked.
+    shutil.copytree(REAL_CT_DIR / DICOM_SERIES, inputs / DICOM_SERIES)
+    (inputs / CHEST_CT).symlink_to(REAL_CT_DIR / CHEST_CT)
+    assert predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
+    return REAL_CT_DIR, outputs
+
+
+@pytest.mark.parametrize("source, output", [(DICOM_SERIES, f"{DICOM_SERIES}.nii.gz"),
+                                            (CHEST_CT, CHEST_CT)])
+def test_real_ct_label_maps_keep_the_input_grid(real_ct_dir, real_ct_prediction, source, output):
+    _, outputs = real_ct_prediction
+    _, geometry = read_image(real_ct_dir / source)
+    labels, written = read_image(outputs / output)
+    assert labels.dtype == np.uint8 and set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
+    assert labels.shape == geometry.shape == written.shape
+    assert np.allclose(written.spacing, geometry.spacing, rtol=0, atol=1e-5)
+    assert np.allclose(written.origin, geometry.origin, rtol=0, atol=1e-4)
+    assert np.allclose(written.direction, geometry.direction, rtol=0, atol=1e-6)
+
+
+def test_real_ct_report_has_a_row_per_case(real_ct_dir, real_ct_prediction):
+    _, outputs = real_ct_prediction
+    expected = sorted([DICOM_SERIES, CHEST_CT.removesuffix(".nii.gz")])
+    rows = json.loads((outputs / "report.json").read_text())["cases"]
+    assert [row["case"] for row in rows] == expected
+    csv_rows = (outputs / "report.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[0] for line in csv_rows] == expected
+    for row in rows:
+        assert row["left_lung_ml"] >= 0 and row["right_lung_ml"] >= 0 and row["infection_ml"] >= 0
