@@ -39,8 +39,8 @@ def next_batch(loader: Iterator) -> dict:
     try:
         return next(loader)
     except RuntimeError as error:
-        raise CovnetError(None, f"a data-loading worker process failed ({str(error).strip()[:200]}); the "
-                                "error above it names the cause") from None
+        raise CovnetError(None, f"a data-loading worker process died ({str(error).strip()[:120]}); if it "
+                                "raised an error, its traceback is printed above") from None
 
 
 def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -35,7 +35,7 @@ def flags(**changes) -> list[str]:
 
 
 def test_kill_while_writing_a_checkpoint_then_continue_gives_the_full_run(workspace):
-    arguments = ["0", "--workspace", workspace.root, *flags(epochs=4)]
+    arguments = ["0", "--workspace", workspace.root, *flags(epochs=3)]
     # The second write of checkpoint_latest.pth (after epoch 2) is killed before its rename.
     run_crashing("self@checkpoint_latest.pth#2", "covnet_train", *arguments)
     fold = workspace.fold(0)
@@ -44,10 +44,10 @@ def test_kill_while_writing_a_checkpoint_then_continue_gives_the_full_run(worksp
     run_ok("covnet_train", *arguments, "--continue")
     assert temporaries(fold) == []
     final = Checkpoint.load(fold / "checkpoint_final.pth")
-    assert final.epoch == 4
-    assert all(len(curve) == 4 for curve in final.history.values()), "a gap or a repeat in the curves"
+    assert final.epoch == 3
+    assert all(len(curve) == 3 for curve in final.history.values()), "a gap or a repeat in the curves"
     log = (fold / "training_log.txt").read_text()
-    assert "resuming after epoch 1 of 4" in log
+    assert "resuming after epoch 1 of 3" in log
     assert json.loads((fold / "validation" / "summary.json").read_text())["per_case"]
 
 
@@ -58,7 +58,7 @@ def test_kill_leaves_no_orphaned_data_loader_workers(workspace):
 
 
 def test_second_run_on_the_same_fold_is_refused(workspace):
-    arguments = ["0", "--workspace", workspace.root, *flags(epochs=2)]
+    arguments = ["0", "--workspace", workspace.root, *flags(epochs=1)]
     assert_second_run_refused("covnet_train", lock_file(workspace.root, "fold_0"), arguments, arguments)
 
 
@@ -79,3 +79,36 @@ def test_read_only_results_is_one_line(workspace):
     finally:
         make_writable(workspace.root)
     assert_one_line_error(result, str(workspace.root), "Permission denied")
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                children.append(int(entry.name))
+    return children
+
+
+def test_a_data_worker_that_dies_is_a_clear_error_not_a_hang(workspace):
+    import signal
+    import subprocess
+    import time
+    from faultkit import SCRIPTS, TIMEOUT
+    process = subprocess.Popen([str(SCRIPTS / "covnet_train"), "0", "--workspace", str(workspace.root),
+                                *flags(epochs=1000, num_workers=1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not _children(process.pid) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.1)
+    for child in _children(process.pid):
+        __import__("os").kill(child, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    lines = [line for line in stderr.splitlines() if line.startswith("covnet_train: error:")]
+    assert process.returncode == 2 and len(lines) == 1 and "data-loading worker process died" in lines[0]
