@@ -17,5 +17,6 @@ setup(
         "covnet_plan_and_preprocess=covnet.cli.plan_and_preprocess:entry",
         "covnet_train=covnet.cli.train:entry",
         "covnet_predict=covnet.cli.predict:entry",
+        "covnet_selftrain=covnet.cli.selftrain:entry",
     ]},
 )

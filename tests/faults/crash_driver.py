@@ -18,7 +18,8 @@ import time
 
 MODULES = {"covnet_make_phantoms": "make_phantoms", "covnet_import_covid19ctseg": "import_covid19ctseg",
            "covnet_import_unlabelled": "import_unlabelled", "covnet_evaluate": "evaluate",
-           "covnet_plan_and_preprocess": "plan_and_preprocess", "covnet_train": "train", "covnet_predict": "predict"}
+           "covnet_plan_and_preprocess": "plan_and_preprocess", "covnet_train": "train", "covnet_predict": "predict",
+           "covnet_selftrain": "selftrain"}
 
 
 def install(rule: str) -> None:

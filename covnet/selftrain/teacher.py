@@ -1,0 +1,105 @@
+"""The first teacher of self-training: one trained fold, the best one, or the ensemble of every trained fold.
+
+A model is scored by the mean validation Dice over the ``lungs`` and ``infection`` regions (over every
+foreground label when those regions are absent), read from ``results/fold_K/validation/summary.json``.
+
+The held-out set of self-training is always the validation cases of one fold (``Teacher.fold``): the chosen
+fold, the best fold, or for an ensemble teacher the best fold. The students fine-tune on that fold's training
+cases plus the pseudo-labelled pool, never on its validation cases, so their validation is measured on cases
+no student has seen. (An ensemble teacher's other folds did train on those cases, so their knowledge can
+reach the students through the pseudo-labels: prefer a single fold when the numbers must be clean.)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from covnet.atomic import read_json
+from covnet.errors import CovnetError
+from covnet.planning.plans import IGNORE_LABEL_NAME, Plan
+from covnet.training.run import fold_job
+from covnet.training.splits import DEFAULT_NUM_FOLDS
+from covnet.workspace import Workspace
+
+TEACHER_MODES = ("best", "ensemble")
+# The structures whose mean Dice ranks models, when the dataset declares them as regions.
+RANKING_STRUCTURES = ("lungs", "infection")
+
+
+@dataclass
+class Teacher:
+    mode: str                           # "best", "ensemble", "fold" (a chosen fold) or a caller's own name
+    fold: str                           # the fold whose training/validation cases self-training uses
+    checkpoints: list[Path]             # the model(s) that pseudo-label the first round
+    pretrained: Path                    # the first student's initial weights
+    train_cases: list[str]              # expert cases the students train on
+    validation_cases: list[str]         # expert cases held out for measurement
+    folds: list[str] = field(default_factory=list)   # every fold of the teacher (several for an ensemble)
+
+    def describe(self) -> str:
+        if self.mode == "ensemble":
+            return f"ensemble of folds {', '.join(self.folds)} (held-out cases and initial weights: fold {self.fold})"
+        return f"fold {self.fold} ({self.mode})"
+
+
+def ranking_score(mean: Mapping[str, Mapping[str, float | None]], plan: Plan) -> float:
+    """Mean Dice over ``lungs`` and ``infection`` when both are present, else over every foreground label; undefined
+    values (empty against empty) are left out; NaN when nothing is defined."""
+    names = list(RANKING_STRUCTURES)
+    if not all(name in mean for name in names):
+        names = [name for name, value in plan.labels.items()
+                 if value != 0 and name != IGNORE_LABEL_NAME and name in mean]
+    values = [mean[name].get("dice") for name in names]
+    values = [float(value) for value in values if value is not None and not math.isnan(float(value))]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def validation_summary(folder: Path) -> dict | None:
+    path = folder / "validation" / "summary.json"
+    return read_json(path, "") if path.is_file() else None
+
+
+def trained_folds(workspace: Workspace) -> list[str]:
+    return [str(fold) for fold in range(DEFAULT_NUM_FOLDS)
+            if (workspace.fold(fold) / "checkpoint_final.pth").is_file()]
+
+
+def _fold_scores(workspace: Workspace, folds: list[str], plan: Plan) -> dict[str, float]:
+    scores = {}
+    for fold in folds:
+        summary = validation_summary(workspace.fold(fold))
+        if summary is None:
+            raise CovnetError(workspace.fold(fold) / "validation" / "summary.json",
+                              f"not found; complete fold {fold}'s validation first (covnet_train {fold} --continue)")
+        scores[fold] = ranking_score(summary.get("mean", {}), plan)
+    return scores
+
+
+def choose_teacher(workspace: Workspace, spec: str = "best") -> Teacher:
+    """``spec``: "best", "ensemble" or a fold number 0-4. A one-line error when no fold (or not that fold)
+    has finished training."""
+    spec = str(spec).strip().lower()
+    plan = Plan.load(workspace.plans_json)
+    folds = trained_folds(workspace)
+    if spec in TEACHER_MODES:
+        if not folds:
+            raise CovnetError(workspace.results, "holds no trained fold (fold_0..fold_4 with checkpoint_final.pth); "
+                                                 "train one with covnet_train first")
+        scores = _fold_scores(workspace, folds, plan)
+        ranked = sorted(folds, key=lambda fold: (math.inf if math.isnan(scores[fold]) else -scores[fold], int(fold)))
+        fold, members = ranked[0], (folds if spec == "ensemble" else [ranked[0]])
+        mode = spec
+    else:
+        if spec not in {str(k) for k in range(DEFAULT_NUM_FOLDS)}:
+            raise CovnetError(None, f"--teacher {spec!r}: choose best, ensemble or a fold 0-{DEFAULT_NUM_FOLDS - 1}")
+        if spec not in folds:
+            raise CovnetError(workspace.fold(spec) / "checkpoint_final.pth",
+                              f"not found; fold {spec} has not finished training (covnet_train {spec})")
+        fold, members, mode = spec, [spec], "fold"
+    job = fold_job(workspace, fold)
+    checkpoints = [workspace.fold(member) / "checkpoint_final.pth" for member in members]
+    return Teacher(mode=mode, fold=fold, checkpoints=checkpoints,
+                   pretrained=workspace.fold(fold) / "checkpoint_final.pth", train_cases=list(job.train_cases),
+                   validation_cases=list(job.validation_cases), folds=list(members))
