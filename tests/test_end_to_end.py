@@ -1,4 +1,5 @@
-"""Every command that exists so far, through its installed console script, on generated phantom CTs."""
+"""Every command, through its installed console script, on generated phantom CTs: make phantoms, import them
+as the public release plus a pool, plan and preprocess, train a fold, self-train, predict, evaluate."""
 import json
 import shutil
 import subprocess
@@ -79,3 +80,19 @@ def test_phantoms_import_plan_preprocess_evaluate(tmp_path):
     validation = json.loads((fold / "validation" / "summary.json").read_text())
     splits = json.loads((workspace / "preprocessed" / "splits.json").read_text())
     assert sorted(case["case"] for case in validation["per_case"]) == sorted(splits[0]["val"])
+
+    # Self-train on the pool (one round uses it up), then segment the test CT with the self-trained model.
+    printed = run("covnet_selftrain", "--workspace", workspace, "--cases-per-round", 2, "--epochs-per-round", 1,
+                  "--iters-per-epoch", 1, "--val-iters", 1, "--num-workers", 0, "--disable-tta")
+    selftrain = json.loads((workspace / "results" / "selftrain" / "summary.json").read_text())
+    assert len(selftrain["rounds"]) == 1 and len(selftrain["rounds"][0]["cases_added"]) == 2
+    assert (workspace / "results" / "selftrain" / "final" / "checkpoint_final.pth").is_file()
+    predictions = tmp_path / "predictions"
+    printed = run("covnet_predict", "--workspace", workspace, "-i", phantoms / "raw" / "imagesTs", "-o", predictions,
+                  "--disable-tta")
+    assert "self-trained" in printed
+    report = (predictions / "report.csv").read_text().splitlines()
+    assert report[0].startswith("case,") and len(report) == 2
+    run("covnet_evaluate", "--ref", phantoms / "raw" / "labelsTs", "--pred", predictions, "-o",
+        tmp_path / "test_summary.json")
+    assert json.loads((tmp_path / "test_summary.json").read_text())["per_case"][0]["case"] == "test_000"
