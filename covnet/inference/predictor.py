@@ -76,17 +76,20 @@ class Predictor:
         """(C, z, y, x) preprocessed image → (classes, z, y, x) softmax probabilities averaged over the models."""
         total = None
         image = np.array(image, dtype=np.float32)   # a writable copy (memory maps are read-only)
-        for state in self.states:
-            self.network.load_state_dict(state)
-            probabilities = predict_sliding_window(
-                self.network, image, self.plan.patch_size, self.plan.num_classes,
-                step_size=self.settings.step_size,
-                mirror_axes=MIRROR_AXES if self.settings.use_mirroring else (),
-                lateral_pairs=self.plan.lateral_pairs, left_right_axis=LEFT_RIGHT_AXIS,
-                batch_windows=self.settings.batch_windows, device=self.device,
-                use_amp=self.settings.use_amp and self.device.type == "cuda")
-            total = probabilities.clone() if total is None else total + probabilities
-        return total / len(self.states)
+        with torch.inference_mode():                 # in-place sums of the (inference) outputs
+            for state in self.states:
+                self.network.load_state_dict(state)
+                probabilities = predict_sliding_window(
+                    self.network, image, self.plan.patch_size, self.plan.num_classes,
+                    step_size=self.settings.step_size,
+                    mirror_axes=MIRROR_AXES if self.settings.use_mirroring else (),
+                    lateral_pairs=self.plan.lateral_pairs, left_right_axis=LEFT_RIGHT_AXIS,
+                    batch_windows=self.settings.batch_windows, device=self.device,
+                    use_amp=self.settings.use_amp and self.device.type == "cuda")
+                total = probabilities if total is None else total.add_(probabilities)
+            if len(self.states) > 1:
+                total.div_(len(self.states))
+        return total
 
     def to_original(self, probabilities: torch.Tensor, properties: CaseProperties
                     ) -> tuple[np.ndarray, np.ndarray]:
