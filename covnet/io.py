@@ -133,40 +133,36 @@ def _unreadable(path: Path, error: RuntimeError, native_lines: list[str]) -> Cov
     return CovnetError(path, f"is truncated or unreadable ({detail})")
 
 
+def _through_itk(path: Path, action):
+    """Run an ITK read with its console output captured; its failure becomes one line naming ``path``."""
+    with _native_output_captured() as native_lines:
+        try:
+            return action()
+        except RuntimeError as error:
+            failure = error
+    raise _unreadable(path, failure, native_lines) from None
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
         raise CovnetError(path, "file not found")
     if path.is_dir():
         return _read_dicom_series(path)
     _check_file_complete(path)
-    with _native_output_captured() as native_lines:
-        try:
-            return sitk.ReadImage(str(path))
-        except RuntimeError as error:
-            failure = error
-    raise _unreadable(path, failure, native_lines) from None
+    return _through_itk(path, lambda: sitk.ReadImage(str(path)))
 
 
 def _read_dicom_series(path: Path) -> sitk.Image:
-    with _native_output_captured() as native_lines:
-        try:
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise CovnetError(path, "folder holds no DICOM series")
-            # A study folder may also hold scouts or reformats: take the series with the most slices.
-            files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid) for uid in series), key=len)
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            image = reader.Execute()
-        except RuntimeError as error:
-            failure = error
-        else:
-            failure = None
-    if failure is not None:
-        raise _unreadable(path, failure, native_lines) from None
+    series = _through_itk(path, lambda: sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    if not series:
+        raise CovnetError(path, "folder holds no DICOM series")
+    # A study folder may also hold scouts or reformats: take the series with the most slices.
+    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid) for uid in series), key=len)
     if len(series) > 1:
         warnings.warn(f"{path}: holds {len(series)} DICOM series; reading the largest ({len(files)} files)")
-    return image
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return _through_itk(path, reader.Execute)
 
 
 def _check_3d(image: sitk.Image, path: Path) -> None:
@@ -186,15 +182,7 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
     _check_file_complete(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    with _native_output_captured() as native_lines:
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as error:
-            failure = error
-        else:
-            failure = None
-    if failure is not None:
-        raise _unreadable(path, failure, native_lines) from None
+    _through_itk(path, reader.ReadImageInformation)
     if reader.GetDimension() != 3 or reader.GetSize()[2] < 2:
         raise CovnetError(path, f"is not a 3D volume (size {list(reader.GetSize())}); covnet needs 3D CT")
     return _geometry_of(reader)

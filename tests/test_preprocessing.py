@@ -4,7 +4,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from covnet.dataset import DatasetDescription
 from covnet.io import read_image, write_image
 from covnet.metrics import dice
 from covnet.phantoms import make_phantom_dataset

@@ -19,7 +19,6 @@ from covnet.errors import CovnetError
 from covnet.inference.predictor import MIRROR_AXES
 from covnet.log import logger
 from covnet.network.unet import ResidualEncoderUNet
-from covnet.planning.plans import Plan
 from covnet.training.augmentation import training_read_size, training_transforms, validation_transforms
 from covnet.training.data import PatchSampler
 from covnet.training.distributed import DistributedContext

@@ -127,6 +127,16 @@ def make_writable(root: Path) -> None:
             path.chmod(0o755)
 
 
+def run_without_write_permission(root: Path, command: str, *args) -> subprocess.CompletedProcess:
+    """Run ``command`` while no folder under ``root`` is writable (restored afterwards)."""
+    prefix = without_write_permission()
+    make_read_only(root)
+    try:
+        return run(command, *args, prefix=prefix)
+    finally:
+        make_writable(root)
+
+
 def wait_for_lock_holder(lock: Path, process: subprocess.Popen, seconds: float = 30.0) -> None:
     """Until ``process`` has written its pid into ``lock`` (it holds the lock from then on)."""
     deadline = time.monotonic() + seconds

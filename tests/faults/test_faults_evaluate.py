@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from faultkit import (assert_one_line_error, make_read_only, make_writable, run, run_crashing, run_ok, snapshot,
-                      temporaries, truncate, without_write_permission)
+from faultkit import (assert_one_line_error, run, run_crashing, run_ok, run_without_write_permission, snapshot,
+                      temporaries, truncate)
 
 from covnet.phantoms import make_phantom_dataset
 from covnet.workspace import Workspace
@@ -54,10 +54,5 @@ def test_output_folder_without_write_permission(tmp_path, folders):
     reference, labels = folders
     output_dir = tmp_path / "locked"
     output_dir.mkdir()
-    make_read_only(output_dir)
-    try:
-        result = run("covnet_evaluate", *arguments(reference, reference, labels, output_dir / "summary.json"),
-                     prefix=without_write_permission())
-    finally:
-        make_writable(output_dir)
+    result = run_without_write_permission(output_dir, "covnet_evaluate", *arguments(reference, reference, labels, output_dir / "summary.json"))
     assert_one_line_error(result, str(output_dir), "Permission denied")

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
-from faultkit import (assert_no_orphans, assert_one_line_error, assert_second_run_refused, copy_tree, make_read_only,
-                      make_writable, run, run_crashing, run_ok, snapshot, temporaries, truncate,
-                      without_write_permission)
+from faultkit import (assert_no_orphans, assert_one_line_error, assert_second_run_refused, copy_tree, run,
+                      run_crashing, run_ok, run_without_write_permission, snapshot, temporaries,
+                      truncate)
 
 from covnet.locking import lock_file
 from covnet.phantoms import make_phantom_dataset
@@ -65,11 +65,7 @@ def test_damaged_input_is_one_line_naming_the_file(workspace, target, damage):
 
 def test_read_only_workspace_is_one_line(workspace):
     run_ok(COMMAND, "--workspace", workspace, "-np", "1", "--plan-only")
-    make_read_only(workspace)
-    try:
-        result = run(COMMAND, "--workspace", workspace, "-np", "1", "--overwrite", prefix=without_write_permission())
-    finally:
-        make_writable(workspace)
+    result = run_without_write_permission(workspace, COMMAND, "--workspace", workspace, "-np", "1", "--overwrite")
     assert_one_line_error(result, str(workspace), "Permission denied")
 
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from faultkit import (assert_one_line_error, make_read_only, make_writable, run, run_crashing, run_ok, snapshot,
-                      temporaries, truncate, without_write_permission)
+from faultkit import (assert_one_line_error, run, run_crashing, run_ok, run_without_write_permission, snapshot,
+                      temporaries, truncate)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_predict import phantom, predict, trained_prediction_workspace  # noqa: E402
@@ -73,10 +73,6 @@ def test_damaged_and_empty_inputs_are_one_line_each(trained, inputs, tmp_path):
 def test_output_folder_without_write_permission_is_one_line(trained, inputs, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
-    make_read_only(output)
-    try:
-        result = run("covnet_predict", *arguments(trained, inputs, output), prefix=without_write_permission())
-    finally:
-        make_writable(output)
+    result = run_without_write_permission(output, "covnet_predict", *arguments(trained, inputs, output))
     assert_one_line_error(result, str(output), "Permission denied")
     assert list(output.iterdir()) == []

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from faultkit import assert_second_run_refused, run_crashing, run_ok, temporaries
+from faultkit import (assert_second_run_refused, run_crashing, run_ok, temporaries)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_selftrain import SELFTRAIN_FLAGS, selftrained_workspace_once, trained_workspace_once  # noqa: E402

@@ -5,13 +5,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from faultkit import (assert_one_line_error, assert_second_run_refused, copy_tree, make_read_only, make_writable, run,
-                      run_crashing, run_ok, snapshot, temporaries, truncate, without_write_permission)
+from faultkit import (assert_one_line_error, assert_second_run_refused, copy_tree, run, run_crashing, run_ok,
+                      run_without_write_permission, snapshot, temporaries, truncate)
 from test_end_to_end import as_covid19ctseg_release
 
 from covnet.locking import lock_file
-from covnet.phantoms import make_phantom_dataset
-from covnet.workspace import Workspace
 
 PHANTOMS = ("covnet_make_phantoms", "--num-labelled", "3", "--num-unlabelled", "2", "--num-test", "1", "--seed", "2")
 
@@ -59,11 +57,7 @@ def test_phantoms_workspace_that_is_a_file(tmp_path):
 
 def test_phantoms_overwrite_in_a_read_only_workspace(tmp_path, phantom_reference):
     root = copy_tree(phantom_reference, tmp_path / "ws")
-    make_read_only(root)
-    try:
-        result = run(*PHANTOMS, "--workspace", root, "--overwrite", prefix=without_write_permission())
-    finally:
-        make_writable(root)
+    result = run_without_write_permission(root, *PHANTOMS, "--workspace", root, "--overwrite")
     assert_one_line_error(result, str(root), "Permission denied")
     assert snapshot(root / "raw") == snapshot(phantom_reference / "raw")
 
@@ -102,12 +96,7 @@ def test_import_of_a_damaged_release_file_is_one_line(tmp_path, release, damage)
 def test_import_into_a_read_only_workspace(tmp_path, release):
     root = tmp_path / "ws"
     (root / "raw").mkdir(parents=True)
-    make_read_only(root)
-    try:
-        result = run("covnet_import_covid19ctseg", "--source", release, "--workspace", root,
-                     prefix=without_write_permission())
-    finally:
-        make_writable(root)
+    result = run_without_write_permission(root, "covnet_import_covid19ctseg", "--source", release, "--workspace", root)
     assert_one_line_error(result, str(root), "Permission denied")
 
 
@@ -145,12 +134,7 @@ def test_unlabelled_damaged_file_is_one_line(tmp_path, phantom_reference, damage
 def test_unlabelled_read_only_workspace_and_second_run(tmp_path, phantom_reference):
     root, source = tmp_path / "ws", phantom_reference / "raw" / "imagesUnlabelled"
     (root / "raw").mkdir(parents=True)
-    make_read_only(root)
-    try:
-        result = run("covnet_import_unlabelled", "--source", source, "--workspace", root,
-                     prefix=without_write_permission())
-    finally:
-        make_writable(root)
+    result = run_without_write_permission(root, "covnet_import_unlabelled", "--source", source, "--workspace", root)
     assert_one_line_error(result, str(root), "Permission denied")
     arguments = ["--source", source, "--workspace", root]
     assert_second_run_refused("covnet_import_unlabelled", lock_file(root, "raw"), arguments, arguments)

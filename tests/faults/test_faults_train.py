@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from faultkit import (assert_no_orphans, assert_one_line_error, assert_second_run_refused, run, run_crashing, run_ok,
-                      temporaries)
+from faultkit import (SCRIPTS, TIMEOUT, assert_no_orphans, assert_one_line_error, assert_second_run_refused, run,
+                      run_crashing, run_ok, run_without_write_permission, temporaries)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training_kit import TRAIN_FLAGS, copy_workspace, make_tiny_trainable_workspace  # noqa: E402
@@ -71,13 +71,7 @@ def test_damaged_checkpoint_is_one_line(workspace):
 
 
 def test_read_only_results_is_one_line(workspace):
-    from faultkit import make_read_only, make_writable, without_write_permission
-    make_read_only(workspace.root)
-    try:
-        result = run("covnet_train", "0", "--workspace", workspace.root, *flags(),
-                     prefix=without_write_permission())
-    finally:
-        make_writable(workspace.root)
+    result = run_without_write_permission(workspace.root, "covnet_train", "0", "--workspace", workspace.root, *flags())
     assert_one_line_error(result, str(workspace.root), "Permission denied")
 
 
@@ -99,7 +93,6 @@ def test_a_data_worker_that_dies_is_a_clear_error_not_a_hang(workspace):
     import signal
     import subprocess
     import time
-    from faultkit import SCRIPTS, TIMEOUT
     process = subprocess.Popen([str(SCRIPTS / "covnet_train"), "0", "--workspace", str(workspace.root),
                                 *flags(epochs=1000, num_workers=1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
