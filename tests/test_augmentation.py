@@ -5,18 +5,18 @@ import pytest
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
-from covnet.dataset import COVID_LABELS
 from covnet.io import Geometry
 from covnet.preprocessing.case import CaseProperties, sample_class_locations
 from covnet.preprocessing.storage import save_case
-from covnet.training.augmentation import (AugmentationSettings, LateralMirrorTransform, deep_supervision_scales,
-                                          downsample_nearest, get_pre_augmentation_patch_size, is_dummy_2d,
-                                          lateral_label_pairs, training_read_size, training_transforms,
-                                          validation_transforms)
+from covnet.training.augmentation import (AugmentationSettings, LateralMirrorTransform, downsample_nearest,
+                                          get_pre_augmentation_patch_size, is_dummy_2d, training_read_size,
+                                          training_transforms, validation_transforms)
 from covnet.training.data import PatchSampler
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-STRIDES = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+# Deep-supervision scales of a 3-stage network with strides 1, 2, 2 (covnet.network.topology computes them).
+SCALES = [[1, 1, 1], [0.5, 0.5, 0.5]]
+COVID_LATERAL_PAIRS = [(1, 2)]
 NO_SPATIAL = AugmentationSettings(p_rotation=0, p_scaling=0)
 
 
@@ -45,11 +45,6 @@ def lung_case(shape=(20, 30, 30)):
     segmentation[2:-2, 4:-4, 2:shape[2] // 2 - 1] = 2       # right lung
     segmentation[8:12, 10:14, 20:24] = 3
     return segmentation
-
-
-def test_covid_labels_have_one_lateral_pair():
-    assert lateral_label_pairs(COVID_LABELS) == [(1, 2)]
-    assert lateral_label_pairs({"background": 0, "kidney_left": 3, "kidney_right": 4, "liver": 1}) == [(3, 4)]
 
 
 @pytest.mark.parametrize("patch, dummy", [((48, 128, 128), False), ((32, 64, 64), False), ((12, 160, 160), True)])
@@ -105,7 +100,7 @@ def test_training_pipeline_shapes_types_and_label_values(tmp_path):
     settings = AugmentationSettings(p_rotation=0.5, p_scaling=0.5)
     sampler = PatchSampler(tmp_path, ["a"], patch, batch_size=4,
                            pre_augmentation_patch_size=training_read_size(patch, settings), seed=2)
-    scales = deep_supervision_scales(STRIDES)
+    scales = SCALES
     for ignore_label, allowed in ((None, {0, 1, 2, 3}), (4, {0, 1, 2, 3, 4})):
         pipeline = training_transforms(patch, scales, lateral_pairs=[(1, 2)], ignore_label=ignore_label,
                                        settings=settings)
@@ -179,16 +174,13 @@ def test_mirroring_real_lungs_swaps_exactly_the_lung_labels(tmp_path):
     segmentation = lung_case()
     write_case(tmp_path, "a", segmentation)
     batch = next(PatchSampler(tmp_path, ["a"], (20, 30, 30), batch_size=1, seed=6))
-    transform = LateralMirrorTransform(axes=(2,), lateral_pairs=lateral_label_pairs(COVID_LABELS), p_per_axis=1)
+    transform = LateralMirrorTransform(axes=(2,), lateral_pairs=COVID_LATERAL_PAIRS, p_per_axis=1)
     _, target = mirror(transform, batch)
     swapped = {1: 2, 2: 1, 0: 0, 3: 3}
     np.testing.assert_array_equal(target, np.vectorize(swapped.get)(batch["target"][0, :, :, :, ::-1]))
 
 
-def test_downsample_nearest_and_deep_supervision_scales():
-    assert deep_supervision_scales(STRIDES) == [[1, 1, 1], [0.5, 0.5, 0.5]]
-    assert deep_supervision_scales([[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]) == \
-        [[1, 1, 1], [1, 0.5, 0.5], [0.5, 0.25, 0.25]]
+def test_downsample_nearest():
     array = torch.arange(4 * 6 * 8).reshape(1, 1, 4, 6, 8)
     half = downsample_nearest(array, (0.5, 0.5, 0.5))
     assert torch.equal(half[0, 0], array[0, 0, 1::2, 1::2, 1::2])
@@ -201,7 +193,7 @@ def test_validation_pipeline_changes_nothing_but_the_targets():
     data = np.random.rand(2, 1, 8, 8, 8).astype(np.float32)
     target = np.ones((2, 1, 8, 8, 8), np.int16)
     target[:, :, :2] = -1
-    batch = validation_transforms(deep_supervision_scales(STRIDES))(data=data.copy(), target=target)
+    batch = validation_transforms(SCALES)(data=data.copy(), target=target)
     np.testing.assert_array_equal(batch["data"].numpy(), data)
     full, half = batch["target"]
     assert tuple(half.shape) == (2, 1, 4, 4, 4)
@@ -233,7 +225,7 @@ def test_sampler_and_augmentation_run_in_worker_processes(tmp_path):
     patch = (8, 12, 12)
     sampler = PatchSampler(tmp_path, ["a"], patch, batch_size=2, seed=7,
                            pre_augmentation_patch_size=training_read_size(patch), num_threads_in_multithreaded=2)
-    augmenter = MultiThreadedAugmenter(sampler, training_transforms(patch, deep_supervision_scales(STRIDES),
+    augmenter = MultiThreadedAugmenter(sampler, training_transforms(patch, SCALES,
                                                                     lateral_pairs=[(1, 2)]),
                                        num_processes=2, num_cached_per_queue=1, seeds=[5, 5])
     try:

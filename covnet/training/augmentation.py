@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -161,24 +160,6 @@ def training_read_size(patch_size: Sequence[int], settings: AugmentationSettings
         degrees = 0.0
     scale = settings.scale_range if settings.p_scaling > 0 else (1.0, 1.0)
     return get_pre_augmentation_patch_size(patch_size, degrees, scale, dummy_2d)
-
-
-def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:
-    """Per-axis size of each deep-supervision output relative to the input, full resolution first
-    (``len(strides) - 1`` outputs, as covnet's network returns them)."""
-    cumulative = np.cumprod(np.array(strides, dtype=float), axis=0)
-    return [(1.0 / cumulative[stage]).tolist() for stage in range(len(strides) - 1)]
-
-
-def lateral_label_pairs(labels: Mapping[str, int]) -> list[tuple[int, int]]:
-    """(left, right) label values whose names differ only by left/right, e.g. left_lung and right_lung."""
-    by_name = {name.lower(): value for name, value in labels.items()}
-    pairs = []
-    for name, value in sorted(by_name.items()):
-        partner = re.sub(r"(^|_)left($|_)", r"\1right\2", name)
-        if partner != name and partner in by_name:
-            pairs.append((value, by_name[partner]))
-    return pairs
 
 
 def downsample_nearest(target: torch.Tensor, scale: Sequence[float]) -> torch.Tensor:
@@ -317,8 +298,8 @@ def training_transforms(patch_size: Sequence[int], deep_supervision: Sequence[Se
                         ignore_label: int | None = None,
                         settings: AugmentationSettings = DEFAULT_AUGMENTATION) -> BatchTransforms:
     """The training augmentation for batches read at ``training_read_size(patch_size, settings)``; returns
-    patches of ``patch_size``. ``deep_supervision``: ``deep_supervision_scales(strides)`` or None for a
-    single target; ``lateral_pairs``: ``lateral_label_pairs(labels)``."""
+    patches of ``patch_size``. ``deep_supervision``: the topology's ``deep_supervision_scales`` or None for a
+    single target; ``lateral_pairs``: the plan's ``lateral_pairs``."""
     transforms = _spatial_transforms(patch_size, settings) + _intensity_transforms(patch_size, settings)
     if mirror_axes:
         transforms.append(LateralMirrorTransform(mirror_axes, lateral_pairs, p_per_axis=settings.p_mirror_per_axis))

@@ -40,9 +40,9 @@ def run_crashing(rule: str, command: str, *args) -> tuple[subprocess.CompletedPr
     return result, process.pid
 
 
-def live_processes_in_group(group: int) -> list[int]:
-    """Processes of a process group that are still running (zombies, which nobody may reap, do not count)."""
-    alive = []
+def _running_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every running process (zombies, which nobody may reap, left out)."""
+    processes = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -51,9 +51,17 @@ def live_processes_in_group(group: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == group and fields[0] != "Z":
-            alive.append(int(entry.name))
-    return alive
+        if fields[0] != "Z":
+            processes.append((int(entry.name), int(fields[1]), int(fields[2])))
+    return processes
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    return [pid for pid, _, process_group in _running_processes() if process_group == group]
+
+
+def children_of(parent: int) -> list[int]:
+    return [pid for pid, parent_pid, _ in _running_processes() if parent_pid == parent]
 
 
 def assert_no_orphans(group: int, seconds: float = 5.0) -> None:

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from faultkit import (SCRIPTS, TIMEOUT, assert_no_orphans, assert_one_line_error, assert_second_run_refused, run,
-                      run_crashing, run_ok, run_without_write_permission, temporaries)
+from faultkit import (SCRIPTS, TIMEOUT, assert_no_orphans, assert_one_line_error, assert_second_run_refused,
+                      children_of, run, run_crashing, run_ok, run_without_write_permission, temporaries)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training_kit import TRAIN_FLAGS, copy_workspace, make_tiny_trainable_workspace  # noqa: E402
@@ -75,20 +75,6 @@ def test_read_only_results_is_one_line(workspace):
     assert_one_line_error(result, str(workspace.root), "Permission denied")
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                children.append(int(entry.name))
-    return children
-
-
 def test_a_data_worker_that_dies_is_a_clear_error_not_a_hang(workspace):
     import signal
     import subprocess
@@ -97,10 +83,10 @@ def test_a_data_worker_that_dies_is_a_clear_error_not_a_hang(workspace):
                                 *flags(epochs=1000, num_workers=1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 120
-    while not _children(process.pid) and time.monotonic() < deadline:
+    while not children_of(process.pid) and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.1)
-    for child in _children(process.pid):
+    for child in children_of(process.pid):
         __import__("os").kill(child, signal.SIGKILL)
     _, stderr = process.communicate(timeout=TIMEOUT)
     lines = [line for line in stderr.splitlines() if line.startswith("covnet_train: error:")]
