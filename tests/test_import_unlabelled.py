@@ -8,7 +8,8 @@ from covnet.cli.common import run_command
 from covnet.cli.import_unlabelled import main as import_main
 from covnet.dataset import COVID_LABELS, DatasetDescription, find_cases
 from covnet.errors import CovnetError
-from covnet.importers.unlabelled import import_unlabelled, sanitize_case_id
+from covnet.discovery import sanitize_case_id
+from covnet.importers.unlabelled import import_unlabelled
 from covnet.io import Geometry, read_image, write_image
 from covnet.workspace import Workspace
 
@@ -180,3 +181,14 @@ def test_real_dicom_series(real_ct_dir, tmp_path):
     original, original_geometry = read_image(series)
     assert image.dtype == np.int16 and geometry.matches(original_geometry)
     assert np.abs(image.astype(np.float64) - original).max() <= 0.5
+
+
+def test_discovery_follows_linked_folders_once(tmp_path, dicom_series_writer):
+    from covnet.discovery import find_ct_sources
+    series = tmp_path / "elsewhere" / "series"
+    dicom_series_writer(np.zeros((3, 8, 8), np.int16), series)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "linked").symlink_to(series, target_is_directory=True)
+    (source / "loop").symlink_to(source, target_is_directory=True)     # must not recurse forever
+    assert find_ct_sources(source) == [source / "linked"]

@@ -29,8 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from covnet.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
+from covnet.discovery import find_ct_sources, propose_case_ids
 from covnet.errors import CovnetError
-from covnet.importers.unlabelled import find_ct_sources, propose_case_ids
 from covnet.inference.predictor import Predictor
 from covnet.inference.preview import write_preview
 from covnet.inference.report import REQUIRED_LABELS, case_report, write_report
