@@ -28,9 +28,9 @@ demo: venv
 	$(BIN)/covnet_make_phantoms --workspace $(DEMO_WORKSPACE) --num-labelled 10 --num-unlabelled 4 --num-test 2 --seed 0
 	$(BIN)/covnet_plan_and_preprocess --workspace $(DEMO_WORKSPACE) -np 2 --device cpu
 	$(BIN)/covnet_train 0 --workspace $(DEMO_WORKSPACE) --epochs $(DEMO_EPOCHS) --iters-per-epoch $(DEMO_ITERATIONS) \
-		--val-iters 5 --checkpoint-every 5
+		--val-iters 5 --checkpoint-every 5 --no-val-mirroring
 	$(BIN)/covnet_selftrain --workspace $(DEMO_WORKSPACE) --cases-per-round 2 --max-rounds 2 \
-		--epochs-per-round 2 --iters-per-epoch $(DEMO_ITERATIONS) --val-iters 5
+		--epochs-per-round 2 --iters-per-epoch $(DEMO_ITERATIONS) --val-iters 5 --disable-tta
 	$(BIN)/covnet_predict --workspace $(DEMO_WORKSPACE) -i $(DEMO_WORKSPACE)/raw/imagesTs -o $(DEMO_WORKSPACE)/predictions
 	$(BIN)/covnet_evaluate --ref $(DEMO_WORKSPACE)/raw/labelsTs --pred $(DEMO_WORKSPACE)/predictions \
 		--labels $(DEMO_WORKSPACE)/raw/dataset.json -o $(DEMO_WORKSPACE)/results/test_summary.json
