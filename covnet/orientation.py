@@ -13,6 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
+# In a canonical (LPS) array the last axis, x, runs from the patient's right to left: mirroring along it
+# turns a left lung into a right one.
+LEFT_RIGHT_AXIS = 2
+
 
 @dataclass(frozen=True)
 class Reorientation:

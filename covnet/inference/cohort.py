@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covnet.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
+from covnet.dataset import CHANNEL_SUFFIX
 from covnet.discovery import find_ct_sources, propose_case_ids
 from covnet.errors import CovnetError
 from covnet.inference.predictor import Predictor
@@ -47,7 +48,6 @@ _CONSOLE = threading.Lock()
 
 CROSS_VALIDATION_FOLDS = ("0", "1", "2", "3", "4")
 CHECKPOINT_CHOICES = ("final", "best")
-CHANNEL_SUFFIX = "_0000"
 REPORTS_FOLDER = ".reports"
 DICOM_OUTPUT_SUFFIX = ".nii.gz"
 # The output format of each input format: header + data pairs become their one-file variants.

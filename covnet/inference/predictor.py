@@ -22,6 +22,7 @@ from covnet.inference.postprocessing import postprocess
 from covnet.inference.sliding_window import predict_sliding_window
 from covnet.io import Geometry, write_image
 from covnet.log import logger
+from covnet.orientation import LEFT_RIGHT_AXIS
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.planning.plans import Plan
 from covnet.preprocessing.case import CaseProperties, preprocess_case, probabilities_to_original
@@ -30,8 +31,6 @@ from covnet.checkpoint import Checkpoint
 log = logger(__name__)
 # 3D mirroring (augmentation and test time) along every axis, as nnU-Net does for 3D configurations.
 MIRROR_AXES = (0, 1, 2)
-# Array axis x of an LPS-canonical case runs from patient right to left.
-LEFT_RIGHT_AXIS = 2
 
 
 @dataclass(frozen=True)

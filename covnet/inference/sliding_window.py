@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from covnet.orientation import LEFT_RIGHT_AXIS
+
 SPATIAL_DIMS = 3
 
 
@@ -149,7 +151,7 @@ def _predict_windows(network: Callable, windows: torch.Tensor, num_classes: int,
 @torch.inference_mode()
 def predict_sliding_window(network: Callable, image: np.ndarray | torch.Tensor, patch_size: Sequence[int],
                            num_classes: int, step_size: float = 0.5, mirror_axes: Sequence[int] = (),
-                           lateral_pairs: Sequence[Sequence[int]] = (), left_right_axis: int = 2,
+                           lateral_pairs: Sequence[Sequence[int]] = (), left_right_axis: int = LEFT_RIGHT_AXIS,
                            batch_windows: int = 1, device: torch.device = torch.device("cpu"),
                            use_amp: bool = False, pad_value: float = 0.0) -> torch.Tensor:
     """Class probabilities for a whole preprocessed image, as a float32 CPU tensor ``(num_classes, z, y, x)``.

@@ -54,9 +54,10 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 
-OUTSIDE_CASE_LABEL = -1
+from covnet.orientation import LEFT_RIGHT_AXIS
+from covnet.training.data import OUTSIDE_CASE_LABEL
+
 DUMMY_2D_ANISOTROPY = 3.0
-LATERAL_AXIS = 2          # x, the last spatial axis: left-right after canonical orientation
 ROTATION_GRID_STEP_DEGREES = 2.0
 MAX_ANGLES_PER_AXIS = 31
 
@@ -181,7 +182,7 @@ class LateralMirrorTransform(BasicTransform):
     ``lateral_axis`` also exchanges the two labels of every pair in ``lateral_pairs`` in the segmentation."""
 
     def __init__(self, axes: Sequence[int] = (0, 1, 2), lateral_pairs: Sequence[tuple[int, int]] = (),
-                 lateral_axis: int = LATERAL_AXIS, p_per_axis: float = 0.5):
+                 lateral_axis: int = LEFT_RIGHT_AXIS, p_per_axis: float = 0.5):
         super().__init__()
         if any(axis not in (0, 1, 2) for axis in axes):
             raise ValueError(f"mirror axes are spatial axes 0, 1, 2, not {tuple(axes)}")
