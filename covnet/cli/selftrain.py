@@ -6,7 +6,7 @@ import sys
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
-from covnet.selftrain.rounds import SelfTrainingSettings, run_selftraining
+from covnet.selftrain.rounds import SelfTrainingSettings, run_pseudo_label_part, run_selftraining
 
 PROGRAM = "covnet_selftrain"
 
@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "most confident cases join the training set, and a student initialised from the teacher is "
                     "fine-tuned on the teacher fold's expert training cases plus every pseudo-labelled case, then "
                     "validated on the fold's held-out expert cases. The student teaches the next round. Output: "
-                    "results/selftrain/ (summary.json, progress.png, round_NN/, final/).")
+                    "results/selftrain/ (summary.json, progress.png, round_NN/, final/). Under torchrun the "
+                    "ranks share the pseudo-labelling and fine-tune with DistributedDataParallel; "
+                    "--num-parts/--part-id split one round's pseudo-labelling across separate machines.")
     add_workspace_argument(parser)
     parser.add_argument("--teacher", default=defaults.teacher,
                         help="best (default: the fold with the highest mean validation Dice over lungs and "
@@ -56,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--disable-tta", action="store_true",
                         help="no test-time mirroring for the pseudo-labels and the validations (8x faster)")
     parser.add_argument("--continue", dest="resume", action="store_true",
-                        help="resume an interrupted self-training (or run more rounds with a larger --max-rounds)")
+                        help="resume an interrupted self-training (or run more rounds with a larger --max-rounds); "
+                             "after --num-parts runs, this is the merge: it selects and fine-tunes")
+    parser.add_argument("--num-parts", type=int, default=None,
+                        help="only pseudo-label part --part-id of NUM_PARTS of the current round's unused pool, "
+                             "then stop (run the parts on several machines sharing the workspace, then "
+                             "covnet_selftrain --continue)")
+    parser.add_argument("--part-id", type=int, default=0, help="which part this run does (0 .. num-parts - 1)")
     return parser
 
 
@@ -74,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
     workspace = workspace_from(args)
-    run_selftraining(workspace, settings, resume=args.resume)
+    if args.num_parts is not None:
+        cases = run_pseudo_label_part(workspace, settings, args.num_parts, args.part_id)
+        print(f"pseudo-labelled part {args.part_id} of {args.num_parts}: {len(cases)} case(s)")
+        return 0
+    if run_selftraining(workspace, settings, resume=args.resume) is None:
+        return 0                                    # a rank other than 0 under torchrun
     print(f"summary: {workspace.selftrain / 'summary.json'}; "
           f"model: {workspace.selftrain_final / 'checkpoint_final.pth'}")
     return 0

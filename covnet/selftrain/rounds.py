@@ -6,9 +6,16 @@ Resumable per round: a round with ``selection.json`` keeps its pseudo-labels; it
 ``checkpoint_latest.pth`` through ``run_training`` (or is skipped once finished and validated). Each round
 seeds the global random generators from (seed, round), so a student retrained after a kill sees the same
 patches and augmentations as in an uninterrupted run (on a CPU with ``--num-workers 0``, bit for bit).
+
+Scale. Under torchrun every rank pseudo-labels its share of the unused pool (case i goes to rank i mod N), rank 0
+selects, and the student is fine-tuned with DistributedDataParallel like ``covnet_train``; only rank 0 writes
+summaries and validates. Across independent machines, ``run_pseudo_label_part`` (``--num-parts P --part-id I``)
+predicts one part of the current round's candidates and stops; the ordinary run (``--continue``) is the merge:
+it finds those candidates, predicts any that are missing, selects and fine-tunes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -21,15 +28,18 @@ import torch
 from covnet.atomic import atomic_path, read_json, sweep_dead_temporaries, write_json
 from covnet.checkpoint import Checkpoint
 from covnet.errors import CovnetError
+from covnet.inference.cohort import shard
 from covnet.inference.predictor import InferenceSettings, Predictor, resolve_device
 from covnet.locking import exclusive
 from covnet.log import logger, setup_logging
 from covnet.planning.plans import Plan
-from covnet.selftrain.pseudo_labels import (PSEUDO_LABELS, check_pool_names, pool_cases, pseudo_label_round,
-                                            read_selection, self_training_plan)
+from covnet.selftrain.pseudo_labels import (CANDIDATES, PSEUDO_LABELS, check_pool_names, pool_cases,
+                                            predict_candidates, pseudo_label_round, read_selection,
+                                            self_training_plan)
 from covnet.selftrain.report import plot_rounds, round_entry, validation_table, write_summary
 from covnet.selftrain.teacher import Teacher, choose_teacher, ranking_score
-from covnet.training.distributed import context_from_environment
+from covnet.training.distributed import (DistributedContext, context_from_environment, device_for, initialise,
+                                         shutdown)
 from covnet.training.run import TrainingJob, TrainingSettings, run_training
 from covnet.training.validation import validate_fold
 from covnet.workspace import Workspace
@@ -121,23 +131,101 @@ def seed_round(seed: int, round_index: int) -> None:
 
 
 def run_selftraining(workspace: Workspace, settings: SelfTrainingSettings, resume: bool = False,
-                     teacher: Teacher | None = None) -> dict:
-    """Self-train into ``results/selftrain/`` and return its summary. ``teacher`` overrides ``settings.teacher``
-    (e.g. a model trained on a custom split); on --continue the recorded teacher is used."""
+                     teacher: Teacher | None = None) -> dict | None:
+    """Self-train into ``results/selftrain/`` and return its summary (None on the ranks other than 0 under
+    torchrun). ``teacher`` overrides ``settings.teacher`` (e.g. a model trained on a custom split); on --continue
+    the recorded teacher is used."""
+    context = context_from_environment()
+    device = device_for(context, resolve_device(settings.device))
+    initialise(context, device)
+    root = workspace.selftrain
+    try:
+        with _holding(workspace, context):
+            if context.is_main:
+                if root.exists() and not resume:
+                    raise CovnetError(root, "already holds a self-training; pass --continue to resume it, or "
+                                            "delete the folder to start again")
+                root.mkdir(parents=True, exist_ok=True)
+                sweep_dead_temporaries(root)
+                teacher = _start_or_resume(workspace, settings, teacher)
+            setup_logging(root / "selftrain_log.txt" if context.is_main else None, rank=context.rank)
+            context.barrier()                 # rank 0 has recorded the teacher: the others read it back
+            if not context.is_main:
+                teacher = _start_or_resume(workspace, settings, None)
+            return _run_rounds(workspace, settings, teacher, device, context)
+    finally:
+        shutdown(context)
+
+
+@contextlib.contextmanager
+def _holding(workspace: Workspace, context: DistributedContext):
+    """Rank 0 holds the self-training lock for every rank."""
+    if not context.is_main:
+        yield
+        return
+    with exclusive(workspace.root, LOCK_SCOPE, COMMAND):
+        yield
+
+
+def run_pseudo_label_part(workspace: Workspace, settings: SelfTrainingSettings, num_parts: int, part_id: int,
+                          teacher: Teacher | None = None) -> list[str]:
+    """Predict part ``part_id`` of ``num_parts`` of the current round's pseudo-label candidates (the first
+    round without ``selection.json``) and stop; return the cases of this part. Parts run at the same time on
+    other machines sharing the workspace; ``run_selftraining(..., resume=True)`` afterwards is the merge."""
     if context_from_environment().enabled:
-        raise CovnetError(None, "covnet_selftrain runs in one process: start it without torchrun (its student "
-                                "training does not use DistributedDataParallel yet)")
+        raise CovnetError(None, "--num-parts/--part-id split the pool across separate runs; under torchrun the "
+                                "ranks share it without them")
+    shard([], num_parts, part_id)                       # a bad part is refused before any work
     device = resolve_device(settings.device)
     root = workspace.selftrain
-    with exclusive(workspace.root, LOCK_SCOPE, COMMAND):
-        if root.exists() and not resume:
-            raise CovnetError(root, "already holds a self-training; pass --continue to resume it, or delete the "
-                                    "folder to start again")
+    with exclusive(workspace.root, f"{LOCK_SCOPE}_part_{part_id}_of_{num_parts}", COMMAND):
         root.mkdir(parents=True, exist_ok=True)
-        sweep_dead_temporaries(root)
-        setup_logging(root / "selftrain_log.txt")
+        setup_logging(root / f"pseudo_label_part_{part_id}_of_{num_parts}_log.txt")
         teacher = _start_or_resume(workspace, settings, teacher)
-        return _run_rounds(workspace, settings, teacher, device)
+        plan = self_training_plan(Plan.load(workspace.plans_json))
+        pool = _checked_pool(workspace, teacher)
+        round_index, used = 1, []
+        while (selection := read_selection(workspace.selftrain_round(round_index))) is not None:
+            used += selection["cases_added"]
+            round_index += 1
+        if settings.max_rounds is not None and round_index > settings.max_rounds:
+            raise CovnetError(root, f"--max-rounds {settings.max_rounds} rounds are already selected; nothing to do")
+        models = _round_teacher_models(workspace, teacher, round_index)
+        mine = shard([case for case in pool if case not in used], num_parts, part_id, key=lambda case: case)
+        log.info(f"round {round_index}, part {part_id} of {num_parts}: the teacher pseudo-labels {len(mine)} "
+                 f"of the unused pool case(s)")
+        predictor = Predictor.from_files(models, device, InferenceSettings(use_mirroring=settings.tta))
+        predict_candidates(workspace, predictor, plan, mine, workspace.selftrain_round(round_index) / CANDIDATES,
+                           settings.min_confidence, _candidate_key(workspace, models, settings))
+        log.info(f"round {round_index}, part {part_id} of {num_parts} done; when every part is done, "
+                 f"covnet_selftrain --continue selects and fine-tunes")
+        return mine
+
+
+def _checked_pool(workspace: Workspace, teacher: Teacher) -> list[str]:
+    pool = pool_cases(workspace)
+    if not pool:
+        raise CovnetError(workspace.preprocessed_pool, "holds no preprocessed unlabelled CTs; import a pool "
+                                                       "(covnet_import_unlabelled) and run covnet_plan_and_preprocess")
+    check_pool_names(pool, teacher.train_cases + teacher.validation_cases)
+    return pool
+
+
+def _round_teacher_models(workspace: Workspace, teacher: Teacher, round_index: int) -> list[Path]:
+    """Who pseudo-labels round ``round_index``: the teacher's models, then each round's student."""
+    if round_index == 1:
+        return list(teacher.checkpoints)
+    previous = workspace.selftrain_round(round_index - 1) / "checkpoint_final.pth"
+    if not previous.is_file():
+        raise CovnetError(previous, f"not found: round {round_index - 1}'s student is not trained yet; run "
+                                    "covnet_selftrain --continue first")
+    return [previous]
+
+
+def _candidate_key(workspace: Workspace, models: list[Path], settings: SelfTrainingSettings) -> dict:
+    """What a stored candidate was predicted with: a candidate of another teacher or setting is redone."""
+    return {"teacher": [_relative(workspace, model) for model in models], "tta": settings.tta,
+            "min_confidence": settings.min_confidence}
 
 
 def _fold_validation(workspace: Workspace, teacher: Teacher, inference: InferenceSettings) -> Path | None:
@@ -169,7 +257,8 @@ def _teacher_entry(workspace: Workspace, teacher: Teacher, device, inference: In
 
 
 def _train_student(workspace: Workspace, settings: SelfTrainingSettings, plan: Plan, teacher: Teacher,
-                   round_index: int, pseudo_folders: dict[str, Path], pretrained: Path, device) -> dict | None:
+                   round_index: int, pseudo_folders: dict[str, Path], pretrained: Path, device,
+                   context: DistributedContext) -> dict | None:
     round_dir = workspace.selftrain_round(round_index)
     pseudo = list(pseudo_folders)
     train = list(teacher.train_cases) + pseudo
@@ -191,42 +280,51 @@ def _train_student(workspace: Workspace, settings: SelfTrainingSettings, plan: P
     log.info(f"round {round_index}: student fine-tuned from {_relative(workspace, pretrained)} on "
              f"{len(teacher.train_cases)} expert + {len(pseudo)} pseudo-labelled cases (weight "
              f"{settings.pseudo_weight:g}), {settings.epochs_per_round} x {settings.iterations_per_epoch} iterations")
-    run_training(workspace, job, training, True, False, context_from_environment(), device)
+    run_training(workspace, job, training, True, False, context, device)
     summary_file = round_dir / "validation" / "summary.json"
     return read_json(summary_file, "") if summary_file.is_file() else None
 
 
-def _run_rounds(workspace: Workspace, settings: SelfTrainingSettings, teacher: Teacher, device) -> dict:
+def _pseudo_label(workspace: Workspace, settings: SelfTrainingSettings, plan: Plan, round_index: int,
+                  models: list[Path], unused: list[str], device, context: DistributedContext) -> dict:
+    """Round ``round_index``'s selection: every rank predicts its share of the unused pool, rank 0 selects."""
+    round_dir = workspace.selftrain_round(round_index)
+    log.info(f"round {round_index}: the teacher ({', '.join(_relative(workspace, m) for m in models)}) "
+             f"pseudo-labels {len(unused)} unused pool case(s)")
+    key = _candidate_key(workspace, models, settings)
+    predictor = Predictor.from_files(models, device, InferenceSettings(use_mirroring=settings.tta))
+    if context.enabled:
+        predict_candidates(workspace, predictor, plan, shard(unused, context.world_size, context.rank,
+                                                             key=lambda case: case),
+                           round_dir / CANDIDATES, settings.min_confidence, key)
+        context.barrier()
+    if context.is_main:               # every candidate is there by now (the ranks' or an earlier part's)
+        pseudo_label_round(workspace, round_index, round_dir, predictor, plan, unused, settings.cases_per_round,
+                           settings.min_confidence, key, settings.seed)
+    context.barrier()
+    return read_selection(round_dir)
+
+
+def _run_rounds(workspace: Workspace, settings: SelfTrainingSettings, teacher: Teacher, device,
+                context: DistributedContext) -> dict | None:
     plan = self_training_plan(Plan.load(workspace.plans_json))
-    pool = pool_cases(workspace)
-    if not pool:
-        raise CovnetError(workspace.preprocessed_pool, "holds no preprocessed unlabelled CTs; import a pool "
-                                                       "(covnet_import_unlabelled) and run covnet_plan_and_preprocess")
-    check_pool_names(pool, teacher.train_cases + teacher.validation_cases)
+    pool = _checked_pool(workspace, teacher)
     inference = InferenceSettings(use_mirroring=settings.tta)
     log.info(f"teacher: {teacher.describe()}; held-out validation cases: {', '.join(teacher.validation_cases)}")
-    teacher_entry = _teacher_entry(workspace, teacher, device, inference)
+    teacher_entry = _teacher_entry(workspace, teacher, device, inference) if context.is_main else None
     used: list[str] = []
     pseudo_folders: dict[str, Path] = {}
     rounds: list[dict] = []
     round_index = 1
     while settings.max_rounds is None or round_index <= settings.max_rounds:
         round_dir = workspace.selftrain_round(round_index)
-        previous = workspace.selftrain_round(round_index - 1) / "checkpoint_final.pth"
-        models = teacher.checkpoints if round_index == 1 else [previous]
         selection = read_selection(round_dir)
         if selection is None:
             unused = [case for case in pool if case not in used]
             if not unused:
                 break
-            log.info(f"round {round_index}: the teacher ({', '.join(_relative(workspace, m) for m in models)}) "
-                     f"pseudo-labels {len(unused)} unused pool case(s)")
-            key = {"teacher": [_relative(workspace, model) for model in models], "tta": settings.tta,
-                   "min_confidence": settings.min_confidence}
-            predictor = Predictor.from_files(models, device, inference)
-            selection = pseudo_label_round(workspace, round_index, round_dir, predictor, plan, unused,
-                                           settings.cases_per_round, settings.min_confidence, key, settings.seed)
-            del predictor
+            models = _round_teacher_models(workspace, teacher, round_index)
+            selection = _pseudo_label(workspace, settings, plan, round_index, models, unused, device, context)
         taken = ", ".join(f"{case} ({'n/a' if c is None else f'{c:.4f}'})"
                           for case, c in selection["confidence"].items())
         log.info(f"round {round_index}: pool {selection['pool_size_before']} -> {selection['pool_size']} case(s); "
@@ -234,15 +332,19 @@ def _run_rounds(workspace: Workspace, settings: SelfTrainingSettings, teacher: T
         for case in selection["cases_added"]:
             used.append(case)
             pseudo_folders[case] = round_dir / PSEUDO_LABELS
-        pretrained = teacher.pretrained if round_index == 1 else previous
+        pretrained = teacher.pretrained if round_index == 1 else \
+            workspace.selftrain_round(round_index - 1) / "checkpoint_final.pth"
         validation = _train_student(workspace, settings, plan, teacher, round_index, pseudo_folders, pretrained,
-                                    device)
-        rounds.append(round_entry(selection, validation))
-        summary = write_summary(workspace.selftrain / "summary.json", teacher_entry, rounds)
-        plot_rounds(summary, workspace.selftrain / "progress.png")
+                                    device, context)
+        if context.is_main:
+            rounds.append(round_entry(selection, validation))
+            summary = write_summary(workspace.selftrain / "summary.json", teacher_entry, rounds)
+            plot_rounds(summary, workspace.selftrain / "progress.png")
         round_index += 1
-    if not rounds:
+    if round_index == 1:
         raise CovnetError(workspace.selftrain, "no round was run (the pool is empty or already used)")
+    if not context.is_main:
+        return None
     final = _write_final(workspace, settings, rounds, plan)
     summary = write_summary(workspace.selftrain / "summary.json", teacher_entry, rounds, final)
     plot_rounds(summary, workspace.selftrain / "progress.png")
