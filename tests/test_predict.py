@@ -149,8 +149,9 @@ def test_ensemble_averages_the_folds(trained, tmp_path):
     assert not np.allclose(probabilities["0"], probabilities["1"], atol=1e-3)
     assert np.allclose(probabilities["both"], (probabilities["0"] + probabilities["1"]) / 2, atol=2e-3)
     labels = read_image(tmp_path / "both" / "case.nii.gz")[0]
-    assert np.array_equal(labels, np.argmax(probabilities["both"], axis=0)) or \
-        np.mean(labels == np.argmax(probabilities["both"], axis=0)) > 0.999   # float16 ties may differ
+    # the labels are the argmax of the probabilities; where they differ, it is a tie at float16 resolution
+    label_probability = np.take_along_axis(probabilities["both"], labels[None].astype(np.int64), axis=0)[0]
+    assert np.all(probabilities["both"].max(axis=0) - label_probability <= 2e-3)
 
 
 def test_model_from_a_copied_results_folder_or_file(trained, tmp_path):

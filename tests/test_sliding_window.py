@@ -210,6 +210,27 @@ def test_a_real_convolutional_network_runs_with_mirroring_and_padding():
     np.testing.assert_allclose(probabilities.sum(0).numpy(), 1.0, atol=1e-5)
 
 
+def test_cpu_autocast_is_bfloat16_where_native_and_float32_elsewhere(monkeypatch):
+    from covnet.inference import sliding_window
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.LeakyReLU(),
+                                  torch.nn.Conv3d(8, NUM_CLASSES, 3, padding=1)).eval()
+    image = torch.randn(1, 10, 12, 12)
+    exact = predict_sliding_window(network, image, (8, 8, 8), NUM_CLASSES)
+    for native in (True, False):
+        monkeypatch.setattr(sliding_window, "cpu_has_native_bfloat16", lambda native=native: native)
+        assert sliding_window.autocast_available(torch.device("cpu")) is native
+        mixed = predict_sliding_window(network, image, (8, 8, 8), NUM_CLASSES, use_amp=True)
+        assert mixed.dtype == torch.float32
+        np.testing.assert_allclose(mixed.sum(0).numpy(), 1.0, atol=1e-5)
+        if native:      # the network ran in bfloat16: close to float32, not equal
+            assert not torch.equal(mixed, exact)
+            assert (mixed - exact).abs().max() < 0.05
+            assert (mixed.argmax(0) == exact.argmax(0)).float().mean() > 0.95
+        else:
+            assert torch.equal(mixed, exact)
+
+
 def test_accumulators_fall_back_to_the_cpu_when_the_device_is_out_of_memory(monkeypatch):
     from covnet.inference import sliding_window
 

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sliding-window step as a fraction of the patch (default 0.5; larger is faster)")
     parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (8x faster, less exact)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--fp32", action="store_true",
+                        help="run the network in float32 (default: float16 autocast on CUDA, bfloat16 on CPUs "
+                             "with AMX or AVX512-BF16, measured 2-3x faster there at the same Dice; others "
+                             "always use float32)")
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="keep the raw argmax (default: keep the largest lung components and drop infection "
                              "outside the lungs)")
@@ -66,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoints, description = select_checkpoints(model, args.folds, args.checkpoint)
     device = resolve_device(args.device)
     inference = InferenceSettings(step_size=args.step_size, use_mirroring=not args.disable_tta,
-                                  postprocess=not args.no_postprocessing)
+                                  postprocess=not args.no_postprocessing, use_amp=not args.fp32)
     predictor = Predictor.from_files(checkpoints, device, inference)
     print(f"{len(cases)} case(s) in {args.input}; model: {description}; device: {device}")
     summary = predict_cohort(predictor, cases, args.output, settings)

@@ -38,7 +38,7 @@ class InferenceSettings:
     step_size: float = 0.5
     use_mirroring: bool = True
     batch_windows: int = 2
-    use_amp: bool = True          # only on CUDA
+    use_amp: bool = True          # autocast where available: float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16
     postprocess: bool = False
 
 
@@ -84,7 +84,7 @@ class Predictor:
                     mirror_axes=MIRROR_AXES if self.settings.use_mirroring else (),
                     lateral_pairs=self.plan.lateral_pairs, left_right_axis=LEFT_RIGHT_AXIS,
                     batch_windows=self.settings.batch_windows, device=self.device,
-                    use_amp=self.settings.use_amp and self.device.type == "cuda")
+                    use_amp=self.settings.use_amp)
                 total = probabilities if total is None else total.add_(probabilities)
             if len(self.states) > 1:
                 total.div_(len(self.states))

@@ -16,8 +16,11 @@ is the confidence that :func:`covnet.inference.report.case_report` summarises.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,6 +29,22 @@ import torch
 from covnet.orientation import LEFT_RIGHT_AXIS
 
 SPATIAL_DIMS = 3
+
+
+@functools.cache
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16, read from /proc/cpuinfo). Elsewhere
+    oneDNN emulates bfloat16, which is slower than float32, so autocast stays off on such CPUs."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo) is not None
+
+
+def autocast_available(device: torch.device) -> bool:
+    """Mixed precision for inference: float16 on CUDA, bfloat16 on CPUs that compute it natively."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bfloat16())
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
@@ -165,8 +184,10 @@ def predict_sliding_window(network: Callable, image: np.ndarray | torch.Tensor, 
     ``mirror_axes`` are spatial axes (0, 1, 2 = z, y, x) to mirror for test-time augmentation: all
     ``2 ** len(mirror_axes)`` flip combinations are averaged. When a flip includes ``left_right_axis``, the
     channels of each pair in ``lateral_pairs`` are swapped after un-flipping. ``batch_windows`` windows go
-    through the network per forward pass. On CUDA, ``use_amp`` runs the network under autocast; the sums
-    live on the GPU unless allocating them there runs out of memory, in which case they live on the CPU.
+    through the network per forward pass. ``use_amp`` runs the network under autocast where
+    :func:`autocast_available` (float16 on CUDA, bfloat16 on CPUs with native support; softmax and sums stay
+    float32). On CUDA the sums live on the GPU unless allocating them there runs out of memory, in which
+    case they live on the CPU.
     """
     device = torch.device(device)
     image = torch.as_tensor(image, dtype=torch.float32)
@@ -179,7 +200,7 @@ def predict_sliding_window(network: Callable, image: np.ndarray | torch.Tensor, 
         raise ValueError(f"mirror axes must be spatial axes 0, 1 or 2 of (z, y, x), got {tuple(mirror_axes)}")
     flips = mirror_combinations(mirror_axes)
     swapped_order = lateral_channel_order(num_classes, lateral_pairs) if lateral_pairs else None
-    use_amp = bool(use_amp) and device.type == "cuda"
+    use_amp = bool(use_amp) and autocast_available(device)
 
     padding = padding_to_patch(image.shape[1:], patch_size)
     if any(before or after for before, after in padding):
