@@ -8,12 +8,12 @@ Accuracy is irrelevant here, so the model is a plan's network with random weight
     covnet_plan_and_preprocess --workspace W --device cpu --plan-only
     python benchmarks/predict_real_ct.py make-model --plans W/preprocessed/plans.json --out M
     python benchmarks/predict_real_ct.py forward --model M/checkpoint_final.pth [--repeats 5]
-    python benchmarks/predict_real_ct.py predict --model M/checkpoint_final.pth --out R [--tta] [--crop ...]
+    python benchmarks/predict_real_ct.py predict --model M/checkpoint_final.pth --out R [--tta] [--fp32] [--crop ...]
 
 ``forward`` preprocesses the CT as covnet_predict does, counts the sliding windows and times one network forward
 of ``batch_windows`` real windows of it (1 untimed warm-up, then ``--repeats``), in this process.
 
-``predict`` runs ``covnet_predict -i IN -o R/out --model M --device cpu [--disable-tta]`` under
+``predict`` runs ``covnet_predict -i IN -o R/out --model M --device cpu [--disable-tta] [--fp32]`` under
 ``/usr/bin/time -v`` (peak RSS = its "Maximum resident set size", wall = its elapsed time, interpreter start and
 imports included) in a child process that is covnet_predict's own ``main`` with timers wrapped around its stages
 (read, preprocess, model load, sliding window, every network forward, export to the original grid, argmax,
@@ -254,6 +254,8 @@ def predict(args) -> int:
     predict_args = ["-i", str(out / "in"), "-o", str(output), "--model", str(args.model), "--device", "cpu"]
     if not args.tta:
         predict_args.append("--disable-tta")
+    if args.fp32:
+        predict_args.append("--fp32")
     command = ["/usr/bin/time", "-v", sys.executable, str(Path(__file__).resolve()), "_child",
                "--timings", str(timings_file), "--", *predict_args]
     load_before = load_average()
@@ -284,7 +286,7 @@ def predict(args) -> int:
     wall_time = time_v.get("elapsed_s", wall)
     result = {
         "image": str(args.image), "crop": args.crop, "input_file": str(source), "model": str(args.model),
-        "tta": bool(args.tta), "load_average_before": load_before, "load_average_after": load_after,
+        "tta": bool(args.tta), "fp32": bool(args.fp32), "load_average_before": load_before, "load_average_after": load_after,
         "windows": info, "batches": math.ceil(windows / batch_windows),
         "forwards": len(timings["forwards"]), "forward_batch_sizes": sorted({size for size, _ in timings["forwards"]}),
         "batch_forward_median_s": batch_forward, "batch_forward_min_s": min(full),
@@ -338,6 +340,8 @@ def main(argv=None) -> int:
     run.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--tta", action="store_true", help="test-time mirroring on (default: --disable-tta)")
+    run.add_argument("--fp32", action="store_true",
+                     help="covnet_predict --fp32 (default: its autocast, bfloat16 on CPUs with native support)")
     run.add_argument("--crop", type=int, nargs=6, metavar=("Z0", "Z1", "Y0", "Y1", "X0", "X1"),
                      help="predict this sub-volume of the CT (voxel index ranges) instead of the whole CT")
     args = parser.parse_args(argv)
