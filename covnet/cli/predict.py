@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     parser.add_argument("--fp32", action="store_true",
                         help="run the network in float32 (default: float16 autocast on CUDA, bfloat16 on CPUs "
-                             "with AMX or AVX512-BF16, measured 2-3x faster there at the same Dice; others "
+                             "with AMX or AVX512-BF16, measured 2x faster there at the same Dice; others "
                              "always use float32)")
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="keep the raw argmax (default: keep the largest lung components and drop infection "
