@@ -34,6 +34,8 @@ def test_parts_then_merge_select_what_one_run_selects(trained, uninterrupted, tm
     assert selftrain(workspace, "--num-parts", "2", "--part-id", "2") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--part-id 2" in error[0]
+    assert selftrain(workspace, "--part-id", "1") == 2
+    assert "--part-id 1 needs --num-parts" in capsys.readouterr().err
     for part in ("0", "1"):
         assert selftrain(workspace, "--num-parts", "2", "--part-id", part) == 0
         assert "pseudo-labelled part " + part + " of 2: 2 case(s)" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import sys
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
+from covnet.errors import CovnetError
 from covnet.selftrain.rounds import SelfTrainingSettings, run_pseudo_label_part, run_selftraining
 
 PROGRAM = "covnet_selftrain"
@@ -80,6 +81,8 @@ def settings_from(args: argparse.Namespace) -> SelfTrainingSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.num_parts is None and args.part_id != 0:
+        raise CovnetError(None, f"--part-id {args.part_id} needs --num-parts")
     settings = settings_from(args)
     workspace = workspace_from(args)
     if args.num_parts is not None:
