@@ -143,17 +143,17 @@ def test_edited_raw_files_and_interrupted_writes_are_redone(planned, monkeypatch
     assert 3 not in np.asarray(segmentation) and "3" in properties.class_locations
     # A rerun killed between the two arrays leaves no JSON behind, so the case is redone next time.
     import covnet.preprocessing.storage as storage
-    real_save = storage._save_array
+    real_save = storage.save_array
 
     def dies_on_segmentation(path, array):
         if path.name.endswith("_seg.npy"):
             raise KeyboardInterrupt
         real_save(path, array)
 
-    monkeypatch.setattr(storage, "_save_array", dies_on_segmentation)
+    monkeypatch.setattr(storage, "save_array", dies_on_segmentation)
     with pytest.raises(KeyboardInterrupt):
         preprocess_dataset(workspace, plan, overwrite=True)
-    monkeypatch.setattr(storage, "_save_array", real_save)
+    monkeypatch.setattr(storage, "save_array", real_save)
     assert not properties_file(workspace.preprocessed_cases, "case_0").exists()
     assert preprocess_dataset(workspace, plan) == {"done": 1, "skipped": 4, "refused": 0}
 

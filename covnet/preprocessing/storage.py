@@ -32,7 +32,7 @@ def properties_file(folder: Path, case: str) -> Path:
     return folder / f"{case}.json"
 
 
-def _save_array(path: Path, array: np.ndarray) -> None:
+def save_array(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
             np.save(handle, np.ascontiguousarray(array))
@@ -48,9 +48,9 @@ def save_case(folder: Path, image: np.ndarray, segmentation: np.ndarray | None, 
               plan_key: dict, source: list) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     properties_file(folder, properties.case).unlink(missing_ok=True)
-    _save_array(image_file(folder, properties.case), image)
+    save_array(image_file(folder, properties.case), image)
     if segmentation is not None:
-        _save_array(segmentation_file(folder, properties.case), segmentation)
+        save_array(segmentation_file(folder, properties.case), segmentation)
     write_json(properties_file(folder, properties.case), {**_stamp(plan_key, source), **properties.to_json()},
                indent=None)
 

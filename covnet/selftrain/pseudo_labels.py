@@ -36,7 +36,7 @@ from covnet.inference.report import prediction_confidence
 from covnet.log import logger
 from covnet.planning.plans import IGNORE_LABEL_NAME, Plan
 from covnet.preprocessing.case import sample_class_locations
-from covnet.preprocessing.storage import image_file, load_case, properties_file, segmentation_file
+from covnet.preprocessing.storage import image_file, load_case, properties_file, save_array, segmentation_file
 from covnet.workspace import Workspace
 
 log = logger(__name__)
@@ -79,14 +79,16 @@ def _candidate_json(folder: Path, case: str) -> Path:
     return folder / f"{case}.json"
 
 
-def _candidate_done(folder: Path, case: str, key: dict) -> bool:
+def _stored_candidate(folder: Path, case: str, key: dict) -> dict | None:
+    """The record of a candidate already predicted under ``key``, or None."""
     path = _candidate_json(folder, case)
     if not path.is_file() or not segmentation_file(folder, case).is_file():
-        return False
+        return None
     try:
-        return json.loads(path.read_text()).get("key") == key
+        record = json.loads(path.read_text())
     except json.JSONDecodeError:
-        return False
+        return None
+    return record if record.get("key") == key else None
 
 
 def predict_candidates(workspace: Workspace, predictor: Predictor, plan: Plan, cases: Sequence[str], folder: Path,
@@ -95,20 +97,20 @@ def predict_candidates(workspace: Workspace, predictor: Predictor, plan: Plan, c
     folder.mkdir(parents=True, exist_ok=True)
     confidences = {}
     for number, case in enumerate(cases, start=1):
-        if not _candidate_done(folder, case, key):
+        record = _stored_candidate(folder, case, key)
+        if record is None:
             image, _, _ = load_case(workspace.preprocessed_pool, case)
             with torch.no_grad():
                 probabilities = predictor.predict_probabilities(np.asarray(image)).float()
             segmentation, confidence = pseudo_label(probabilities, plan, min_confidence)
             del probabilities
             _candidate_json(folder, case).unlink(missing_ok=True)
-            with atomic_path(segmentation_file(folder, case)) as temporary:
-                with open(temporary, "wb") as handle:
-                    np.save(handle, segmentation)
-            write_json(_candidate_json(folder, case), {"case": case, "confidence": confidence, "key": key})
+            save_array(segmentation_file(folder, case), segmentation)
+            record = {"case": case, "confidence": confidence, "key": key}
+            write_json(_candidate_json(folder, case), record)
             log.info(f"pseudo-label [{number}/{len(cases)}] {case}: confidence "
                      f"{'n/a' if confidence is None else f'{confidence:.4f}'}")
-        confidences[case] = json.loads(_candidate_json(folder, case).read_text())["confidence"]
+        confidences[case] = record["confidence"]
     return confidences
 
 
@@ -140,9 +142,7 @@ def store_pseudo_case(workspace: Workspace, case: str, candidates: Path, folder:
     properties_file(folder, case).unlink(missing_ok=True)
     _link_image(image_file(workspace.preprocessed_pool, case), image_file(folder, case))
     segmentation = np.load(segmentation_file(candidates, case))
-    with atomic_path(segmentation_file(folder, case)) as temporary:
-        with open(temporary, "wb") as handle:
-            np.save(handle, segmentation)
+    save_array(segmentation_file(folder, case), segmentation)
     properties = read_json(properties_file(workspace.preprocessed_pool, case), "")
     rng = np.random.default_rng([seed, zlib.crc32(case.encode())])
     properties["class_locations"] = sample_class_locations(segmentation, foreground_labels(plan), rng)

@@ -37,7 +37,7 @@ from covnet.selftrain.pseudo_labels import (CANDIDATES, PSEUDO_LABELS, check_poo
                                             predict_candidates, pseudo_label_round, read_selection,
                                             self_training_plan)
 from covnet.selftrain.report import plot_rounds, round_entry, validation_table, write_summary
-from covnet.selftrain.teacher import Teacher, choose_teacher, ranking_score
+from covnet.selftrain.teacher import Teacher, choose_teacher, ranking_score, validation_summary
 from covnet.training.distributed import (DistributedContext, context_from_environment, device_for, initialise,
                                          shutdown)
 from covnet.training.run import TrainingJob, TrainingSettings, run_training
@@ -211,11 +211,15 @@ def _checked_pool(workspace: Workspace, teacher: Teacher) -> list[str]:
     return pool
 
 
+def _student_checkpoint(workspace: Workspace, round_index: int) -> Path:
+    return workspace.selftrain_round(round_index) / "checkpoint_final.pth"
+
+
 def _round_teacher_models(workspace: Workspace, teacher: Teacher, round_index: int) -> list[Path]:
     """Who pseudo-labels round ``round_index``: the teacher's models, then each round's student."""
     if round_index == 1:
         return list(teacher.checkpoints)
-    previous = workspace.selftrain_round(round_index - 1) / "checkpoint_final.pth"
+    previous = _student_checkpoint(workspace, round_index - 1)
     if not previous.is_file():
         raise CovnetError(previous, f"not found: round {round_index - 1}'s student is not trained yet; run "
                                     "covnet_selftrain --continue first")
@@ -281,8 +285,7 @@ def _train_student(workspace: Workspace, settings: SelfTrainingSettings, plan: P
              f"{len(teacher.train_cases)} expert + {len(pseudo)} pseudo-labelled cases (weight "
              f"{settings.pseudo_weight:g}), {settings.epochs_per_round} x {settings.iterations_per_epoch} iterations")
     run_training(workspace, job, training, True, False, context, device)
-    summary_file = round_dir / "validation" / "summary.json"
-    return read_json(summary_file, "") if summary_file.is_file() else None
+    return validation_summary(round_dir)
 
 
 def _pseudo_label(workspace: Workspace, settings: SelfTrainingSettings, plan: Plan, round_index: int,
@@ -332,25 +335,30 @@ def _run_rounds(workspace: Workspace, settings: SelfTrainingSettings, teacher: T
         for case in selection["cases_added"]:
             used.append(case)
             pseudo_folders[case] = round_dir / PSEUDO_LABELS
-        pretrained = teacher.pretrained if round_index == 1 else \
-            workspace.selftrain_round(round_index - 1) / "checkpoint_final.pth"
+        pretrained = teacher.pretrained if round_index == 1 else _student_checkpoint(workspace, round_index - 1)
         validation = _train_student(workspace, settings, plan, teacher, round_index, pseudo_folders, pretrained,
                                     device, context)
         if context.is_main:
             rounds.append(round_entry(selection, validation))
-            summary = write_summary(workspace.selftrain / "summary.json", teacher_entry, rounds)
-            plot_rounds(summary, workspace.selftrain / "progress.png")
+            _publish(workspace, teacher_entry, rounds)
         round_index += 1
     if round_index == 1:
         raise CovnetError(workspace.selftrain, "no round was run (the pool is empty or already used)")
     if not context.is_main:
         return None
     final = _write_final(workspace, settings, rounds, plan)
-    summary = write_summary(workspace.selftrain / "summary.json", teacher_entry, rounds, final)
-    plot_rounds(summary, workspace.selftrain / "progress.png")
+    summary = _publish(workspace, teacher_entry, rounds, final)
     log.info("validation on the held-out cases (teacher vs each round's student):\n" + validation_table(summary))
     log.info(f"final model: round {final['round']} ({final['reason']}): "
              f"{workspace.selftrain_final / 'checkpoint_final.pth'}")
+    return summary
+
+
+def _publish(workspace: Workspace, teacher_entry: dict | None, rounds: list[dict], final: dict | None = None
+             ) -> dict:
+    """Rewrite ``summary.json`` and ``progress.png`` from the rounds so far; return the summary."""
+    summary = write_summary(workspace.selftrain / "summary.json", teacher_entry, rounds, final)
+    plot_rounds(summary, workspace.selftrain / "progress.png")
     return summary
 
 
@@ -362,7 +370,7 @@ def _write_final(workspace: Workspace, settings: SelfTrainingSettings, rounds: l
             value = ranking_score(entry["validation"] or {}, plan)
             return -math.inf if math.isnan(value) else value
         chosen, reason = max(rounds, key=score), "best"
-    source = workspace.selftrain_round(chosen["round"]) / "checkpoint_final.pth"
+    source = _student_checkpoint(workspace, chosen["round"])
     with atomic_path(workspace.selftrain_final / "checkpoint_final.pth") as temporary:
         shutil.copyfile(source, temporary)
     final = {"round": chosen["round"], "reason": reason, "source": _relative(workspace, source),
