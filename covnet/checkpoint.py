@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covnet.atomic import atomic_path
-from covnet.errors import CovnetError
 from covnet.planning.plans import Plan
+from covnet.runtime.atomic import atomic_path
+from covnet.runtime.errors import CovnetError
 
 CHECKPOINT_FORMAT = 1
 

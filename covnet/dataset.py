@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from covnet.atomic import read_json, write_json
-from covnet.errors import CovnetError
-from covnet.io import Geometry, is_image_file, read_geometry, read_image
+from covnet.image.io import Geometry, is_image_file, read_geometry, read_image
+from covnet.runtime.atomic import read_json, write_json
+from covnet.runtime.errors import CovnetError
 
 CHANNEL_SUFFIX = "_0000"
 COVID_LABELS = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
@@ -147,7 +147,7 @@ def check_same_grid(image_geometry: Geometry, label_geometry: Geometry, label_fi
 def read_labelled_case(images_dir: Path, labels_dir: Path, case: str, description: DatasetDescription,
                        dtype=None) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """Image, label and geometry of one labelled case; ``CovnetError`` for a missing label, a label on
-    another grid or undeclared label values (and, from covnet.io, unreadable, 2D or non-finite files)."""
+    another grid or undeclared label values (and, from covnet.image.io, unreadable, 2D or non-finite files)."""
     image_file = image_path(images_dir, case, description.file_ending)
     label_file = label_path(labels_dir, case, description.file_ending)
     if not label_file.is_file():

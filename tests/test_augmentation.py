@@ -5,12 +5,19 @@ import pytest
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
-from covnet.io import Geometry
+from covnet.image.io import Geometry
 from covnet.preprocessing.case import CaseProperties, sample_class_locations
 from covnet.preprocessing.storage import save_case
-from covnet.training.augmentation import (AugmentationSettings, LateralMirrorTransform, downsample_nearest,
-                                          get_pre_augmentation_patch_size, is_dummy_2d, training_read_size,
-                                          training_transforms, validation_transforms)
+from covnet.training.augmentation import (
+    AugmentationSettings,
+    LateralMirrorTransform,
+    downsample_nearest,
+    get_pre_augmentation_patch_size,
+    is_dummy_2d,
+    training_read_size,
+    training_transforms,
+    validation_transforms,
+)
 from covnet.training.data import PatchSampler
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -4,11 +4,12 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import make_tiny_case
+from kit.images import make_tiny_case
 
 from covnet.cli import plan_and_preprocess
 from covnet.cli.common import run_command
-from covnet.io import Geometry, write_image
+from covnet.image.io import Geometry, write_image
+
 
 @pytest.fixture
 def workspace(tiny_workspace):

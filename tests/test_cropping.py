@@ -1,6 +1,6 @@
 import numpy as np
 
-from covnet.cropping import body_bounding_box
+from covnet.image.cropping import body_bounding_box
 
 
 def test_body_box_ignores_a_separate_table_and_keeps_every_labelled_voxel():

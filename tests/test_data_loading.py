@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from covnet.errors import CovnetError
-from covnet.io import Geometry
+from covnet.image.io import Geometry
 from covnet.preprocessing.case import CaseProperties, sample_class_locations
 from covnet.preprocessing.storage import save_case, segmentation_file
+from covnet.runtime.errors import CovnetError
 from covnet.training import data as data_module
 from covnet.training.data import PatchSampler, number_of_random_samples, start_range
 

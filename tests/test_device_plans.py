@@ -6,12 +6,12 @@ import pytest
 
 from covnet.cli import plan_and_preprocess
 from covnet.dataset import covid_description
-from covnet.errors import CovnetError
 from covnet.planning import cpu_time, rules
 from covnet.planning.fingerprint import CaseFingerprint, DatasetFingerprint
 from covnet.planning.memory import estimate_training_memory_bytes
 from covnet.planning.planner import make_plan
 from covnet.planning.plans import PLANS_VERSION, Plan
+from covnet.runtime.errors import CovnetError
 from covnet.workspace import Workspace
 
 GIB = 2 ** 30

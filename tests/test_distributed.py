@@ -3,22 +3,12 @@ weights (the trainer checks it across ranks and says so)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
-from training_kit import make_tiny_trainable_workspace
+from kit.faults import SCRIPTS, free_port
+from kit.workspaces import make_tiny_trainable_workspace
 
 from covnet.checkpoint import Checkpoint
-
-SCRIPTS = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_processes_train_with_identical_weights(tmp_path):

@@ -8,9 +8,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from covnet.errors import CovnetError
-from covnet.importers.download import (COVID19CTSEG_ZIPS, KNOWN_SHA256, Checksum, download_covid19ctseg,
-                                       download_file, file_url)
+from covnet.importers.download import (
+    COVID19CTSEG_ZIPS,
+    KNOWN_SHA256,
+    Checksum,
+    download_covid19ctseg,
+    download_file,
+    file_url,
+)
+from covnet.runtime.errors import CovnetError
 
 
 def fake_zip(name: str, size: int = 300_000) -> bytes:

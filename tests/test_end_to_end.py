@@ -1,12 +1,12 @@
 """Every command, through its installed console script, on generated phantom CTs: make phantoms, import them
 as the public release plus a pool, plan and preprocess, train a fold, self-train, predict, evaluate."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from kit.releases import as_covid19ctseg_release
 
 from covnet.dataset import DatasetDescription
 from covnet.planning.plans import Plan
@@ -20,18 +20,6 @@ def run(command: str, *args) -> str:
     assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
-
-def as_covid19ctseg_release(phantom_raw: Path, release: Path) -> list[str]:
-    """Repackage phantom cases under the public release's folder and file names."""
-    cases = sorted(p.name[: -len(".nii.gz")] for p in (phantom_raw / "labelsTr").glob("*.nii.gz"))
-    (release / "COVID-19-CT-Seg_20cases").mkdir(parents=True)
-    (release / "Lung_and_Infection_Mask").mkdir()
-    for number, case in enumerate(cases, start=1):
-        shutil.copy(phantom_raw / "imagesTr" / f"{case}_0000.nii.gz",
-                    release / "COVID-19-CT-Seg_20cases" / f"coronacases_org_{number:03d}.nii.gz")
-        shutil.copy(phantom_raw / "labelsTr" / f"{case}.nii.gz",
-                    release / "Lung_and_Infection_Mask" / f"coronacases_{number:03d}.nii.gz")
-    return cases
 
 
 def test_phantoms_import_plan_preprocess_evaluate(tmp_path):

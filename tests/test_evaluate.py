@@ -8,10 +8,10 @@ import pytest
 from covnet.cli.common import run_command
 from covnet.cli.evaluate import main as evaluate_main
 from covnet.dataset import COVID_LABELS, COVID_REGIONS, DatasetDescription
-from covnet.errors import CovnetError
-from covnet.evaluation import evaluate_folders, format_mean_table, structures_of
-from covnet.io import Geometry, write_image
-from covnet.metrics import dice, normalized_surface_dice
+from covnet.evaluation.folders import evaluate_folders, format_mean_table, structures_of
+from covnet.evaluation.metrics import dice, normalized_surface_dice
+from covnet.image.io import Geometry, write_image
+from covnet.runtime.errors import CovnetError
 
 SPACING = (2.5, 0.8, 0.9)
 SHAPE = (8, 20, 22)

@@ -5,10 +5,23 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from covnet.geometry import (ANISOTROPY_THRESHOLD, bounding_box, coarse_axis, compute_new_shape, crop,
-                             is_anisotropic, separate_z_axis, uncrop)
-from covnet.resampling import (interpolation_matrix, resample_image, resample_probabilities, resample_segmentation,
-                               source_coordinates)
+from covnet.image.grid import (
+    ANISOTROPY_THRESHOLD,
+    bounding_box,
+    coarse_axis,
+    compute_new_shape,
+    crop,
+    is_anisotropic,
+    separate_z_axis,
+    uncrop,
+)
+from covnet.image.resampling import (
+    interpolation_matrix,
+    resample_image,
+    resample_probabilities,
+    resample_segmentation,
+    source_coordinates,
+)
 
 
 def scipy_reference(volume: np.ndarray, new_shape, order: int) -> np.ndarray:
@@ -271,7 +284,7 @@ def test_small_tasks_slabs_and_one_thread_give_the_same_result(monkeypatch):
     nothing; torch's thread setting is restored afterwards."""
     import torch
 
-    import covnet.resampling as resampling
+    import covnet.image.resampling as resampling
     image = smooth_volume((9, 14, 16), seed=11)
     segmentation = np.digitize(smooth_volume((9, 14, 11), seed=12), [-20, 0, 20]).astype(np.uint8)
     expected_image = resample_image(image, (2.0, 1.0, 1.0), (0.7, 0.6, 1.3))

@@ -9,9 +9,9 @@ import pytest
 from covnet.cli.common import run_command
 from covnet.cli.import_covid19ctseg import main as import_main
 from covnet.dataset import COVID_LABELS, COVID_REGIONS, DatasetDescription, validate_raw_dataset
-from covnet.errors import CovnetError
+from covnet.image.io import Geometry, read_image, write_image
 from covnet.importers.covid19ctseg import case_key, import_covid19ctseg, patient_groups, windowed_to_hu
-from covnet.io import Geometry, read_image, write_image
+from covnet.runtime.errors import CovnetError
 from covnet.workspace import Workspace
 
 SHAPE = (8, 24, 24)

@@ -1,16 +1,15 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from conftest import write_dicom_series
+from kit.images import write_dicom_series
 
 from covnet.cli.common import run_command
 from covnet.cli.import_unlabelled import main as import_main
 from covnet.dataset import COVID_LABELS, DatasetDescription, find_cases
-from covnet.errors import CovnetError
-from covnet.discovery import sanitize_case_id
+from covnet.image.discovery import sanitize_case_id
+from covnet.image.io import Geometry, read_image, write_image
 from covnet.importers.unlabelled import import_unlabelled
-from covnet.io import Geometry, read_image, write_image
+from covnet.runtime.errors import CovnetError
 from covnet.workspace import Workspace
 
 SHAPE = (6, 20, 18)
@@ -184,7 +183,7 @@ def test_real_dicom_series(real_ct_dir, tmp_path):
 
 
 def test_discovery_follows_linked_folders_once(tmp_path, dicom_series_writer):
-    from covnet.discovery import find_ct_sources
+    from covnet.image.discovery import find_ct_sources
     series = tmp_path / "elsewhere" / "series"
     dicom_series_writer(np.zeros((3, 8, 8), np.int16), series)
     source = tmp_path / "source"

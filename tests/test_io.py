@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from covnet.errors import CovnetError
-from covnet.io import Geometry, read_geometry, read_image, write_image
+from covnet.image.io import Geometry, read_geometry, read_image, write_image
+from covnet.runtime.errors import CovnetError
 
 OBLIQUE = (0.0, 0.6, 0.8, 1.0, 0.0, 0.0, 0.0, 0.8, -0.6)   # a proper rotation, far from identity
 

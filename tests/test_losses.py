@@ -2,8 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from covnet.training.losses import (DeepSupervisionLoss, DiceCELoss, MaskedCrossEntropyLoss, SoftDiceLoss,
-                                    deep_supervision_weights)
+from covnet.training.losses import (
+    DeepSupervisionLoss,
+    DiceCELoss,
+    MaskedCrossEntropyLoss,
+    SoftDiceLoss,
+    deep_supervision_weights,
+)
 
 NUM_CLASSES = 4
 

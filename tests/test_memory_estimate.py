@@ -6,11 +6,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from covnet.errors import CovnetError
-from covnet.planning import memory
 from covnet.network.topology import Topology
 from covnet.network.unet import ResidualEncoderUNet
-from covnet.planning.memory import estimate_activation_elements, estimate_training_memory, estimate_training_memory_bytes
+from covnet.planning import memory
+from covnet.planning.memory import (
+    estimate_activation_elements,
+    estimate_training_memory,
+    estimate_training_memory_bytes,
+)
+from covnet.runtime.errors import CovnetError
 
 PLAN = Topology(in_channels=1, num_classes=4, **{
     "features_per_stage": [32, 64, 128, 256, 320, 320],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from covnet.metrics import dice, normalized_surface_dice, surface_distances, surface_voxels
+from covnet.evaluation.metrics import dice, normalized_surface_dice, surface_distances, surface_voxels
 
 SPACING = (3.0, 0.7, 1.1)
 SHAPE = (10, 12, 14)

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from covnet.errors import CovnetError
 from covnet.network.topology import Topology
 from covnet.network.unet import ResidualBasicBlock, ResidualEncoderUNet
+from covnet.runtime.errors import CovnetError
 
 ISOTROPIC_PLAN = {
     "features_per_stage": [4, 8, 16],

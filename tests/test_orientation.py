@@ -5,11 +5,11 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import make_tiny_case
+from kit.images import make_tiny_case
 
 from covnet.dataset import covid_description
-from covnet.io import Geometry, write_image
-from covnet.orientation import Reorientation, canonical_reorientation
+from covnet.image.io import Geometry, write_image
+from covnet.image.orientation import Reorientation, canonical_reorientation
 from covnet.planning.fingerprint import extract_fingerprint
 from covnet.planning.planner import make_plan
 from covnet.preprocessing.case import preprocess_case, segmentation_to_original

@@ -8,11 +8,19 @@ import pytest
 
 from covnet.cli import make_phantoms as cli
 from covnet.cli.common import run_command
-from covnet.dataset import validate_raw_dataset, image_path, label_path
-from covnet.io import read_image
-from covnet.phantom_anatomy import draw_anatomy
-from covnet.phantoms import (SMALL_MAX_VOXELS, case_plan, draw_scan, draw_spacing, generate_split,
-                             infection_fraction, make_phantom_case, patient_indices)
+from covnet.dataset import image_path, label_path, validate_raw_dataset
+from covnet.image.io import read_image
+from covnet.phantoms.anatomy import draw_anatomy
+from covnet.phantoms.generate import (
+    SMALL_MAX_VOXELS,
+    case_plan,
+    draw_scan,
+    draw_spacing,
+    generate_split,
+    infection_fraction,
+    make_phantom_case,
+    patient_indices,
+)
 
 TINY_SPACING = (9.0, 8.0, 8.0)  # ~45x45x30 voxels: enough anatomy for unit tests, fast to render
 
@@ -178,7 +186,7 @@ def test_cli_writes_a_valid_dataset_and_refuses_to_overwrite(tmp_path, capsys):
 
 
 def test_labelled_cases_do_not_depend_on_other_split_counts(tmp_path):
-    from covnet.phantoms import make_phantom_dataset
+    from covnet.phantoms.generate import make_phantom_dataset
     make_phantom_dataset(tmp_path / "a", num_labelled=2, num_unlabelled=0, num_test=0, seed=9)
     make_phantom_dataset(tmp_path / "b", num_labelled=2, num_unlabelled=2, num_test=1, seed=9)
     for case in ("phantom_000", "phantom_001"):

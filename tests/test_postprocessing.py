@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covnet.inference.postprocessing import (keep_largest_lung_components, postprocess,
-                                             remove_infection_outside_lungs)
+from covnet.inference.postprocessing import keep_largest_lung_components, postprocess, remove_infection_outside_lungs
 
 
 def two_lungs_with_infection() -> np.ndarray:

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from kit.images import write_dicom_series
+from kit.workspaces import phantom_image, run_predict, trained_workspace_once
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import write_dicom_series  # noqa: E402
-from training_kit import make_tiny_trainable_workspace  # noqa: E402
+from covnet.image.io import Geometry, read_image, write_image
+from covnet.inference.cohort import find_cohort, select_checkpoints
+from covnet.inference.report import case_report
+from covnet.runtime.errors import CovnetError
 
-from covnet.cli.common import run_command  # noqa: E402
-from covnet.cli.predict import main as predict_main  # noqa: E402
-from covnet.cli.train import main as train_main  # noqa: E402
-from covnet.errors import CovnetError  # noqa: E402
-from covnet.inference.cohort import find_cohort, select_checkpoints  # noqa: E402
-from covnet.inference.report import case_report  # noqa: E402
-from covnet.io import Geometry, read_image, write_image  # noqa: E402
-from covnet.workspace import Workspace  # noqa: E402
-
-QUICK_TRAINING = ("--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--num-workers", "0",
-                  "--no-val-mirroring")
 # A scan tilted by 20° about x and 30° about z (SimpleITK's row-major direction), and one with flipped x and y.
 _A, _B = np.deg2rad(20), np.deg2rad(30)
 OBLIQUE = tuple((np.array([[np.cos(_B), -np.sin(_B), 0], [np.sin(_B), np.cos(_B), 0], [0, 0, 1]])
@@ -32,32 +22,12 @@ OBLIQUE = tuple((np.array([[np.cos(_B), -np.sin(_B), 0], [np.sin(_B), np.cos(_B)
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
 
-def trained_prediction_workspace(tmp_path_factory) -> Workspace:
-    """Ten tiny phantoms with folds 0 and 1 trained for one iteration; built once per test session (the fault
-    tests of covnet_predict use it too) and only read afterwards."""
-    root = tmp_path_factory.getbasetemp() / "predict_trained"
-    workspace = Workspace(root / "ws")
-    if not (root / "ready").is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        make_tiny_trainable_workspace(root / "ws")
-        for fold in ("0", "1"):
-            assert run_command("covnet_train", train_main, [fold, "--workspace", str(workspace.root),
-                                                            *QUICK_TRAINING]) == 0
-        (root / "ready").write_text("")
-    return workspace
 
-
-def phantom(workspace: Workspace, index: int) -> tuple[np.ndarray, Geometry]:
-    return read_image(workspace.images_tr / f"phantom_{index:03d}_0000.nii.gz")
-
-
-def predict(*args) -> int:
-    return run_command("covnet_predict", predict_main, [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return trained_prediction_workspace(tmp_path_factory)
+    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +35,15 @@ def cohort(trained, tmp_path_factory):
     """One run over an oblique NIfTI with a _0000 suffix, a flipped .mha and a DICOM series in a subfolder."""
     base = tmp_path_factory.mktemp("cohort")
     inputs, outputs = base / "in", base / "out"
-    image, geometry = phantom(trained, 0)
+    image, geometry = phantom_image(trained, 0)
     write_image(image, Geometry(geometry.spacing, (-12.5, 40.25, 310.0), OBLIQUE, geometry.shape),
                 inputs / "oblique_0000.nii.gz")
-    image, geometry = phantom(trained, 1)
+    image, geometry = phantom_image(trained, 1)
     write_image(image, Geometry(geometry.spacing, (150.0, 90.5, -75.0), FLIPPED, geometry.shape),
                 inputs / "flipped.mha")
-    image, _ = phantom(trained, 2)
+    image, _ = phantom_image(trained, 2)
     write_dicom_series(image[:16], inputs / "patient_7" / "series_a", spacing_zyx=(5.0, 5.5, 5.5))
-    code = predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "--disable-tta",
+    code = run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "--disable-tta",
                    "--save-probabilities", "--preview")
     assert code == 0
     return inputs, outputs
@@ -139,11 +109,11 @@ def test_probabilities_and_previews(cohort):
 
 def test_ensemble_averages_the_folds(trained, tmp_path):
     inputs = tmp_path / "in"
-    write_image(*phantom(trained, 3), inputs / "case_0000.nii.gz")
+    write_image(*phantom_image(trained, 3), inputs / "case_0000.nii.gz")
     probabilities = {}
     for name, flags in {"both": [], "0": ["-f", "0"], "1": ["-f", "1"]}.items():
         out = tmp_path / name
-        assert predict("-i", inputs, "-o", out, "--workspace", trained.root, "--disable-tta",
+        assert run_predict("-i", inputs, "-o", out, "--workspace", trained.root, "--disable-tta",
                        "--save-probabilities", "--no-postprocessing", *flags) == 0
         probabilities[name] = np.load(out / "case.npz")["probabilities"].astype(np.float32)
     assert not np.allclose(probabilities["0"], probabilities["1"], atol=1e-3)
@@ -156,13 +126,13 @@ def test_ensemble_averages_the_folds(trained, tmp_path):
 
 def test_model_from_a_copied_results_folder_or_file(trained, tmp_path):
     inputs = tmp_path / "in"
-    write_image(*phantom(trained, 4), inputs / "case.nrrd")
+    write_image(*phantom_image(trained, 4), inputs / "case.nrrd")
     copied = tmp_path / "elsewhere" / "results"
     shutil.copytree(trained.fold(0), copied / "fold_0")
-    assert predict("-i", inputs, "-o", tmp_path / "ws", "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
-    assert predict("-i", inputs, "-o", tmp_path / "copied", "--model", copied, "--workspace", tmp_path / "none",
+    assert run_predict("-i", inputs, "-o", tmp_path / "ws", "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
+    assert run_predict("-i", inputs, "-o", tmp_path / "copied", "--model", copied, "--workspace", tmp_path / "none",
                    "--disable-tta") == 0
-    assert predict("-i", inputs, "-o", tmp_path / "file", "--model", copied / "fold_0" / "checkpoint_final.pth",
+    assert run_predict("-i", inputs, "-o", tmp_path / "file", "--model", copied / "fold_0" / "checkpoint_final.pth",
                    "--disable-tta") == 0
     reference = read_image(tmp_path / "ws" / "case.nrrd")[0]
     for out in ("copied", "file"):
@@ -197,23 +167,23 @@ def test_model_selection_rules(tmp_path):
 
 def test_no_trained_model_is_one_line(trained, tmp_path, capsys):
     inputs = tmp_path / "in"
-    write_image(*phantom(trained, 0), inputs / "case.nii.gz")
-    assert predict("-i", inputs, "-o", tmp_path / "out", "--workspace", tmp_path / "empty_ws") == 2
+    write_image(*phantom_image(trained, 0), inputs / "case.nii.gz")
+    assert run_predict("-i", inputs, "-o", tmp_path / "out", "--workspace", tmp_path / "empty_ws") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("covnet_predict: error: ") and "no trained model" in error[0]
 
 
 def test_bad_cases_are_one_line_each_and_the_rest_is_written(trained, tmp_path, capsys):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
-    write_image(*phantom(trained, 0), inputs / "good_a_0000.nii.gz")
-    write_image(*phantom(trained, 1), inputs / "good_b.mha")
+    write_image(*phantom_image(trained, 0), inputs / "good_a_0000.nii.gz")
+    write_image(*phantom_image(trained, 1), inputs / "good_b.mha")
     data = (inputs / "good_a_0000.nii.gz").read_bytes()
     (inputs / "corrupt.nii.gz").write_bytes(data[: len(data) // 2])
     write_image(np.zeros((1, 30, 40), np.int16), Geometry((1.0, 1.0, 1.0), (0.0,) * 3,
                                                           (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), (1, 30, 40)),
                 inputs / "flat.nii.gz")
     (inputs / "empty.nrrd").write_bytes(b"")
-    assert predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "--disable-tta") == 2
+    assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "--disable-tta") == 2
     err = capsys.readouterr().err.strip().splitlines()
     for name, problem in {"corrupt.nii.gz": "truncated", "flat.nii.gz": "not a 3D volume",
                           "empty.nrrd": "is empty"}.items():
@@ -228,12 +198,12 @@ def test_bad_cases_are_one_line_each_and_the_rest_is_written(trained, tmp_path, 
 def test_continue_skips_finished_cases_and_reports_all(trained, tmp_path):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     for index in range(3):
-        write_image(*phantom(trained, index), inputs / f"c{index}_0000.nii.gz")
-    assert predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
+        write_image(*phantom_image(trained, index), inputs / f"c{index}_0000.nii.gz")
+    assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
     report = (outputs / "report.json").read_text()
     (outputs / "c1.nii.gz").unlink()
     kept = {name: (outputs / name).stat().st_mtime_ns for name in ("c0.nii.gz", "c2.nii.gz")}
-    assert predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta",
+    assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta",
                    "--continue") == 0
     assert {name: (outputs / name).stat().st_mtime_ns for name in kept} == kept
     assert (outputs / "c1.nii.gz").is_file()
@@ -243,15 +213,15 @@ def test_continue_skips_finished_cases_and_reports_all(trained, tmp_path):
 def test_parts_split_the_cases(trained, tmp_path, capsys):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     for index in range(3):
-        write_image(*phantom(trained, index), inputs / f"p{index}.nii.gz")
+        write_image(*phantom_image(trained, index), inputs / f"p{index}.nii.gz")
     args = ["-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "1", "--disable-tta", "--num-parts", "2"]
-    assert predict(*args, "--part-id", "0") == 0
+    assert run_predict(*args, "--part-id", "0") == 0
     assert sorted(p.name for p in outputs.glob("*.nii.gz")) == ["p0.nii.gz", "p2.nii.gz"]
-    assert predict(*args, "--part-id", "1") == 0
+    assert run_predict(*args, "--part-id", "1") == 0
     assert sorted(p.name for p in outputs.glob("*.nii.gz")) == ["p0.nii.gz", "p1.nii.gz", "p2.nii.gz"]
     assert [row["case"] for row in json.loads((outputs / "report.json").read_text())["cases"]] == ["p0", "p1", "p2"]
     capsys.readouterr()
-    assert predict(*args, "--part-id", "2") == 2
+    assert run_predict(*args, "--part-id", "2") == 2
     assert "--part-id 2" in capsys.readouterr().err
 
 

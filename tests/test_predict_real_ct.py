@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from kit.workspaces import run_predict, trained_workspace_once
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_predict import predict, trained_prediction_workspace  # noqa: E402
-
-from covnet.io import read_image  # noqa: E402
+from covnet.image.io import read_image
 
 DICOM_SERIES = "dicom_abdomen_512x512x20"
 CHEST_CT = "chest_ct_512x512x141.nii.gz"
@@ -24,17 +20,17 @@ CHEST_CT = "chest_ct_512x512x141.nii.gz"
 def real_ct_prediction(tmp_path_factory):
     """One covnet_predict run (fold 0 of the tiny model, no TTA) over an input folder holding a copy of the
     real DICOM series folder and a link to the real chest CT."""
-    from conftest import REAL_CT_DIR
+    from kit.images import REAL_CT_DIR
     if not REAL_CT_DIR.is_dir():
         pytest.skip("../shared/data/real_ct is not present")
-    trained = trained_prediction_workspace(tmp_path_factory)
+    trained = trained_workspace_once(tmp_path_factory)
     base = tmp_path_factory.mktemp("real_ct")
     inputs, outputs = base / "in", base / "out"
     inputs.mkdir()
     # The series is copied (3 MB): the input walk does not follow symlinked folders. The 37 MB NIfTI is linked.
     shutil.copytree(REAL_CT_DIR / DICOM_SERIES, inputs / DICOM_SERIES)
     (inputs / CHEST_CT).symlink_to(REAL_CT_DIR / CHEST_CT)
-    assert predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
+    assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 0
     return REAL_CT_DIR, outputs
 
 

@@ -4,12 +4,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from covnet.io import read_image, write_image
-from covnet.metrics import dice
-from covnet.phantoms import make_phantom_dataset
+from covnet.evaluation.metrics import dice
+from covnet.image.io import read_image, write_image
+from covnet.phantoms.generate import make_phantom_dataset
 from covnet.planning.planner import plan_dataset
 from covnet.planning.plans import Plan
-from covnet.preprocessing.case import preprocess_case, segmentation_to_original, probabilities_to_original
+from covnet.preprocessing.case import preprocess_case, probabilities_to_original, segmentation_to_original
 from covnet.preprocessing.normalization import normalize
 from covnet.preprocessing.run import preprocess_dataset
 from covnet.preprocessing.storage import load_case, properties_file

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_tiny_case
+from kit.images import make_tiny_case
 
-from covnet.atomic import atomic_path, process_alive, sweep_dead_temporaries, temporary_sibling
-from covnet.errors import CovnetError
-from covnet.io import read_geometry, read_image, write_image
-from covnet.locking import exclusive, lock_file
+from covnet.image.io import read_geometry, read_image, write_image
+from covnet.runtime.atomic import atomic_path, process_alive, sweep_dead_temporaries, temporary_sibling
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.locking import exclusive, lock_file
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from covnet.locking import exclusive
+from covnet.runtime.locking import exclusive
 with exclusive(sys.argv[1], "preprocessed", "holder-command"):
     print("held", flush=True)
     time.sleep(60)
@@ -139,7 +139,7 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
 
 ORPHAN = """
 import os, sys, time
-from covnet.parallel import die_with_parent
+from covnet.runtime.parallel import die_with_parent
 parent = os.getpid()
 pid = os.fork()
 if pid == 0:

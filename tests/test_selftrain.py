@@ -10,59 +10,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training_kit import copy_workspace, make_tiny_trainable_workspace
+from kit.workspaces import copy_workspace, run_selftrain, selftrained_workspace_once, trained_workspace_once
 
 from covnet.checkpoint import Checkpoint
 from covnet.cli.common import run_command
 from covnet.cli.predict import main as predict_main
-from covnet.cli.selftrain import main as selftrain_main
-from covnet.cli.train import main as train_main
-from covnet.errors import CovnetError
 from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.planning.plans import Plan
 from covnet.preprocessing.storage import load_case
+from covnet.runtime.errors import CovnetError
 from covnet.selftrain.teacher import choose_teacher, ranking_score
 from covnet.workspace import Workspace
 
-TINY_TRAIN = ("--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--num-workers", "0",
-              "--no-val-mirroring")
-SELFTRAIN_FLAGS = ("--cases-per-round", "2", "--epochs-per-round", "1", "--iters-per-epoch", "1", "--val-iters", "1",
-                   "--num-workers", "0", "--disable-tta")
 LABELS = {0, 1, 2, 3}
 IGNORE = 4
 
 
-def trained_workspace_once(tmp_path_factory) -> Path:
-    """A tiny workspace with folds 0 and 1 trained, built once per test session (the fault tests share it)."""
-    root = tmp_path_factory.getbasetemp() / "selftrain_trained_ws"
-    if not (root / ".ready").is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        workspace = make_tiny_trainable_workspace(root, num_labelled=10, num_unlabelled=4)
-        for fold in ("0", "1"):
-            assert run_command("covnet_train", train_main, [fold, "--workspace", str(workspace.root), *TINY_TRAIN]) == 0
-        (root / ".ready").touch()
-    return root
 
-
-def selftrain(workspace: Workspace, *flags: str) -> int:
-    return run_command("covnet_selftrain", selftrain_main, ["--workspace", str(workspace.root), *SELFTRAIN_FLAGS,
-                                                            *flags])
-
-
-def selftrained_workspace_once(tmp_path_factory) -> Workspace:
-    """A copy of the trained workspace self-trained with SELFTRAIN_FLAGS (2 rounds), once per test session: the
-    fault tests compare their selections with it."""
-    root = tmp_path_factory.getbasetemp() / "selftrained_ws"
-    if not (root / ".ready").is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        workspace = copy_workspace(trained_workspace_once(tmp_path_factory), root)
-        assert selftrain(workspace) == 0
-        (root / ".ready").touch()
-    return Workspace(root)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory) -> Workspace:
     return trained_workspace_once(tmp_path_factory)
 
 
@@ -167,13 +135,13 @@ def test_a_second_run_needs_continue_and_continue_redoes_nothing(selftrained, ca
     workspace = selftrained
     before = (workspace.selftrain / "summary.json").read_text()
     checkpoint_time = (workspace.selftrain_round(2) / "checkpoint_final.pth").stat().st_mtime_ns
-    assert selftrain(workspace) == 2
+    assert run_selftrain(workspace) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "already holds a self-training" in error[0] and "--continue" in error[0]
-    assert selftrain(workspace, "--continue") == 0
+    assert run_selftrain(workspace, "--continue") == 0
     assert json.loads((workspace.selftrain / "summary.json").read_text()) == json.loads(before)
     assert (workspace.selftrain_round(2) / "checkpoint_final.pth").stat().st_mtime_ns == checkpoint_time
-    assert selftrain(workspace, "--continue", "--min-confidence", "0.5") == 2
+    assert run_selftrain(workspace, "--continue", "--min-confidence", "0.5") == 2
     assert "--min-confidence 0.9" in capsys.readouterr().err
 
 
@@ -212,20 +180,20 @@ def test_teacher_choice(trained, tmp_path, capsys):
     with pytest.raises(CovnetError, match="fold 3 has not finished training"):
         choose_teacher(workspace, "3")
     shutil.rmtree(workspace.results)
-    assert selftrain(workspace) == 2
+    assert run_selftrain(workspace) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "no trained fold" in error[0]
 
 
 def test_ranking_without_regions_uses_every_foreground_label(trained):
-    plan = Plan.load(Path(trained) / "preprocessed" / "plans.json")
+    plan = Plan.load(trained.root / "preprocessed" / "plans.json")
     mean = {"left_lung": {"dice": 0.2}, "right_lung": {"dice": 0.4}, "infection": {"dice": None}}
     assert ranking_score(mean, plan) == pytest.approx(0.3)
 
 
 def test_chosen_fold_one_round_and_every_voxel_ignored(trained, tmp_path):
     workspace = copy_workspace(trained, tmp_path / "ws")
-    assert selftrain(workspace, "--teacher", "1", "--max-rounds", "1", "--min-confidence", "1.01") == 0
+    assert run_selftrain(workspace, "--teacher", "1", "--max-rounds", "1", "--min-confidence", "1.01") == 0
     summary = json.loads((workspace.selftrain / "summary.json").read_text())
     assert summary["teacher"]["mode"] == "fold" and summary["teacher"]["fold"] == "1"
     assert [entry["pool_size"] for entry in summary["rounds"]] == [2]

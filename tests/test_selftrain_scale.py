@@ -8,9 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_distributed import SCRIPTS, free_port
-from test_selftrain import SELFTRAIN_FLAGS, selftrain, selftrained_workspace_once, trained_workspace_once
-from training_kit import copy_workspace
+from kit.faults import SCRIPTS, free_port
+from kit.workspaces import (
+    SELFTRAIN_FLAGS,
+    copy_workspace,
+    run_selftrain,
+    selftrained_workspace_once,
+    trained_workspace_once,
+)
 
 from covnet.checkpoint import Checkpoint
 
@@ -31,18 +36,18 @@ def _selection(workspace, round_index: int) -> dict:
 
 def test_parts_then_merge_select_what_one_run_selects(trained, uninterrupted, tmp_path, capsys):
     workspace = copy_workspace(trained, tmp_path / "ws")
-    assert selftrain(workspace, "--num-parts", "2", "--part-id", "2") == 2
+    assert run_selftrain(workspace, "--num-parts", "2", "--part-id", "2") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--part-id 2" in error[0]
-    assert selftrain(workspace, "--part-id", "1") == 2
+    assert run_selftrain(workspace, "--part-id", "1") == 2
     assert "--part-id 1 needs --num-parts" in capsys.readouterr().err
     for part in ("0", "1"):
-        assert selftrain(workspace, "--num-parts", "2", "--part-id", part) == 0
+        assert run_selftrain(workspace, "--num-parts", "2", "--part-id", part) == 0
         assert "pseudo-labelled part " + part + " of 2: 2 case(s)" in capsys.readouterr().out
     candidates = workspace.selftrain_round(1) / "candidates"
     assert len(list(candidates.glob("*_seg.npy"))) == 4          # the two parts together: the whole pool
     assert not (workspace.selftrain_round(1) / "selection.json").exists()
-    assert selftrain(workspace, "--continue", "--max-rounds", "1") == 0     # the merge
+    assert run_selftrain(workspace, "--continue", "--max-rounds", "1") == 0     # the merge
     assert "pseudo-label [" not in capsys.readouterr().out                   # it predicted nothing again
     expected = _selection(uninterrupted, 1)
     merged = _selection(workspace, 1)
@@ -50,9 +55,9 @@ def test_parts_then_merge_select_what_one_run_selects(trained, uninterrupted, tm
     assert merged["candidates_confidence"] == pytest.approx(expected["candidates_confidence"], abs=1e-6)
     assert (workspace.selftrain_round(1) / "checkpoint_final.pth").is_file()
     # round 2: parts again, now taught by round 1's student; the merge finishes the self-training
-    assert selftrain(workspace, "--num-parts", "2", "--part-id", "1") == 0
+    assert run_selftrain(workspace, "--num-parts", "2", "--part-id", "1") == 0
     capsys.readouterr()
-    assert selftrain(workspace, "--continue") == 0
+    assert run_selftrain(workspace, "--continue") == 0
     log = capsys.readouterr().out
     assert log.count("pseudo-label [") == 1        # part 0's one remaining case, predicted by the merge itself
     assert sorted(_selection(workspace, 2)["cases_added"]) == sorted(_selection(uninterrupted, 2)["cases_added"])
@@ -64,13 +69,13 @@ def test_parts_then_merge_select_what_one_run_selects(trained, uninterrupted, tm
 
 def test_a_part_waits_for_the_previous_round_student(trained, tmp_path, capsys):
     workspace = copy_workspace(trained, tmp_path / "ws")
-    assert selftrain(workspace, "--num-parts", "1", "--part-id", "0") == 0
+    assert run_selftrain(workspace, "--num-parts", "1", "--part-id", "0") == 0
     round_1 = workspace.selftrain_round(1)
     round_1.mkdir(parents=True, exist_ok=True)
     # round 1 selected but its student not trained: a part of round 2 has no teacher yet
     (round_1 / "selection.json").write_text(json.dumps({"cases_added": ["x"]}))
     capsys.readouterr()
-    assert selftrain(workspace, "--num-parts", "2", "--part-id", "0") == 2
+    assert run_selftrain(workspace, "--num-parts", "2", "--part-id", "0") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "round 1's student is not trained yet" in error[0]
 

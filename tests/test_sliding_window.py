@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from covnet.inference.sliding_window import (gaussian_importance_map, mirror_combinations, predict_sliding_window,
-                                             window_starts)
+from covnet.inference.sliding_window import (
+    gaussian_importance_map,
+    mirror_combinations,
+    predict_sliding_window,
+    window_starts,
+)
 
 NUM_CLASSES = 3
 

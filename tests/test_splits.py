@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from covnet.errors import CovnetError
 from covnet.importers.covid19ctseg import patient_groups
+from covnet.runtime.errors import CovnetError
 from covnet.training.splits import cases_for_fold, load_or_create_splits, make_splits
 
 # The 20 labelled cases of COVID-19-CT-Seg (Zenodo 3757476), named as covnet's importer names them.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from covnet.errors import CovnetError
 from covnet.network.topology import Topology
 from covnet.network.unet import ResidualEncoderUNet
+from covnet.runtime.errors import CovnetError
 
 # z is 4× coarser than y/x: pooled in-plane first, then isotropically, then in-plane again.
 ANISOTROPIC = Topology(

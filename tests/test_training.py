@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from training_kit import TRAIN_FLAGS, copy_workspace, make_tiny_trainable_workspace
+from kit.workspaces import TRAIN_FLAGS, copy_workspace, make_tiny_trainable_workspace
 
 from covnet.checkpoint import Checkpoint
 from covnet.cli.common import run_command
 from covnet.cli.train import main as train_main
+from covnet.image.io import read_image
 from covnet.inference.predictor import InferenceSettings, Predictor
-from covnet.io import read_image
 from covnet.training.session import poly_learning_rate
 
 SCRIPTS = __import__("pathlib").Path(sys.executable).parent

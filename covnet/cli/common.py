@@ -12,10 +12,10 @@ import os
 import sys
 from typing import Callable, Iterator, Sequence
 
-from covnet.atomic import sweep_dead_temporaries
-from covnet.errors import CovnetError
-from covnet.locking import exclusive
-from covnet.log import setup_logging
+from covnet.runtime.atomic import sweep_dead_temporaries
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.locking import exclusive
+from covnet.runtime.log import setup_logging
 from covnet.workspace import Workspace
 
 _OS_ERROR_HINTS = {errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",

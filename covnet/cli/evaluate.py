@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from covnet.atomic import sweep_dead_temporaries
 from covnet.cli.common import run_command
 from covnet.dataset import DatasetDescription, covid_description
-from covnet.errors import CovnetError
-from covnet.evaluation import evaluate_folders, format_mean_table
+from covnet.evaluation.folders import evaluate_folders, format_mean_table
+from covnet.runtime.atomic import sweep_dead_temporaries
+from covnet.runtime.errors import CovnetError
 
 
 def build_parser() -> argparse.ArgumentParser:

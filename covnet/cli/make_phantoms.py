@@ -6,7 +6,7 @@ import sys
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
-from covnet.phantoms import SIZES, SPACING_MODES, make_phantom_dataset
+from covnet.phantoms.generate import SIZES, SPACING_MODES, make_phantom_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

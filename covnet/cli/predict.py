@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
-from covnet.errors import CovnetError
-from covnet.inference.cohort import (CHECKPOINT_CHOICES, CohortSettings, find_cohort, predict_cohort,
-                                     prepare_output_folder, select_checkpoints, shard)
+from covnet.inference.cohort import (
+    CHECKPOINT_CHOICES,
+    CohortSettings,
+    find_cohort,
+    predict_cohort,
+    prepare_output_folder,
+    select_checkpoints,
+)
 from covnet.inference.predictor import InferenceSettings, Predictor, resolve_device
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.sharding import shard
 
 PROGRAM = "covnet_predict"
 

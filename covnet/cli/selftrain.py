@@ -6,7 +6,7 @@ import sys
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
-from covnet.errors import CovnetError
+from covnet.runtime.errors import CovnetError
 from covnet.selftrain.rounds import SelfTrainingSettings, run_pseudo_label_part, run_selftraining
 
 PROGRAM = "covnet_selftrain"

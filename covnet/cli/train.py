@@ -6,7 +6,7 @@ import sys
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
-from covnet.log import logger
+from covnet.runtime.log import logger
 from covnet.training.run import TrainingSettings, train_fold
 
 

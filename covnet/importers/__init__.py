@@ -1,7 +1,7 @@
 """Converters from public datasets and plain CT folders into covnet's raw format."""
 from __future__ import annotations
 
-from covnet.log import logger
+from covnet.runtime.log import logger
 
 log = logger("covnet.importers")
 

@@ -21,14 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from covnet.dataset import (DatasetDescription, check_label_values, check_same_grid, covid_description, image_path,
-                            label_path)
-from covnet.atomic import temporary_folder, write_text
-from covnet.errors import CovnetError
+from covnet.dataset import (
+    DatasetDescription,
+    check_label_values,
+    check_same_grid,
+    covid_description,
+    image_path,
+    label_path,
+)
+from covnet.image.io import read_image, strip_image_suffix, write_image
 from covnet.importers import warn
 from covnet.importers.hu import to_hu_int16
-from covnet.io import read_image, strip_image_suffix, write_image
-from covnet.log import logger
+from covnet.runtime.atomic import temporary_folder, write_text
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 from covnet.workspace import Workspace
 
 log = logger(__name__)

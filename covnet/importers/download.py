@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from covnet.errors import CovnetError
-from covnet.log import logger
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 
 log = logger(__name__)
 

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from covnet.ct import not_hu_reason
+from covnet.image.ct import not_hu_reason
 from covnet.importers import warn
 
 

@@ -11,13 +11,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covnet.atomic import read_json, write_json
 from covnet.dataset import find_cases, image_path
-from covnet.discovery import find_ct_sources, next_free_case_id, propose_case_ids
-from covnet.errors import CovnetError
+from covnet.image.discovery import find_ct_sources, next_free_case_id, propose_case_ids
+from covnet.image.io import IMAGE_SUFFIXES, read_image, write_image
 from covnet.importers.hu import to_hu_int16
-from covnet.io import IMAGE_SUFFIXES, read_image, write_image
-from covnet.log import logger
+from covnet.runtime.atomic import read_json, write_json
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 from covnet.workspace import Workspace
 
 log = logger(__name__)

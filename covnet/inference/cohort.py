@@ -28,20 +28,21 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from covnet.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
 from covnet.dataset import CHANNEL_SUFFIX
-from covnet.discovery import find_ct_sources, propose_case_ids
-from covnet.errors import CovnetError
+from covnet.image.discovery import find_ct_sources, propose_case_ids
+from covnet.image.io import IMAGE_SUFFIXES, Geometry, is_image_file, read_image, write_image
 from covnet.inference.predictor import Predictor
 from covnet.inference.preview import write_preview
 from covnet.inference.report import REQUIRED_LABELS, case_report, write_report
-from covnet.io import IMAGE_SUFFIXES, Geometry, is_image_file, read_image, write_image
-from covnet.log import logger
 from covnet.planning.plans import IGNORE_LABEL_NAME
 from covnet.preprocessing.case import CaseProperties, preprocess_case
+from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
+from covnet.runtime.sharding import shard
 
 log = logger(__name__)
-# Reading an image redirects the process's stdout/stderr for a moment (covnet.io keeps ITK's console messages
+# Reading an image redirects the process's stdout/stderr for a moment (covnet.image.io keeps ITK's console messages
 # off the terminal and puts them in the error): while the reader thread does that, the main thread must not
 # write to the console, or its lines would be lost or end up in a read error.
 _CONSOLE = threading.Lock()
@@ -173,18 +174,6 @@ def find_cohort(input_path: str | os.PathLike, output_dir: str | os.PathLike) ->
             taken.add(case)
         cases.append(CohortCase(case, source, output_dir / f"{case}{output_suffix(source)}"))
     return sorted(cases, key=lambda item: item.case)
-
-
-def shard(cases: Sequence, num_parts: int = 1, part_id: int = 0, key=lambda item: item.case) -> list:
-    """Part ``part_id`` of ``num_parts``: the cases whose index in the list sorted by ``key`` (the case name) is
-    ``part_id`` mod ``num_parts``. Shared by ``covnet_predict`` and the self-training's pseudo-labelling."""
-    if num_parts < 1:
-        raise CovnetError(None, f"--num-parts {num_parts}: must be at least 1")
-    if not 0 <= part_id < num_parts:
-        raise CovnetError(None, f"--part-id {part_id}: must be between 0 and {num_parts - 1} "
-                                f"for --num-parts {num_parts}")
-    ordered = sorted(cases, key=key)
-    return [case for index, case in enumerate(ordered) if index % num_parts == part_id]
 
 
 # ---------------------------------------------------------------------------------------------- prediction

@@ -17,16 +17,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from covnet.errors import CovnetError
+from covnet.checkpoint import Checkpoint
+from covnet.image.io import Geometry, write_image
+from covnet.image.orientation import LEFT_RIGHT_AXIS
 from covnet.inference.postprocessing import postprocess
 from covnet.inference.sliding_window import predict_sliding_window
-from covnet.io import Geometry, write_image
-from covnet.log import logger
-from covnet.orientation import LEFT_RIGHT_AXIS
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.planning.plans import Plan
 from covnet.preprocessing.case import CaseProperties, preprocess_case, probabilities_to_original
-from covnet.checkpoint import Checkpoint
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 
 log = logger(__name__)
 # 3D mirroring (augmentation and test time) along every axis, as nnU-Net does for 3D configurations.

@@ -19,10 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-from covnet.atomic import atomic_path
 from covnet.dataset import COVID_LABELS
-from covnet.io import Geometry
-from covnet.orientation import canonical_reorientation
+from covnet.image.io import Geometry
+from covnet.image.orientation import canonical_reorientation
+from covnet.runtime.atomic import atomic_path
 
 # A lung window: the parenchyma, ground glass and consolidation are all told apart in it.
 WINDOW_HU = (-1350.0, 150.0)

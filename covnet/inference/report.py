@@ -31,8 +31,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from covnet.atomic import write_json, write_text
 from covnet.dataset import COVID_LABELS
+from covnet.runtime.atomic import write_json, write_text
 
 REPORT_CSV = "report.csv"
 REPORT_JSON = "report.json"

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from covnet.orientation import LEFT_RIGHT_AXIS
+from covnet.image.orientation import LEFT_RIGHT_AXIS
 
 SPATIAL_DIMS = 3
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from math import prod
 from typing import NoReturn, Sequence
 
-from covnet.errors import CovnetError
+from covnet.runtime.errors import CovnetError
 
 Triple = tuple[int, int, int]
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from covnet.atomic import source_stamp, write_text
-from covnet.cropping import body_bounding_box
 from covnet.dataset import DatasetDescription, image_path, label_path, read_labelled_case
-from covnet.errors import CovnetError
-from covnet.orientation import canonical_reorientation
-from covnet.parallel import map_cases
+from covnet.image.cropping import body_bounding_box
+from covnet.image.orientation import canonical_reorientation
+from covnet.runtime.atomic import source_stamp, write_text
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.parallel import map_cases
 
 SAMPLES_PER_CASE = 10_000
 
@@ -33,7 +33,7 @@ class CaseFingerprint:
     shape_after_crop: list[int]
     foreground_sample: list[float]   # HU of up to SAMPLES_PER_CASE random voxels with label > 0
     foreground_voxels: int
-    source: list[list]               # covnet.atomic.source_stamp of the image and label files
+    source: list[list]               # covnet.runtime.atomic.source_stamp of the image and label files
 
 
 @dataclass

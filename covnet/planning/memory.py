@@ -45,8 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from covnet.errors import CovnetError
 from covnet.network.topology import Topology, is_positive_int
+from covnet.runtime.errors import CovnetError
 
 FLOAT32_BYTES = 4
 # weights + gradients + SGD momentum buffer, each float32

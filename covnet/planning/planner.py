@@ -4,12 +4,19 @@ from __future__ import annotations
 import numpy as np
 
 from covnet.dataset import DatasetDescription, validate_raw_dataset
-from covnet.errors import CovnetError
-from covnet.log import logger
 from covnet.planning import cpu_time, rules
 from covnet.planning.fingerprint import DatasetFingerprint, case_source, extract_fingerprint
 from covnet.planning.memory import estimate_training_memory_bytes
-from covnet.planning.plans import DEVICES, IGNORE_LABEL_NAME, ZSCORE_SCHEME, NormalizationScheme, Plan, ResamplingSettings
+from covnet.planning.plans import (
+    DEVICES,
+    IGNORE_LABEL_NAME,
+    ZSCORE_SCHEME,
+    NormalizationScheme,
+    Plan,
+    ResamplingSettings,
+)
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 from covnet.workspace import Workspace
 
 GIB = 2 ** 30

@@ -13,9 +13,9 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import NoReturn
 
-from covnet.atomic import read_json, write_json
-from covnet.errors import CovnetError
 from covnet.network.topology import Topology
+from covnet.runtime.atomic import read_json, write_json
+from covnet.runtime.errors import CovnetError
 
 # 2: the plan names the training device (device, mixed_precision, limited_by, time per iteration).
 PLANS_VERSION = 2
@@ -27,7 +27,7 @@ IGNORE_LABEL_NAME = "ignore"
 
 CT_SCHEME = "CT"
 ZSCORE_SCHEME = "zscore"
-# The interpolation orders covnet.resampling implements (not imported from there: it needs torch).
+# The interpolation orders covnet.image.resampling implements (not imported from there: it needs torch).
 INTERPOLATION_ORDERS = (0, 1, 3)
 
 

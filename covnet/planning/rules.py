@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covnet.geometry import ANISOTROPY_THRESHOLD
+from covnet.image.grid import ANISOTROPY_THRESHOLD
 from covnet.network.topology import Topology
 from covnet.planning.cpu_time import estimate_seconds_per_iteration
 from covnet.planning.memory import estimate_training_memory_bytes

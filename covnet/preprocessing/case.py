@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from covnet.cropping import body_bounding_box
-from covnet.geometry import crop, uncrop
-from covnet.io import Geometry
-from covnet.orientation import Reorientation, canonical_reorientation
+from covnet.image.cropping import body_bounding_box
+from covnet.image.grid import crop, uncrop
+from covnet.image.io import Geometry
+from covnet.image.orientation import Reorientation, canonical_reorientation
+from covnet.image.resampling import resample_image, resample_probabilities, resample_segmentation
 from covnet.planning.plans import Plan, ResamplingSettings
 from covnet.preprocessing.normalization import normalize
-from covnet.resampling import resample_image, resample_probabilities, resample_segmentation
 
 # Foreground voxel positions stored per class for oversampling patches around rare classes.
 LOCATIONS_PER_CLASS = 2000
@@ -69,7 +69,7 @@ def sample_class_locations(segmentation: np.ndarray, labels: list[int], rng: np.
 
 
 def anisotropy_settings(resampling: ResamplingSettings) -> dict:
-    """The separate-z keywords of covnet.resampling from a plan's resampling settings."""
+    """The separate-z keywords of covnet.image.resampling from a plan's resampling settings."""
     return {"order_z": resampling.order_z, "anisotropy_threshold": resampling.anisotropy_threshold}
 
 

@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from covnet.atomic import source_stamp
-from covnet.ct import not_hu_reason
 from covnet.dataset import DatasetDescription, find_cases, image_path, label_path
-from covnet.errors import CovnetError
-from covnet.io import read_image
-from covnet.log import logger
-from covnet.parallel import map_cases
+from covnet.image.ct import not_hu_reason
+from covnet.image.io import read_image
 from covnet.planning.plans import Plan
 from covnet.preprocessing.case import preprocess_case
 from covnet.preprocessing.storage import is_case_done, save_case
+from covnet.runtime.atomic import source_stamp
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
+from covnet.runtime.parallel import map_cases
 from covnet.workspace import Workspace
 
 log = logger(__name__)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covnet.atomic import atomic_path, write_json
 from covnet.preprocessing.case import PREPROCESSING_VERSION, CaseProperties
+from covnet.runtime.atomic import atomic_path, write_json
 
 # What a case's JSON records about how it was made: another value for any of them makes the case stale.
 STAMP_KEYS = ("plan_key", "source", "preprocessing_version")

@@ -29,14 +29,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from covnet.atomic import atomic_path, read_json, temporary_sibling, write_json
-from covnet.errors import CovnetError
 from covnet.inference.predictor import Predictor
 from covnet.inference.report import prediction_confidence
-from covnet.log import logger
 from covnet.planning.plans import IGNORE_LABEL_NAME, Plan
 from covnet.preprocessing.case import sample_class_locations
 from covnet.preprocessing.storage import image_file, load_case, properties_file, save_array, segmentation_file
+from covnet.runtime.atomic import atomic_path, read_json, temporary_sibling, write_json
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 from covnet.workspace import Workspace
 
 log = logger(__name__)

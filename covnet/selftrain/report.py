@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from covnet.atomic import atomic_path, write_json
+from covnet.runtime.atomic import atomic_path, write_json
 
 METRICS = ("dice", "nsd")
 

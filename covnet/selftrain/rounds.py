@@ -25,21 +25,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covnet.atomic import atomic_path, read_json, sweep_dead_temporaries, write_json
 from covnet.checkpoint import Checkpoint
-from covnet.errors import CovnetError
-from covnet.inference.cohort import shard
 from covnet.inference.predictor import InferenceSettings, Predictor, resolve_device
-from covnet.locking import exclusive
-from covnet.log import logger, setup_logging
 from covnet.planning.plans import Plan
-from covnet.selftrain.pseudo_labels import (CANDIDATES, PSEUDO_LABELS, check_pool_names, pool_cases,
-                                            predict_candidates, pseudo_label_round, read_selection,
-                                            self_training_plan)
+from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, write_json
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.locking import exclusive
+from covnet.runtime.log import logger, setup_logging
+from covnet.runtime.sharding import shard
+from covnet.selftrain.pseudo_labels import (
+    CANDIDATES,
+    PSEUDO_LABELS,
+    check_pool_names,
+    pool_cases,
+    predict_candidates,
+    pseudo_label_round,
+    read_selection,
+    self_training_plan,
+)
 from covnet.selftrain.report import plot_rounds, round_entry, validation_table, write_summary
 from covnet.selftrain.teacher import Teacher, choose_teacher, ranking_score, validation_summary
-from covnet.training.distributed import (DistributedContext, context_from_environment, device_for, initialise,
-                                         shutdown)
+from covnet.training.distributed import DistributedContext, context_from_environment, device_for, initialise, shutdown
 from covnet.training.run import TrainingJob, TrainingSettings, run_training
 from covnet.training.validation import validate_fold
 from covnet.workspace import Workspace

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from covnet.atomic import read_json
-from covnet.errors import CovnetError
 from covnet.planning.plans import IGNORE_LABEL_NAME, Plan
+from covnet.runtime.atomic import read_json
+from covnet.runtime.errors import CovnetError
 from covnet.training.run import fold_job
 from covnet.training.splits import DEFAULT_NUM_FOLDS
 from covnet.workspace import Workspace

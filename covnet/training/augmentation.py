@@ -54,7 +54,7 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 
-from covnet.orientation import LEFT_RIGHT_AXIS
+from covnet.image.orientation import LEFT_RIGHT_AXIS
 from covnet.training.data import OUTSIDE_CASE_LABEL
 
 DUMMY_2D_ANISOTROPY = 3.0

@@ -36,9 +36,9 @@ import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgenerators.dataloading.data_loader import DataLoader
 
-from covnet.errors import CovnetError
-from covnet.parallel import die_with_parent
 from covnet.preprocessing.storage import image_file, load_case, properties_file, segmentation_file
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.parallel import die_with_parent
 
 IMAGE_PAD_VALUE = 0.0
 OUTSIDE_CASE_LABEL = -1

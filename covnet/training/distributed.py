@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from covnet.errors import CovnetError
+from covnet.runtime.errors import CovnetError
 
 
 @dataclass(frozen=True)

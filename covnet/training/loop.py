@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from covnet.errors import CovnetError
+from covnet.runtime.errors import CovnetError
 from covnet.training.distributed import DistributedContext
 
 

@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from covnet.atomic import atomic_path
+from covnet.runtime.atomic import atomic_path
 
 EMA_WEIGHT = 0.9   # nnU-Net's moving average of the pseudo-Dice: 0.9 old + 0.1 new
 

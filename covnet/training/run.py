@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from covnet.atomic import sweep_dead_temporaries, write_json
 from covnet.checkpoint import Checkpoint
 from covnet.dataset import DatasetDescription, find_cases
-from covnet.errors import CovnetError
 from covnet.inference.predictor import InferenceSettings, resolve_device
-from covnet.locking import exclusive
-from covnet.log import logger, setup_logging
 from covnet.planning.plans import Plan
 from covnet.preprocessing.storage import properties_file
+from covnet.runtime.atomic import sweep_dead_temporaries, write_json
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.locking import exclusive
+from covnet.runtime.log import logger, setup_logging
 from covnet.training.distributed import context_from_environment, device_for, initialise, shutdown
 from covnet.training.session import TrainingSession
 from covnet.training.splits import cases_for_fold, load_or_create_splits

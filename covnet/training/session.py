@@ -15,10 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from covnet.checkpoint import Checkpoint, capture_rng_state, restore_rng_state
-from covnet.errors import CovnetError
 from covnet.inference.predictor import MIRROR_AXES
-from covnet.log import logger
 from covnet.network.unet import ResidualEncoderUNet
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 from covnet.training.augmentation import training_read_size, training_transforms, validation_transforms
 from covnet.training.data import PatchSampler
 from covnet.training.distributed import DistributedContext

@@ -18,8 +18,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from covnet.atomic import read_json, write_json
-from covnet.errors import CovnetError
+from covnet.runtime.atomic import read_json, write_json
+from covnet.runtime.errors import CovnetError
 
 DEFAULT_NUM_FOLDS = 5
 DEFAULT_SPLIT_SEED = 12345

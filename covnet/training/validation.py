@@ -1,7 +1,7 @@
 """Validation of a trained fold: every validation case predicted whole, in its original geometry, and scored.
 
 The prediction goes through ``covnet.inference.predictor`` (the same path as ``covnet_predict``) and the
-scores through ``covnet.evaluation`` (the same summary as ``covnet_evaluate``).
+scores through ``covnet.evaluation.folders`` (the same summary as ``covnet_evaluate``).
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 
 from covnet.checkpoint import Checkpoint
 from covnet.dataset import DatasetDescription, label_path
-from covnet.evaluation import evaluate_folders, format_mean_table
+from covnet.evaluation.folders import evaluate_folders, format_mean_table
 from covnet.inference.predictor import InferenceSettings, Predictor
-from covnet.log import logger
 from covnet.preprocessing.storage import load_case
+from covnet.runtime.log import logger
 from covnet.workspace import Workspace
 
 log = logger(__name__)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from faultkit import (assert_one_line_error, run, run_crashing, run_ok, run_without_write_permission, snapshot,
-                      temporaries, truncate)
+from kit.faults import (
+    assert_one_line_error,
+    run,
+    run_crashing,
+    run_ok,
+    run_without_write_permission,
+    snapshot,
+    temporaries,
+    truncate,
+)
 
-from covnet.phantoms import make_phantom_dataset
+from covnet.phantoms.generate import make_phantom_dataset
 from covnet.workspace import Workspace
 
 

@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import pytest
-from faultkit import (assert_no_orphans, assert_one_line_error, assert_second_run_refused, copy_tree, run,
-                      run_crashing, run_ok, run_without_write_permission, snapshot, temporaries,
-                      truncate)
+from kit.faults import (
+    assert_no_orphans,
+    assert_one_line_error,
+    assert_second_run_refused,
+    copy_tree,
+    run,
+    run_crashing,
+    run_ok,
+    run_without_write_permission,
+    snapshot,
+    temporaries,
+    truncate,
+)
 
-from covnet.locking import lock_file
-from covnet.phantoms import make_phantom_dataset
+from covnet.phantoms.generate import make_phantom_dataset
+from covnet.runtime.locking import lock_file
 from covnet.workspace import Workspace
 
 COMMAND = "covnet_plan_and_preprocess"

@@ -3,31 +3,35 @@ files among good ones, an output folder without write permission."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from faultkit import (assert_one_line_error, run, run_crashing, run_ok, run_without_write_permission, snapshot,
-                      temporaries, truncate)
+from kit.faults import (
+    assert_one_line_error,
+    run,
+    run_crashing,
+    run_ok,
+    run_without_write_permission,
+    snapshot,
+    temporaries,
+    truncate,
+)
+from kit.workspaces import phantom_image, run_predict, trained_workspace_once
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_predict import phantom, predict, trained_prediction_workspace  # noqa: E402
-
-from covnet.io import write_image  # noqa: E402
+from covnet.image.io import write_image
 
 CASES = ("c0", "c1", "c2")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return trained_prediction_workspace(tmp_path_factory)
+    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def inputs(trained, tmp_path_factory):
     folder = tmp_path_factory.mktemp("predict_faults") / "in"
     for index, case in enumerate(CASES):
-        write_image(*phantom(trained, index), folder / f"{case}_0000.nii.gz")
+        write_image(*phantom_image(trained, index), folder / f"{case}_0000.nii.gz")
     return folder
 
 
@@ -37,7 +41,7 @@ def arguments(trained, inputs, output) -> list:
 
 def test_kill_while_writing_a_label_map_then_continue_gives_the_full_run(trained, inputs, tmp_path):
     reference, output = tmp_path / "reference", tmp_path / "out"
-    assert predict(*arguments(trained, inputs, reference)) == 0
+    assert run_predict(*arguments(trained, inputs, reference)) == 0
     # The second label map (c1) is complete under its temporary name when the process is killed.
     run_crashing("self@.nii.gz#2", "covnet_predict", *arguments(trained, inputs, output))
     assert (output / "c0.nii.gz").is_file() and not (output / "c1.nii.gz").exists()

@@ -4,18 +4,13 @@ same time is refused."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from faultkit import (assert_second_run_refused, run_crashing, run_ok, temporaries)
+from kit.faults import assert_second_run_refused, run_crashing, run_ok, temporaries
+from kit.workspaces import SELFTRAIN_FLAGS, copy_workspace, selftrained_workspace_once, trained_workspace_once
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_selftrain import SELFTRAIN_FLAGS, selftrained_workspace_once, trained_workspace_once  # noqa: E402
-from training_kit import copy_workspace  # noqa: E402
-
-from covnet.checkpoint import Checkpoint  # noqa: E402
-from covnet.locking import lock_file  # noqa: E402
+from covnet.checkpoint import Checkpoint
+from covnet.runtime.locking import lock_file
 
 # The uninterrupted run (test_selftrain's, 2 rounds) has the same teacher and settings, so its first round is
 # what this one-round run must select.

@@ -5,11 +5,21 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from faultkit import (assert_one_line_error, assert_second_run_refused, copy_tree, run, run_crashing, run_ok,
-                      run_without_write_permission, snapshot, temporaries, truncate)
-from test_end_to_end import as_covid19ctseg_release
+from kit.faults import (
+    assert_one_line_error,
+    assert_second_run_refused,
+    copy_tree,
+    run,
+    run_crashing,
+    run_ok,
+    run_without_write_permission,
+    snapshot,
+    temporaries,
+    truncate,
+)
+from kit.releases import as_covid19ctseg_release
 
-from covnet.locking import lock_file
+from covnet.runtime.locking import lock_file
 
 PHANTOMS = ("covnet_make_phantoms", "--num-labelled", "3", "--num-unlabelled", "2", "--num-test", "1", "--seed", "2")
 

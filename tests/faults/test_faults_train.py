@@ -3,18 +3,25 @@ orphaned by a kill, a second run on the same fold, a damaged checkpoint."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from faultkit import (SCRIPTS, TIMEOUT, assert_no_orphans, assert_one_line_error, assert_second_run_refused,
-                      children_of, run, run_crashing, run_ok, run_without_write_permission, temporaries)
+from kit.faults import (
+    SCRIPTS,
+    TIMEOUT,
+    assert_no_orphans,
+    assert_one_line_error,
+    assert_second_run_refused,
+    children_of,
+    run,
+    run_crashing,
+    run_ok,
+    run_without_write_permission,
+    temporaries,
+)
+from kit.workspaces import TRAIN_FLAGS, copy_workspace, make_tiny_trainable_workspace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training_kit import TRAIN_FLAGS, copy_workspace, make_tiny_trainable_workspace  # noqa: E402
-
-from covnet.checkpoint import Checkpoint  # noqa: E402
-from covnet.locking import lock_file  # noqa: E402
+from covnet.checkpoint import Checkpoint
+from covnet.runtime.locking import lock_file
 
 
 @pytest.fixture(scope="module")

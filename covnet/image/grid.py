@@ -1,6 +1,6 @@
 """Array geometry: bounding boxes, crop/uncrop, the anisotropy rule and new shapes for a new spacing.
 
-Pure numpy, no torch (the planner uses the anisotropy rule too); resampling itself is covnet.resampling.
+Pure numpy, no torch (the planner uses the anisotropy rule too); resampling itself is covnet.image.resampling.
 Axis order (z, y, x)."""
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from covnet.atomic import atomic_path
-from covnet.errors import CovnetError
-from covnet.nifti import count_non_finite, truncation_problem
+from covnet.image.nifti import count_non_finite, truncation_problem
+from covnet.runtime.atomic import atomic_path
+from covnet.runtime.errors import CovnetError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 

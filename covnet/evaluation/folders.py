@@ -2,7 +2,7 @@
 
 Every reference file ``CASE<file_ending>`` needs a prediction of the same name on the same grid. For each
 foreground label and each region of ``dataset.json`` the Dice and the normalized surface Dice (NSD, in
-physical spacing, see ``covnet.metrics``) are computed.
+physical spacing, see ``covnet.evaluation.metrics``) are computed.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from covnet.atomic import write_json, write_text
 from covnet.dataset import DatasetDescription, check_label_values, find_label_cases, label_path
-from covnet.errors import CovnetError
-from covnet.io import read_image
-from covnet.metrics import dice, normalized_surface_dice
-from covnet.parallel import map_cases
+from covnet.evaluation.metrics import dice, normalized_surface_dice
+from covnet.image.io import read_image
+from covnet.runtime.atomic import write_json, write_text
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.parallel import map_cases
 
 # NSD tolerances as in Ma et al. 2020 (COVID-19-CT-Seg benchmark): 3 mm for infection, 1 mm for lungs.
 INFECTION_TOLERANCE_MM = 3.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from covnet.geometry import bounding_box
+from covnet.image.grid import bounding_box
 
 BODY_THRESHOLD_HU = -500.0
 # One subsampled voxel of slack on each side, because the search runs on a 2× coarser grid.

@@ -11,8 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from covnet.errors import CovnetError
-
+from covnet.runtime.errors import CovnetError
 
 # ``.tmp-<pid>-<8 hex>-<final name>``: the writer's pid tells a later run whether its writer is dead.
 TEMPORARY_NAME = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}-")

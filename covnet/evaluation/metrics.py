@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from covnet.geometry import bounding_box
+from covnet.image.grid import bounding_box
 
 # A distance that equals the tolerance counts as "within"; the slack absorbs rounding in products like
 # 3 * 0.7 so that a tie is not decided by the last bit.

@@ -9,8 +9,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from covnet.errors import CovnetError
-from covnet.io import is_dicom_series_dir, is_image_file, strip_image_suffix
+from covnet.image.io import is_dicom_series_dir, is_image_file, strip_image_suffix
+from covnet.runtime.errors import CovnetError
 
 SKIPPED_FOLDERS = {"__MACOSX"}
 

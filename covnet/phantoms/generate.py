@@ -13,10 +13,17 @@ from typing import Callable
 import numpy as np
 
 from covnet.dataset import DatasetDescription, covid_description, image_path, label_path
-from covnet.errors import CovnetError
-from covnet.io import Geometry, write_image
-from covnet.phantom_anatomy import Anatomy, Block, SmoothField, draw_anatomy, body_and_bone_hu, lung_labels, \
-    vessel_weight
+from covnet.image.io import Geometry, write_image
+from covnet.phantoms.anatomy import (
+    Anatomy,
+    Block,
+    SmoothField,
+    body_and_bone_hu,
+    draw_anatomy,
+    lung_labels,
+    vessel_weight,
+)
+from covnet.runtime.errors import CovnetError
 from covnet.workspace import Workspace
 
 SIZES = ("small", "clinical")

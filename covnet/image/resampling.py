@@ -29,7 +29,7 @@ import numpy as np
 import scipy.ndimage
 import torch
 
-from covnet.geometry import ANISOTROPY_THRESHOLD, coarse_axis, compute_new_shape, separate_z_axis
+from covnet.image.grid import ANISOTROPY_THRESHOLD, coarse_axis, compute_new_shape, separate_z_axis
 
 # Tile height for the banded products and the weight below which a B-spline tap is dropped
 # (the cubic cardinal spline decays like 0.268^k: |k| > 10 taps are below 1e-6).

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from covnet.errors import CovnetError
+from covnet.runtime.errors import CovnetError
 
 LOCK_FOLDER = ".locks"
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,12 @@ import pytest
 SCRIPTS = Path(sys.executable).parent
 CRASH_DRIVER = Path(__file__).with_name("crash_driver.py")
 TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run(command: str, *args, prefix: tuple = ()) -> subprocess.CompletedProcess:
