@@ -29,17 +29,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
-                                                         ContrastAugmentationTransform, GammaTransform)
+from batchgenerators.transforms.color_transforms import (
+    BrightnessMultiplicativeTransform,
+    ContrastAugmentationTransform,
+    GammaTransform,
+)
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from batchgenerators.transforms.utility_transforms import RemoveLabelTransform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from covnet.training.augmentation import (DEFAULT_AUGMENTATION, AugmentationSettings,  # noqa: E402
-                                          deep_supervision_scales, downsample_nearest, is_dummy_2d,
-                                          training_read_size, training_transforms)
+from covnet.training.augmentation import (  # noqa: E402
+    DEFAULT_AUGMENTATION,
+    AugmentationSettings,
+    deep_supervision_scales,
+    downsample_nearest,
+    is_dummy_2d,
+    training_read_size,
+    training_transforms,
+)
 
 BATCH_SIZE = 2
 WARMUP_BATCHES = 2
@@ -169,7 +178,7 @@ def time_v2(patch, read_size, scales, batches, rng, settings):
 
 
 def time_sampler(patch, read_size, batches):
-    from covnet.io import Geometry
+    from covnet.image.io import Geometry
     from covnet.preprocessing.case import CaseProperties
     from covnet.preprocessing.storage import save_case
     from covnet.training.data import PatchSampler

@@ -143,6 +143,7 @@ def _targets_for(x, topology: Topology):
 def run_worker(spec: dict) -> dict:
     """One configuration, in this (fresh) process. Returns the measured growth and the saved-tensor count."""
     import torch
+
     from covnet.network.unet import ResidualEncoderUNet
 
     torch.manual_seed(0)

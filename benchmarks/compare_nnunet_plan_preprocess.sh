@@ -20,7 +20,7 @@ trap 'rm -rf "$work"' EXIT
     --num-test 0 --size "$size" --seed 0 > /dev/null
 
 start=$(date +%s.%N)
-"$covnet_venv/bin/covnet_plan_and_preprocess" --workspace "$work/covnet" -np 2 > "$work/covnet.log" 2>&1
+"$covnet_venv/bin/covnet_plan_and_preprocess" --workspace "$work/covnet" -np 2 > "$work/covnet.runtime.log" 2>&1
 covnet_seconds=$(echo "$(date +%s.%N) - $start" | bc)
 
 export nnUNet_raw="$work/nnunet_raw" nnUNet_preprocessed="$work/nnunet_preprocessed" nnUNet_results="$work/nnunet_results"
@@ -35,7 +35,7 @@ nnunet_seconds=$(echo "$(date +%s.%N) - $start" | bc)
 echo "cases=$cases size=$size"
 printf "covnet_plan_and_preprocess -np 2                          %6.1f s\n" "$covnet_seconds"
 printf "nnUNetv2_plan_and_preprocess -c 3d_fullres -np 2          %6.1f s\n" "$nnunet_seconds"
-grep -E "patch size|target spacing|batch size" "$work/covnet.log" | sed 's/^/covnet  /'
+grep -E "patch size|target spacing|batch size" "$work/covnet.runtime.log" | sed 's/^/covnet  /'
 python3 - "$nnUNet_preprocessed/Dataset501_Phantoms/nnUNetPlans.json" <<'PY'
 import json, sys
 plan = json.load(open(sys.argv[1]))["configurations"]["3d_fullres"]

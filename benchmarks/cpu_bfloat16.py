@@ -24,11 +24,11 @@ import torch
 
 from covnet.checkpoint import Checkpoint
 from covnet.dataset import DatasetDescription, label_path
-from covnet.evaluation import structures_of
+from covnet.evaluation.folders import structures_of
+from covnet.evaluation.metrics import dice
+from covnet.image.io import read_image
 from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.inference.sliding_window import cpu_has_native_bfloat16
-from covnet.io import read_image
-from covnet.metrics import dice
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.preprocessing.storage import load_case
 from covnet.workspace import Workspace

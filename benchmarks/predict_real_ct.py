@@ -60,6 +60,7 @@ def load_average() -> str:
 # ---------------------------------------------------------------------------------------------- make-model
 def make_model(args) -> int:
     import torch
+
     from covnet.checkpoint import Checkpoint
     from covnet.network.unet import ResidualEncoderUNet
     from covnet.planning.plans import Plan
@@ -86,9 +87,10 @@ def window_count(shape, patch_size, step_size):
 def forward(args) -> int:
     import numpy as np
     import torch
+
     from covnet.checkpoint import Checkpoint
+    from covnet.image.io import read_image
     from covnet.inference.predictor import InferenceSettings
-    from covnet.io import read_image
     from covnet.network.unet import ResidualEncoderUNet
     from covnet.preprocessing.case import preprocess_case
     checkpoint = Checkpoint.load(args.model)

@@ -25,11 +25,11 @@ import numpy as np
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # so that --nnunet can run from another venv
 
-from covnet.atomic import atomic_path  # noqa: E402
-from covnet.cropping import BODY_THRESHOLD_HU  # noqa: E402
-from covnet.io import read_image  # noqa: E402
-from covnet.geometry import compute_new_shape, separate_z_axis  # noqa: E402
-from covnet.resampling import resample_image  # noqa: E402
+from covnet.image.cropping import BODY_THRESHOLD_HU  # noqa: E402
+from covnet.image.grid import compute_new_shape, separate_z_axis  # noqa: E402
+from covnet.image.io import read_image  # noqa: E402
+from covnet.image.resampling import resample_image  # noqa: E402
+from covnet.runtime.atomic import atomic_path  # noqa: E402
 
 DEFAULT_IMAGE = REPOSITORY.parent / "shared" / "data" / "real_ct" / "chest_ct_512x512x141.nii.gz"
 
@@ -49,7 +49,8 @@ def resample_with_nnunet(image: np.ndarray, spacing, target_spacing, new_shape) 
 def scipy_reference(image: np.ndarray, new_shape, separate_axis: int | None) -> np.ndarray:
     """Cubic B-spline (scipy, mode 'nearest') on the pixel-centre grid; nearest along a separate axis."""
     import scipy.ndimage as ndi
-    from covnet.resampling import nearest_indices
+
+    from covnet.image.resampling import nearest_indices
     volume = image.astype(np.float32)
     if separate_axis is None:
         zoom = np.divide(new_shape, volume.shape)

@@ -34,14 +34,14 @@ import time
 from pathlib import Path
 
 from covnet.inference.predictor import resolve_device
-from covnet.log import setup_logging
 from covnet.network.topology import Topology
-from covnet.phantoms import make_phantom_dataset
+from covnet.phantoms.generate import make_phantom_dataset
 from covnet.planning.planner import plan_dataset
 from covnet.planning.plans import Plan
 from covnet.preprocessing.run import preprocess_dataset
+from covnet.runtime.log import setup_logging
 from covnet.selftrain.pseudo_labels import self_training_plan
-from covnet.selftrain.rounds import SelfTrainingSettings, seed_round, run_selftraining
+from covnet.selftrain.rounds import SelfTrainingSettings, run_selftraining, seed_round
 from covnet.selftrain.teacher import Teacher, ranking_score
 from covnet.training.distributed import DistributedContext
 from covnet.training.run import TrainingJob, TrainingSettings, run_training

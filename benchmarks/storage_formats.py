@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from covnet.cropping import body_bounding_box  # noqa: E402
-from covnet.geometry import crop  # noqa: E402
-from covnet.io import read_image  # noqa: E402
+from covnet.image.cropping import body_bounding_box  # noqa: E402
+from covnet.image.grid import crop  # noqa: E402
+from covnet.image.io import read_image  # noqa: E402
+from covnet.image.resampling import resample_image  # noqa: E402
 from covnet.planning.plans import NormalizationScheme  # noqa: E402
 from covnet.preprocessing.normalization import normalize  # noqa: E402
-from covnet.resampling import resample_image  # noqa: E402
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct" / "chest_ct_512x512x141.nii.gz"
 
