@@ -33,12 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-from covnet.inference.predictor import resolve_device
 from covnet.network.topology import Topology
 from covnet.phantoms.generate import make_phantom_dataset
 from covnet.planning.planner import plan_dataset
 from covnet.planning.plans import Plan
 from covnet.preprocessing.run import preprocess_dataset
+from covnet.runtime.devices import resolve_device
 from covnet.runtime.log import setup_logging
 from covnet.selftrain.pseudo_labels import self_training_plan
 from covnet.selftrain.rounds import SelfTrainingSettings, run_selftraining, seed_round

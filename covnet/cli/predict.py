@@ -15,7 +15,8 @@ from covnet.inference.cohort import (
     prepare_output_folder,
     select_checkpoints,
 )
-from covnet.inference.predictor import InferenceSettings, Predictor, resolve_device
+from covnet.inference.predictor import InferenceSettings, Predictor
+from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.sharding import shard
 

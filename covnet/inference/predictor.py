@@ -42,14 +42,6 @@ class InferenceSettings:
     postprocess: bool = False
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CovnetError(None, f"--device {name}: no CUDA device is available here; use --device cpu")
-    return torch.device(name)
-
-
 class Predictor:
     def __init__(self, checkpoints: Sequence[Checkpoint], device: torch.device = torch.device("cpu"),
                  settings: InferenceSettings = InferenceSettings()):

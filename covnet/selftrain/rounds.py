@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from covnet.checkpoint import Checkpoint
-from covnet.inference.predictor import InferenceSettings, Predictor, resolve_device
+from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.planning.plans import Plan
 from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, write_json
+from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.locking import exclusive
 from covnet.runtime.log import logger, setup_logging

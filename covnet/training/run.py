@@ -16,10 +16,11 @@ import torch
 
 from covnet.checkpoint import Checkpoint
 from covnet.dataset import DatasetDescription, find_cases
-from covnet.inference.predictor import InferenceSettings, resolve_device
+from covnet.inference.predictor import InferenceSettings
 from covnet.planning.plans import Plan
 from covnet.preprocessing.storage import properties_file
 from covnet.runtime.atomic import sweep_dead_temporaries, write_json
+from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.locking import exclusive
 from covnet.runtime.log import logger, setup_logging
