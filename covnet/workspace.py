@@ -51,6 +51,12 @@ class Workspace:
         return self.raw / "imagesUnlabelled"
 
     @property
+    def labels_unlabelled(self) -> Path:
+        """Phantoms only: the pool's true labels, for diagnostics and oracle experiments; training never reads
+        them."""
+        return self.raw / "labelsUnlabelled"
+
+    @property
     def images_ts(self) -> Path:
         return self.raw / "imagesTs"
 

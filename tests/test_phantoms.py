@@ -10,6 +10,7 @@ from covnet.cli import make_phantoms as cli
 from covnet.cli.common import run_command
 from covnet.dataset import image_path, label_path, validate_raw_dataset
 from covnet.image.io import read_image
+from covnet.phantoms.acquisition import profile_named
 from covnet.phantoms.anatomy import draw_anatomy
 from covnet.phantoms.generate import (
     SMALL_MAX_VOXELS,
@@ -19,8 +20,10 @@ from covnet.phantoms.generate import (
     generate_split,
     infection_fraction,
     make_phantom_case,
+    make_phantom_dataset,
     patient_indices,
 )
+from covnet.workspace import Workspace
 
 TINY_SPACING = (9.0, 8.0, 8.0)  # ~45x45x30 voxels: enough anatomy for unit tests, fast to render
 
@@ -193,3 +196,32 @@ def test_labelled_cases_do_not_depend_on_other_split_counts(tmp_path):
         first, _ = read_image(image_path(tmp_path / "a/raw/imagesTr", case))
         second, _ = read_image(image_path(tmp_path / "b/raw/imagesTr", case))
         assert np.array_equal(first, second)
+
+
+def test_acquisition_profiles_change_the_scan_not_the_anatomy(tmp_path):
+    """A second scanner sees the same patients differently: thicker slices, a calibration offset, more noise,
+    fainter lesions; the default profile is the original phantom, and the pool's truth can be kept."""
+    standard, shifted = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
+    make_phantom_dataset(standard, num_labelled=2, num_unlabelled=2, num_test=0, seed=5, pool_truth=True)
+    make_phantom_dataset(shifted, num_labelled=2, num_unlabelled=2, num_test=0, seed=5,
+                         unlabelled_profile=profile_named("low_dose_soft"), pool_truth=True)
+    for case in ("phantom_000", "phantom_001"):      # labelled split: same profile, same bytes
+        assert (standard.images_tr / f"{case}_0000.nii.gz").read_bytes() == \
+            (shifted.images_tr / f"{case}_0000.nii.gz").read_bytes()
+    for index in range(2):
+        scans = {}
+        for name, workspace in (("standard", standard), ("shifted", shifted)):
+            image, geometry = read_image(workspace.images_unlabelled / f"unlabelled_{index:03d}_0000.nii.gz")
+            truth, truth_geometry = read_image(workspace.labels_unlabelled / f"unlabelled_{index:03d}.nii.gz")
+            assert truth_geometry == geometry and set(np.unique(truth)) <= {0, 1, 2, 3}
+            scans[name] = image.astype(float), truth, float(np.prod(geometry.spacing)) / 1000
+        (image, truth, ml), (reference, reference_truth, reference_ml) = scans["shifted"], scans["standard"]
+        assert read_image(shifted.images_unlabelled / f"unlabelled_{index:03d}_0000.nii.gz")[1].spacing[0] >= 12
+        air, reference_air = image[:, :3, :3], reference[:, :3, :3]     # a corner outside the body
+        assert abs(np.median(air) - np.median(reference_air) - 50) < 10
+        assert air.std() > 1.5 * reference_air.std()
+        lungs, reference_lungs = np.count_nonzero(truth) * ml, np.count_nonzero(reference_truth) * reference_ml
+        assert abs(lungs / reference_lungs - 1) < 0.2                  # the same patient's lungs
+    image, truth, _ = scans["shifted"]                                 # case 1 is heavily infected
+    reference, reference_truth, _ = scans["standard"]
+    assert np.median(image[truth == 3]) - 50 < np.median(reference[reference_truth == 3])   # fainter lesions

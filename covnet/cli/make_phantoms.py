@@ -6,6 +6,7 @@ import sys
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
+from covnet.phantoms.acquisition import PROFILES, profile_named
 from covnet.phantoms.generate import SIZES, SPACING_MODES, make_phantom_dataset
 
 
@@ -20,6 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="small: ~70x70 in-plane at ~5 mm, for CPU demos and tests; clinical: 512x512 at ~0.75 mm")
     parser.add_argument("--spacing", choices=SPACING_MODES, default="mixed",
                         help="mixed: fine and coarse slices as in COVID-19-CT-Seg; isotropic; anisotropic (z >= 4x)")
+    parser.add_argument("--profile", choices=tuple(PROFILES), default="standard",
+                        help="acquisition profile (scanner and protocol) of every split: standard, or "
+                             "low_dose_soft (thick slices, soft kernel, grainy noise, +50 HU, faint lesions)")
+    parser.add_argument("--unlabelled-profile", choices=tuple(PROFILES), default=None,
+                        help="scan the unlabelled pool with another profile (domain shift; default: --profile)")
+    parser.add_argument("--test-profile", choices=tuple(PROFILES), default=None,
+                        help="scan the test cases with another profile (default: --profile)")
+    parser.add_argument("--pool-truth", action="store_true",
+                        help="also write the pool's true labels to raw/labelsUnlabelled (for measuring "
+                             "pseudo-labels; training never reads them)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in raw/")
     return parser
 
@@ -30,7 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with writing(workspace, "raw", "covnet_make_phantoms", workspace.raw):
         make_phantom_dataset(workspace, num_labelled=args.num_labelled, num_unlabelled=args.num_unlabelled,
                              num_test=args.num_test, seed=args.seed, size=args.size, spacing_mode=args.spacing,
-                             overwrite=args.overwrite, report=print)
+                             overwrite=args.overwrite, report=print, profile=profile_named(args.profile),
+                             unlabelled_profile=args.unlabelled_profile and profile_named(args.unlabelled_profile),
+                             test_profile=args.test_profile and profile_named(args.test_profile),
+                             pool_truth=args.pool_truth)
     print(f"wrote {workspace.dataset_json}")
     return 0
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from covnet.dataset import DatasetDescription, covid_description, image_path, label_path
 from covnet.image.io import Geometry, write_image
+from covnet.phantoms.acquisition import DEFAULT_PROFILE, AcquisitionProfile
 from covnet.phantoms.anatomy import (
     Anatomy,
     Block,
@@ -69,13 +70,15 @@ class Infection:
     field: SmoothField
 
 
-def draw_infection(rng: np.random.Generator, anatomy: Anatomy, burden: float) -> Infection:
-    """Blobs whose total volume is ``burden`` of the lungs, mostly peripheral and posterior."""
+def draw_infection(rng: np.random.Generator, anatomy: Anatomy, burden: float,
+                   profile: AcquisitionProfile = DEFAULT_PROFILE) -> Infection:
+    """Blobs whose total volume is ``burden`` of the lungs, mostly peripheral and posterior; their number and
+    density follow the acquisition ``profile``."""
     field = SmoothField.draw(rng, 15.0)
     if burden <= 0:
         return Infection((), field)
     lung_volume = sum(lung.volume_mm3() for lung in anatomy.lungs) * 0.75  # carving removes about a quarter
-    count = int(min(8, 1 + rng.poisson(burden * 15)))
+    count = int(min(8 * profile.lesion_count_scale, 1 + rng.poisson(burden * 15 * profile.lesion_count_scale)))
     shares = rng.dirichlet(np.ones(count))
     blobs = []
     for share in shares:
@@ -91,7 +94,7 @@ def draw_infection(rng: np.random.Generator, anatomy: Anatomy, burden: float) ->
         aspect /= np.cbrt(aspect.prod())
         # Part of each blob falls outside the lung and is cut away, hence the 1.3 volume margin.
         radius = np.cbrt(3.0 * 1.3 * share * burden * lung_volume / (4.0 * np.pi))
-        blobs.append(Blob(centre, radius * aspect, rng.uniform(-680.0, -250.0), rng.uniform(0.0, 200.0)))
+        blobs.append(Blob(centre, radius * aspect, rng.uniform(*profile.lesion_hu), rng.uniform(0.0, 200.0)))
     return Infection(tuple(blobs), field)
 
 
@@ -124,9 +127,11 @@ class Scan:
     noise_hu: float
     noise_seed: int
     infection: Infection
+    profile: AcquisitionProfile = DEFAULT_PROFILE
 
 
-def draw_scan(rng: np.random.Generator, anatomy: Anatomy, size: str, spacing_zyx, burden: float) -> Scan:
+def draw_scan(rng: np.random.Generator, anatomy: Anatomy, size: str, spacing_zyx, burden: float,
+              profile: AcquisitionProfile = DEFAULT_PROFILE) -> Scan:
     spacing_z, spacing_y, spacing_x = (float(s) for s in spacing_zyx)
     if size == "clinical":
         rows = cols = 512
@@ -146,8 +151,8 @@ def draw_scan(rng: np.random.Generator, anatomy: Anatomy, size: str, spacing_zyx
               float(rng.uniform(-450.0, -50.0)))
     geometry = Geometry((spacing_z, spacing_y, spacing_x), tuple(round(o, 3) for o in origin), IDENTITY,
                         (slices, rows, cols))
-    return Scan(z, y, x, geometry, float(rng.uniform(10.0, 20.0)), int(rng.integers(2 ** 31)),
-                draw_infection(rng, anatomy, burden))
+    return Scan(z, y, x, geometry, float(rng.uniform(*profile.noise_hu)), int(rng.integers(2 ** 31)),
+                draw_infection(rng, anatomy, burden, profile), profile)
 
 
 def render(anatomy: Anatomy, scan: Scan) -> tuple[np.ndarray, np.ndarray]:
@@ -167,8 +172,10 @@ def render(anatomy: Anatomy, scan: Scan) -> tuple[np.ndarray, np.ndarray]:
         parenchyma += vessels * (40.0 + 20.0 * texture - parenchyma)
         hu[lung] = parenchyma[lung]
         paint_infection(scan.infection, block, labels, hu)
+        hu = scan.profile.reconstruct(hu)
         noise_rng = np.random.default_rng([scan.noise_seed, slab_index])
-        hu += scan.noise_hu * noise_rng.standard_normal(hu.shape, dtype=np.float32)
+        hu += scan.noise_hu * scan.profile.noise(noise_rng.standard_normal(hu.shape, dtype=np.float32))
+        hu += scan.profile.hu_offset
         image[start:start + SLAB] = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
         label[start:start + SLAB] = labels
     return image, label
@@ -179,14 +186,16 @@ def as_rng(rng_or_seed) -> np.random.Generator:
 
 
 def make_phantom_case(rng_or_seed, size: str = "small", spacing_zyx=None, infection_burden: float | None = None,
-                      anatomy: Anatomy | None = None) -> tuple[np.ndarray, np.ndarray, Geometry]:
+                      anatomy: Anatomy | None = None, profile: AcquisitionProfile = DEFAULT_PROFILE
+                      ) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """One phantom: (image int16 HU, label uint8, Geometry). ``infection_burden`` is the infected fraction of
-    the lungs (None: random); pass ``anatomy`` to rescan the same patient."""
+    the lungs (None: random); pass ``anatomy`` to rescan the same patient, ``profile`` to scan it with another
+    scanner or protocol."""
     rng = as_rng(rng_or_seed)
     anatomy = draw_anatomy(rng) if anatomy is None else anatomy
     spacing_zyx = draw_spacing(rng, size, "mixed") if spacing_zyx is None else spacing_zyx
     burden = draw_burden(rng) if infection_burden is None else float(infection_burden)
-    scan = draw_scan(rng, anatomy, size, spacing_zyx, burden)
+    scan = draw_scan(rng, anatomy, size, spacing_zyx, burden, profile)
     image, label = render(anatomy, scan)
     return image, label, scan.geometry
 
@@ -218,22 +227,26 @@ def patient_indices(seed: int, num_labelled: int) -> list[int]:
     return patients
 
 
-def case_plan(seed: int, split: int, index: int, size: str, spacing_mode: str):
+def case_plan(seed: int, split: int, index: int, size: str, spacing_mode: str,
+              profile: AcquisitionProfile = DEFAULT_PROFILE):
     """Scan RNG, spacing and burden of one case. Case 1 of each split is heavily infected, case 3 is clean,
-    and in ``mixed`` mode case 0 has fine and case 1 coarse slices, so small datasets cover the extremes."""
+    and in ``mixed`` mode case 0 has fine and case 1 coarse slices, so small datasets cover the extremes (a
+    profile with thin or thick slices overrides that)."""
     rng = _rng(seed, split, index, 1)
-    spacing = draw_spacing(rng, size, spacing_mode, coarse={0: False, 1: True}.get(index))
+    coarse = {0: False, 1: True}.get(index) if profile.forced_coarse is None else profile.forced_coarse
+    spacing = draw_spacing(rng, size, "mixed" if profile.forced_coarse is not None else spacing_mode, coarse=coarse)
     burden = {1: float(rng.uniform(0.22, 0.32)), 3: 0.0}.get(index)
     return rng, spacing, draw_burden(rng) if burden is None else burden
 
 
-def generate_split(seed: int, split: int, count: int, size: str, spacing_mode: str, patients: list[int] | None = None):
+def generate_split(seed: int, split: int, count: int, size: str, spacing_mode: str, patients: list[int] | None = None,
+                   profile: AcquisitionProfile = DEFAULT_PROFILE):
     """Yield (index, image, label, geometry) for each case of one split."""
     for index in range(count):
         patient = index if patients is None else patients[index]
         anatomy = draw_anatomy(_rng(seed, split, patient, 0))
-        rng, spacing, burden = case_plan(seed, split, index, size, spacing_mode)
-        yield (index, *make_phantom_case(rng, size, spacing, burden, anatomy=anatomy))
+        rng, spacing, burden = case_plan(seed, split, index, size, spacing_mode, profile)
+        yield (index, *make_phantom_case(rng, size, spacing, burden, anatomy=anatomy, profile=profile))
 
 
 def infection_fraction(label: np.ndarray) -> float:
@@ -257,8 +270,8 @@ def split_summary(name: str, geometries: list[Geometry], burdens: list[float]) -
 
 
 def _prepare_raw(workspace: Workspace, overwrite: bool) -> None:
-    folders = (workspace.images_tr, workspace.labels_tr, workspace.images_unlabelled, workspace.images_ts,
-               workspace.labels_ts)
+    folders = (workspace.images_tr, workspace.labels_tr, workspace.images_unlabelled, workspace.labels_unlabelled,
+               workspace.images_ts, workspace.labels_ts)
     if workspace.dataset_json.exists():
         if not overwrite:
             raise CovnetError(workspace.dataset_json, "already holds a dataset; pass --overwrite to replace it")
@@ -276,9 +289,15 @@ STALE_NAME = re.compile(r"^(phantom|unlabelled|test)_\d+(_0000)?\.nii\.gz$")
 
 def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int = 20, num_test: int = 4,
                          seed: int = 0, size: str = "small", spacing_mode: str = "mixed", overwrite: bool = False,
-                         report: Callable[[str], None] | None = None) -> DatasetDescription:
+                         report: Callable[[str], None] | None = None, *,
+                         profile: AcquisitionProfile = DEFAULT_PROFILE,
+                         unlabelled_profile: AcquisitionProfile | None = None,
+                         test_profile: AcquisitionProfile | None = None,
+                         pool_truth: bool = False) -> DatasetDescription:
     """Write phantoms into ``<workspace>/raw`` (imagesTr/labelsTr, imagesUnlabelled, imagesTs/labelsTs) and
-    dataset.json last, so an interrupted run leaves no dataset that looks complete."""
+    dataset.json last, so an interrupted run leaves no dataset that looks complete. ``profile`` scans every
+    split; ``unlabelled_profile`` and ``test_profile`` scan those splits with another scanner (domain shift).
+    ``pool_truth`` also writes the pool's true labels to ``labelsUnlabelled/`` (diagnostics, oracle runs)."""
     workspace = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     for name, count in (("num_labelled", num_labelled), ("num_unlabelled", num_unlabelled), ("num_test", num_test)):
         if count < 0:
@@ -290,13 +309,15 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
     _prepare_raw(workspace, overwrite)
     patients = patient_indices(seed, num_labelled)
     groups = {}
-    outputs = ((workspace.images_tr, workspace.labels_tr), (workspace.images_unlabelled, None),
+    outputs = ((workspace.images_tr, workspace.labels_tr),
+               (workspace.images_unlabelled, workspace.labels_unlabelled if pool_truth else None),
                (workspace.images_ts, workspace.labels_ts))
-    for split, ((split_name, prefix), count, (images_dir, labels_dir)) in enumerate(
-            zip(SPLITS, (num_labelled, num_unlabelled, num_test), outputs)):
+    profiles = (profile, unlabelled_profile or profile, test_profile or profile)
+    for split, ((split_name, prefix), count, (images_dir, labels_dir), split_profile) in enumerate(
+            zip(SPLITS, (num_labelled, num_unlabelled, num_test), outputs, profiles)):
         geometries, burdens = [], []
         for index, image, label, geometry in generate_split(seed, split, count, size, spacing_mode,
-                                                            patients if split == 0 else None):
+                                                            patients if split == 0 else None, split_profile):
             case = f"{prefix}_{index:03d}"
             write_image(image, geometry, image_path(images_dir, case))
             if labels_dir is not None:
@@ -306,7 +327,8 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
                 groups[case] = f"patient_{patients[index]:03d}"
             geometries.append(geometry)
         if report is not None:
-            report(split_summary(f"{split_name} ({images_dir.name})", geometries, burdens))
+            report(f"{split_summary(f'{split_name} ({images_dir.name})', geometries, burdens)}; "
+                   f"{split_profile.name} acquisition")
     description = covid_description("covnet_phantoms", num_labelled, groups)
     description.save(workspace.dataset_json)
     return description
