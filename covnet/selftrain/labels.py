@@ -1,0 +1,115 @@
+"""Pseudo-labels from a teacher's probabilities, and the scores that rank them. Pure numpy/torch, no files.
+
+Policies (``PseudoLabelPolicy.name``):
+
+* ``argmax``: every voxel gets the teacher's most probable class; nothing is ignored (the FLARE22 winner's
+  choice, and the best of covnet's own ablation, where ignoring unsure voxels removed mostly infection);
+* ``class_balanced``: class-balanced self-training (Zou et al. 2018, CBST): per class, only the ``portion`` most
+  confident of the voxels predicted as that class are kept, the others become the ignore label; the portion
+  grows by ``portion_step`` per round up to ``max_portion``. Thresholds are per case (so that candidates need
+  no stored probabilities), and a rare, unsure class such as infection keeps its share instead of vanishing
+  under one global threshold;
+* ``threshold``: voxels whose largest class probability is below ``min_confidence`` are ignored (covnet's first
+  self-training recipe).
+
+Scores of a case: ``confidence`` (mean largest probability over the predicted foreground), ``agreement`` (mean
+pairwise Dice between the teacher's members on the scoring structure, usually infection: the ensemble's folds,
+or a single model with and without test-time mirroring) and ``label_change`` (share of the foreground whose
+label changed since the previous round).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from covnet.runtime.errors import CovnetError
+
+POLICIES = ("argmax", "class_balanced", "threshold")
+
+
+@dataclass(frozen=True)
+class PseudoLabelPolicy:
+    name: str = "argmax"
+    min_confidence: float = 0.9     # threshold: voxels less sure than this are ignored
+    portion: float = 0.2            # class_balanced: share of each class's voxels kept in round 1
+    portion_step: float = 0.05      # ... growing by this per round
+    max_portion: float = 0.5        # ... up to this
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise CovnetError(None, f"--pseudo-labels {self.name!r}: choose one of {', '.join(POLICIES)}")
+        if not 0 <= self.min_confidence <= 1.01:
+            raise CovnetError(None, f"--min-confidence must lie in [0, 1] (above 1: ignore every voxel), "
+                                    f"not {self.min_confidence}")
+        if not 0 < self.portion <= self.max_portion <= 1 or self.portion_step < 0:
+            raise CovnetError(None, f"class-balanced portions must satisfy 0 < portion {self.portion} <= "
+                                    f"max_portion {self.max_portion} <= 1 and step {self.portion_step} >= 0")
+
+    def portion_for_round(self, round_index: int) -> float:
+        return min(self.max_portion, self.portion + self.portion_step * (round_index - 1))
+
+
+def _class_thresholds(largest: np.ndarray, labels: np.ndarray, classes: Sequence[int], portion: float
+                      ) -> dict[int, float]:
+    """Per class, the confidence of the ``ceil(portion · n)``-th most confident of its ``n`` predicted voxels."""
+    thresholds = {}
+    for value in classes:
+        confidences = largest[labels == value]
+        if confidences.size == 0:
+            continue
+        kept = max(1, int(np.ceil(portion * confidences.size)))
+        thresholds[value] = float(np.partition(confidences, confidences.size - kept)[confidences.size - kept])
+    return thresholds
+
+
+def make_pseudo_label(probabilities: torch.Tensor | np.ndarray, policy: PseudoLabelPolicy, *, round_index: int,
+                      ignore_label: int) -> tuple[np.ndarray, dict[int, float]]:
+    """(classes, z, y, x) probabilities → (uint8 labels with ignored voxels set to ``ignore_label``, the share
+    of each class's predicted voxels that was ignored)."""
+    probabilities = torch.as_tensor(probabilities)
+    largest_tensor, labels_tensor = probabilities.max(dim=0)
+    largest, labels = largest_tensor.float().numpy(), labels_tensor.numpy().astype(np.uint8)
+    classes = list(range(probabilities.shape[0]))
+    if policy.name == "argmax":
+        ignored = np.zeros(labels.shape, bool)
+    elif policy.name == "threshold":
+        ignored = largest < policy.min_confidence
+    else:
+        thresholds = _class_thresholds(largest, labels, classes, policy.portion_for_round(round_index))
+        cut = np.zeros(len(classes), np.float32)
+        for value, threshold in thresholds.items():
+            cut[value] = threshold
+        ignored = largest < cut[labels]
+    shares = {value: float(ignored[labels == value].mean()) for value in classes if (labels == value).any()}
+    labels[ignored] = ignore_label
+    return labels, shares
+
+
+def dice(first: np.ndarray, second: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty (they agree that there is nothing)."""
+    total = int(first.sum()) + int(second.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(first, second).sum()) / total
+
+
+def agreement(member_labels: Sequence[np.ndarray], structure: Sequence[int]) -> float:
+    """Mean pairwise Dice between the members' label maps on ``structure`` (label values merged into one
+    mask); 1.0 for a single member."""
+    masks = [np.isin(labels, list(structure)) for labels in member_labels]
+    pairs = list(itertools.combinations(masks, 2))
+    return float(np.mean([dice(a, b) for a, b in pairs])) if pairs else 1.0
+
+
+def confidence(labels: np.ndarray, largest_probability: np.ndarray, foreground: Sequence[int]) -> float | None:
+    """Mean largest class probability over the voxels predicted as foreground; None without foreground."""
+    mask = np.isin(labels, list(foreground))
+    return float(largest_probability[mask].mean(dtype=np.float64)) if mask.any() else None
+
+
+def label_change(previous: np.ndarray, current: np.ndarray, foreground: Sequence[int]) -> float:
+    """Share of the voxels that are foreground in either map whose label differs between the two."""
+    union = np.isin(previous, list(foreground)) | np.isin(current, list(foreground))
+    return float((previous[union] != current[union]).mean()) if union.any() else 0.0
