@@ -1,13 +1,25 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# covnet/__init__.py holds the version once; it is read as text because the package cannot be imported before
+# its dependencies are installed.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "covnet" / "__init__.py").read_text(),
+                    re.MULTILINE).group(1)
 
 setup(
     name="covnet",
-    version="0.1.0",
+    version=VERSION,
+    license="Apache-2.0",
     description="Self-configuring 3D segmentation of lungs and COVID-19 infection in chest CT, "
                 "with student-teacher self-training on unlabelled CTs",
     packages=find_packages(include=["covnet", "covnet.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "SimpleITK", "batchgenerators", "batchgeneratorsv2", "numpy", "scipy", "acvl-utils", "tqdm", "matplotlib"],
+    install_requires=["torch", "SimpleITK", "batchgenerators", "batchgeneratorsv2", "numpy", "scipy", "acvl-utils", "tqdm", "matplotlib",
+                      # DICOM-SEG output: highdicom writes Segmentation objects with coded segments and source
+                      # references (it brings pydicom and pyjpegls; ~50 MB beside torch's ~750 MB).
+                      "highdicom>=0.28"],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [
         "covnet_make_phantoms=covnet.cli.make_phantoms:entry",

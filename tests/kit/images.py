@@ -14,23 +14,31 @@ IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def write_dicom_series(volume: np.ndarray, folder: Path, spacing_zyx=(2.5, 0.8, 0.7), origin_xyz=(-100.0, -120.0, 30.0),
-                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> None:
-    """Write an int16 (z, y, x) volume as one CT DICOM file per slice (axial, identity orientation)."""
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1", orientation=(1, 0, 0, 0, 1, 0),
+                       descending_storage: bool = False) -> None:
+    """Write an int16 (z, y, x) volume as one CT DICOM file per slice: slice k at ``origin + k·spacing_z·normal``
+    (normal = row direction × column direction of ``orientation``, the ImageOrientationPatient), row r and column
+    c of ``volume[k]`` its pixel (r, c). Files, InstanceNumber and SOPInstanceUID follow k, or run against it with
+    ``descending_storage`` (file 0 is the last slice along the normal)."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
     for index in range(volume.shape[0]):
+        stored = volume.shape[0] - 1 - index if descending_storage else index
         slice_image = sitk.GetImageFromArray(volume[index].astype(np.int16))
         slice_image.SetSpacing((spacing_zyx[2], spacing_zyx[1]))
-        position = (origin_xyz[0], origin_xyz[1], origin_xyz[2] + index * spacing_zyx[0])
+        position = np.asarray(origin_xyz, float) + index * spacing_zyx[0] * normal
         tags = {"0008|0060": "CT", "0020|000d": series_uid + ".0", "0020|000e": series_uid,
-                "0020|0013": str(index + 1), "0020|0032": "\\".join(f"{v:.4f}" for v in position),
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": f"{spacing_zyx[1]:.4f}\\{spacing_zyx[2]:.4f}",
-                "0018|0050": f"{spacing_zyx[0]:.4f}", "0008|0018": f"{series_uid}.{index + 1}",
+                "0020|0052": series_uid + ".99", "0020|0013": str(stored + 1),
+                "0020|0032": "\\".join(f"{v:.4f}" for v in position),
+                "0020|0037": "\\".join(f"{v:g}" for v in orientation),
+                "0028|0030": f"{spacing_zyx[1]:.4f}\\{spacing_zyx[2]:.4f}",
+                "0018|0050": f"{spacing_zyx[0]:.4f}", "0008|0018": f"{series_uid}.{stored + 1}",
                 "0028|1052": "0", "0028|1053": "1"}
         for tag, value in tags.items():
             slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{index:04d}.dcm"))
+        writer.SetFileName(str(folder / f"slice_{stored:04d}.dcm"))
         writer.Execute(slice_image)
 
 

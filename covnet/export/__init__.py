@@ -1,0 +1,1 @@
+"""What covnet writes for other tools to read: DICOM-SEG for viewers and PACS."""
