@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -15,9 +16,47 @@ from covnet.runtime.atomic import read_json, write_json
 from covnet.runtime.errors import CovnetError
 
 CHANNEL_SUFFIX = "_0000"
-COVID_LABELS = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
-COVID_REGIONS = {"lungs": [1, 2, 3], "infection": [3]}
-COVID_LATERAL_PAIRS = (("left_lung", "right_lung"),)
+BACKGROUND = "background"
+# nnU-Net's ignore label: voxels of unknown class, left out of the loss and of the scores. Its value must be the
+# highest; the network predicts every other label.
+IGNORE_LABEL_NAME = "ignore"
+# The names of COVID-19-CT-Seg's labels and regions, which the report, the preview and postprocessing look for.
+LEFT_LUNG, RIGHT_LUNG, INFECTION = "left_lung", "right_lung", "infection"
+LUNGS = "lungs"
+COVID_LABELS = {BACKGROUND: 0, LEFT_LUNG: 1, RIGHT_LUNG: 2, INFECTION: 3}
+COVID_REGIONS = {LUNGS: [1, 2, 3], INFECTION: [3]}
+COVID_LATERAL_PAIRS = ((LEFT_LUNG, RIGHT_LUNG),)
+
+
+def ignore_label(labels: Mapping[str, int]) -> int | None:
+    """The value of the label named "ignore", if declared."""
+    return labels.get(IGNORE_LABEL_NAME)
+
+
+def foreground_labels(labels: Mapping[str, int]) -> dict[str, int]:
+    """The labels that are structures, by value: every declared label but background (0) and the ignore label.
+    These are the classes the network predicts besides background, and the ones that are scored."""
+    return {name: value for name, value in sorted(labels.items(), key=lambda item: item[1])
+            if value != 0 and name != IGNORE_LABEL_NAME}
+
+
+def num_classes(labels: Mapping[str, int]) -> int:
+    """The network's output channels: background and the foreground labels (the ignore label is no class)."""
+    return max(value for name, value in labels.items() if name != IGNORE_LABEL_NAME) + 1
+
+
+def check_labels(labels: Mapping[str, int], source: str | os.PathLike) -> None:
+    """Background 0, the other classes numbered on from 1 without gaps, the ignore label (if any) above them all."""
+    if labels.get(BACKGROUND) != 0:
+        raise CovnetError(source, "labels must declare background as 0")
+    classes = sorted(value for name, value in labels.items() if name != IGNORE_LABEL_NAME)
+    if classes != list(range(len(classes))):
+        raise CovnetError(source, f"label values {classes} must be 0, 1, 2, ... without gaps or repeats "
+                                  "(the network predicts one class per value)")
+    ignore = ignore_label(labels)
+    if ignore is not None and ignore <= classes[-1]:
+        raise CovnetError(source, f"the ignore label's value {ignore} must be above every other label "
+                                  f"(the highest is {classes[-1]})")
 
 
 @dataclass
@@ -42,7 +81,15 @@ class DatasetDescription:
 
     @property
     def foreground_labels(self) -> dict[str, int]:
-        return {name: value for name, value in self.labels.items() if value != 0}
+        return foreground_labels(self.labels)
+
+    @property
+    def ignore_label(self) -> int | None:
+        return ignore_label(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes(self.labels)
 
     def group_of(self, case: str) -> str:
         """The patient a case belongs to; a case without a group is its own patient."""
@@ -65,13 +112,13 @@ class DatasetDescription:
             if key not in data:
                 raise CovnetError(source, f"has no '{key}' entry")
         labels = {str(name): int(value) for name, value in data["labels"].items()}
-        if labels.get("background") != 0:
-            raise CovnetError(source, "labels must declare background as 0")
+        check_labels(labels, source)
         regions = {str(name): [int(v) for v in values] for name, values in data.get("regions", {}).items()}
         for name, values in regions.items():
-            unknown = set(values) - set(labels.values())
+            unknown = set(values) - set(foreground_labels(labels).values())
             if unknown:
-                raise CovnetError(source, f"region '{name}' uses undeclared label values {sorted(unknown)}")
+                raise CovnetError(source, f"region '{name}' uses label values {sorted(unknown)}, which are not "
+                                          "declared foreground labels")
         channel_names = {str(k): str(v) for k, v in data["channel_names"].items()}
         expected_keys = [str(index) for index in range(len(channel_names))]
         if sorted(channel_names, key=lambda key: (len(key), key)) != expected_keys:
@@ -79,7 +126,7 @@ class DatasetDescription:
                                       f"(files CASE_0000…), not {sorted(channel_names)}")
         lateral_pairs = [[str(name) for name in pair] for pair in data.get("lateral_pairs", [])]
         for pair in lateral_pairs:
-            if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(labels) - {"background"}:
+            if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(foreground_labels(labels)):
                 raise CovnetError(source, f"lateral pair {pair} must name two different declared foreground labels")
         return cls(channel_names=channel_names, labels=labels, lateral_pairs=lateral_pairs,
                    num_training=int(data.get("numTraining", 0)), file_ending=str(data.get("file_ending", ".nii.gz")),
@@ -184,5 +231,6 @@ def validate_raw_dataset(raw_dir: str | os.PathLike) -> tuple[DatasetDescription
 
 
 __all__ = ["DatasetDescription", "find_cases", "image_path", "label_path", "validate_raw_dataset",
-           "read_labelled_case", "check_label_values", "check_same_grid", "read_geometry",
-           "COVID_LABELS", "COVID_REGIONS", "CHANNEL_SUFFIX"]
+           "read_labelled_case", "check_label_values", "check_same_grid", "read_geometry", "foreground_labels",
+           "ignore_label", "num_classes", "check_labels", "COVID_LABELS", "COVID_REGIONS", "CHANNEL_SUFFIX",
+           "IGNORE_LABEL_NAME", "LEFT_LUNG", "RIGHT_LUNG", "INFECTION", "LUNGS"]

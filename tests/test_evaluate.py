@@ -54,6 +54,41 @@ def test_structures_are_labels_then_regions_without_duplicating_infection():
         structures_of(clashing)
 
 
+def test_ignored_reference_voxels_count_for_no_structure(tmp_path):
+    """As in nnU-Net: where the reference says "ignore", neither mask counts, and ignore is no structure."""
+    labels = {**COVID_LABELS, "ignore": 4}
+    description = DatasetDescription({"0": "CT"}, labels, 1, regions=dict(COVID_REGIONS))
+    reference = phantom_label(True)
+    reference[:, :, 0:6] = 4                   # the left lung's outer part is unknown
+    reference[5:, :, :] = 4                    # and so are the top slices, across both lungs
+    prediction = phantom_label(True)           # lungs reaching into the unknown part, infection too
+    prediction[6:, 0:3, 0:4] = 3
+    write_image(reference, GEOMETRY, tmp_path / "ref" / "case.nii.gz")
+    write_image(prediction, GEOMETRY, tmp_path / "pred" / "case.nii.gz")
+    summary = evaluate_folders(tmp_path / "ref", tmp_path / "pred", description)
+    assert list(summary["mean"]) == NAMES
+    assert summary["per_case"][0]["left_lung"] == {"dice": 1.0, "nsd": 1.0}
+    assert summary["mean"] == {name: {"dice": 1.0, "nsd": 1.0} for name in NAMES}
+    # Unmasked, the lungs predicted under the ignored voxels would be false positives.
+    valid = reference != 4
+    assert dice(np.isin(prediction, [1]), np.isin(reference, [1])) < 0.8
+    assert dice(np.isin(prediction, [1]) & valid, np.isin(reference, [1])) == 1.0
+
+
+def test_an_ignore_label_below_a_class_or_in_a_region_is_refused():
+    with pytest.raises(CovnetError, match="ignore label's value 1 must be above"):
+        DatasetDescription.from_json({"channel_names": {"0": "CT"}, "labels": {"background": 0, "lung": 1,
+                                                                                "ignore": 1}})
+    with pytest.raises(CovnetError, match="region 'lungs' uses label values \\[4\\]"):
+        DatasetDescription.from_json({"channel_names": {"0": "CT"}, "labels": {**COVID_LABELS, "ignore": 4},
+                                      "regions": {"lungs": [1, 2, 3, 4]}})
+    with pytest.raises(CovnetError, match="without gaps"):
+        DatasetDescription.from_json({"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 2}})
+    described = DatasetDescription.from_json({"channel_names": {"0": "CT"}, "labels": {**COVID_LABELS, "ignore": 4}})
+    assert described.foreground_labels == {"left_lung": 1, "right_lung": 2, "infection": 3}
+    assert described.num_classes == 4 and described.ignore_label == 4
+
+
 def test_reference_against_itself_is_perfect(dataset, tmp_path):
     root, description, _ = dataset
     output = tmp_path / "out" / "summary.json"

@@ -2,7 +2,9 @@
 
 Every reference file ``CASE<file_ending>`` needs a prediction of the same name on the same grid. For each
 foreground label and each region of ``dataset.json`` the Dice and the normalized surface Dice (NSD, in
-physical spacing, see ``covnet.evaluation.metrics``) are computed.
+physical spacing, see ``covnet.evaluation.metrics``) are computed. As in nnU-Net, voxels whose reference is the
+ignore label (``dataset.IGNORE_LABEL_NAME``) count for no structure, in the prediction or the reference, and the
+ignore label is no structure of its own.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from covnet.dataset import DatasetDescription, check_label_values, find_label_cases, label_path
+from covnet.dataset import INFECTION, DatasetDescription, check_label_values, find_label_cases, label_path
 from covnet.evaluation.metrics import dice, normalized_surface_dice
 from covnet.image.io import read_image
 from covnet.runtime.atomic import write_json, write_text
@@ -30,7 +32,7 @@ METRICS = ("dice", "nsd")
 
 def default_tolerance_mm(structure: str) -> float:
     """The NSD tolerance for a label or region name."""
-    return INFECTION_TOLERANCE_MM if structure == "infection" else DEFAULT_TOLERANCE_MM
+    return INFECTION_TOLERANCE_MM if structure == INFECTION else DEFAULT_TOLERANCE_MM
 
 
 def structures_of(description: DatasetDescription) -> dict[str, list[int]]:
@@ -69,7 +71,8 @@ def reference_cases(reference_dir: Path, file_ending: str) -> list[str]:
 
 def evaluate_case(reference_file: Path, prediction_file: Path, description: DatasetDescription,
                   structures: Mapping[str, list[int]], tolerances: Mapping[str, float]) -> dict:
-    """``{"case": ..., name: {"dice": float, "nsd": float}}`` with NaN where both masks are empty."""
+    """``{"case": ..., name: {"dice": float, "nsd": float}}`` with NaN where both masks are empty; voxels whose
+    reference is the ignore label are left out of both masks."""
     if not prediction_file.is_file():
         raise CovnetError(prediction_file, f"prediction missing for reference {reference_file.name}")
     reference, reference_geometry = read_image(reference_file)
@@ -82,8 +85,11 @@ def evaluate_case(reference_file: Path, prediction_file: Path, description: Data
     check_label_values(prediction, description, prediction_file)
     spacing = reference_geometry.spacing
     result: dict = {"case": reference_file.name[: -len(description.file_ending)]}
+    ignored = None if description.ignore_label is None else reference == description.ignore_label
     for name, values in structures.items():
         reference_mask, prediction_mask = np.isin(reference, values), np.isin(prediction, values)
+        if ignored is not None:
+            prediction_mask &= ~ignored
         result[name] = {"dice": dice(prediction_mask, reference_mask),
                         "nsd": normalized_surface_dice(prediction_mask, reference_mask, spacing,
                                                        tolerances[name])}

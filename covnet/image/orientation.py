@@ -16,6 +16,8 @@ import numpy as np
 # In a canonical (LPS) array the last axis, x, runs from the patient's right to left: mirroring along it
 # turns a left lung into a right one.
 LEFT_RIGHT_AXIS = 2
+# Mirroring (training augmentation and test-time) along every array axis, as nnU-Net does for 3D configurations.
+MIRROR_AXES = (0, 1, 2)
 
 
 @dataclass(frozen=True)

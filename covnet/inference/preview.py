@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-from covnet.dataset import COVID_LABELS
+from covnet.dataset import COVID_LABELS, INFECTION, LEFT_LUNG, RIGHT_LUNG
 from covnet.image.io import Geometry
 from covnet.image.orientation import canonical_reorientation
 from covnet.runtime.atomic import atomic_path
@@ -27,7 +27,7 @@ from covnet.runtime.atomic import atomic_path
 # A lung window: the parenchyma, ground glass and consolidation are all told apart in it.
 WINDOW_HU = (-1350.0, 150.0)
 OVERLAY_ALPHA = 0.45
-LABEL_COLOURS = {"left_lung": (0.20, 0.55, 1.00), "right_lung": (0.15, 0.80, 0.35), "infection": (1.00, 0.15, 0.10)}
+LABEL_COLOURS = {LEFT_LUNG: (0.20, 0.55, 1.00), RIGHT_LUNG: (0.15, 0.80, 0.35), INFECTION: (1.00, 0.15, 0.10)}
 OTHER_COLOUR = (1.00, 0.85, 0.10)
 
 
@@ -65,8 +65,8 @@ def draw_preview(image: np.ndarray, segmentation: np.ndarray, geometry: Geometry
     ct = reorientation.to_canonical(np.asarray(image))
     seg = reorientation.to_canonical(np.asarray(segmentation))
     spacing_z, spacing_y, spacing_x = reorientation.spacing(geometry.spacing)
-    infection = [value for name, value in labels.items() if name == "infection"]
-    lungs = [value for name, value in labels.items() if value > 0 and name != "infection"]
+    infection = [value for name, value in labels.items() if name == INFECTION]
+    lungs = [value for name, value in labels.items() if value > 0 and name != INFECTION]
     z, y, x = slice_centre(seg, infection, lungs)
     table = _colour_table(labels)
     # (name, CT slice, label slice, height/width of one pixel, row 0 at the bottom)

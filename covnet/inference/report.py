@@ -31,12 +31,12 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from covnet.dataset import COVID_LABELS
+from covnet.dataset import COVID_LABELS, INFECTION, LEFT_LUNG, RIGHT_LUNG
 from covnet.runtime.atomic import write_json, write_text
 
 REPORT_CSV = "report.csv"
 REPORT_JSON = "report.json"
-REQUIRED_LABELS = ("left_lung", "right_lung", "infection")
+REQUIRED_LABELS = (LEFT_LUNG, RIGHT_LUNG, INFECTION)
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:

@@ -9,7 +9,6 @@ from covnet.planning.fingerprint import DatasetFingerprint, case_source, extract
 from covnet.planning.memory import estimate_training_memory_bytes
 from covnet.planning.plans import (
     DEVICES,
-    IGNORE_LABEL_NAME,
     ZSCORE_SCHEME,
     NormalizationScheme,
     Plan,
@@ -43,7 +42,7 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
     resampled = rules.resampled_shapes(shapes, spacings, spacing.value)
     median_shape = np.median(resampled, axis=0)
     in_channels = len(description.channel_names)
-    num_classes = max(v for name, v in description.labels.items() if name != IGNORE_LABEL_NAME) + 1
+    num_classes = description.num_classes
     budget = gpu_memory_gb * GIB
     amp = device == "cuda"
     seconds = None

@@ -13,6 +13,8 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import NoReturn
 
+from covnet import dataset
+from covnet.dataset import IGNORE_LABEL_NAME  # noqa: F401  (re-exported for older imports)
 from covnet.network.topology import Topology
 from covnet.runtime.atomic import read_json, write_json
 from covnet.runtime.errors import CovnetError
@@ -23,7 +25,6 @@ PLANS_VERSION = 2
 # format change alone does not make preprocessed cases stale.
 PREPROCESSING_KEY_VERSION = 1
 DEVICES = ("cuda", "cpu")
-IGNORE_LABEL_NAME = "ignore"
 
 CT_SCHEME = "CT"
 ZSCORE_SCHEME = "zscore"
@@ -171,12 +172,17 @@ class Plan:
     @property
     def ignore_label(self) -> int | None:
         """The value of the label named "ignore" (voxels with no known class), if declared."""
-        return self.labels.get(IGNORE_LABEL_NAME)
+        return dataset.ignore_label(self.labels)
 
     @property
     def num_classes(self) -> int:
         """Output channels of the network: every declared label but the ignore label."""
-        return max(value for name, value in self.labels.items() if name != IGNORE_LABEL_NAME) + 1
+        return dataset.num_classes(self.labels)
+
+    @property
+    def foreground_labels(self) -> dict[str, int]:
+        """The predicted structures by value: every label but background and the ignore label."""
+        return dataset.foreground_labels(self.labels)
 
     @property
     def in_channels(self) -> int:

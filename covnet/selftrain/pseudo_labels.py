@@ -29,9 +29,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from covnet.dataset import IGNORE_LABEL_NAME
 from covnet.inference.predictor import Predictor
 from covnet.inference.report import prediction_confidence
-from covnet.planning.plans import IGNORE_LABEL_NAME, Plan
+from covnet.planning.plans import Plan
 from covnet.preprocessing.case import sample_class_locations
 from covnet.preprocessing.storage import image_file, load_case, properties_file, save_array, segmentation_file
 from covnet.runtime.atomic import atomic_path, read_json, temporary_sibling, write_json
@@ -53,11 +54,6 @@ def self_training_plan(plan: Plan) -> Plan:
     return dataclasses.replace(plan, labels={**plan.labels, IGNORE_LABEL_NAME: plan.num_classes})
 
 
-def foreground_labels(plan: Plan) -> list[int]:
-    return [value for name, value in sorted(plan.labels.items(), key=lambda item: item[1])
-            if value != 0 and name != IGNORE_LABEL_NAME]
-
-
 def pool_cases(workspace: Workspace) -> list[str]:
     """The preprocessed pool: cases whose properties (written last) and image exist."""
     folder = workspace.preprocessed_pool
@@ -70,7 +66,7 @@ def pseudo_label(probabilities: torch.Tensor, plan: Plan, min_confidence: float)
     """(classes, z, y, x) probabilities → (pseudo-label uint8 with low-confidence voxels = ignore, confidence)."""
     largest, segmentation = probabilities.max(dim=0)
     segmentation = segmentation.numpy().astype(np.uint8)
-    confidence = prediction_confidence(segmentation, probabilities.numpy(), foreground_labels(plan))
+    confidence = prediction_confidence(segmentation, probabilities.numpy(), list(plan.foreground_labels.values()))
     segmentation[largest.numpy() < min_confidence] = plan.ignore_label
     return segmentation, confidence
 
@@ -145,7 +141,7 @@ def store_pseudo_case(workspace: Workspace, case: str, candidates: Path, folder:
     save_array(segmentation_file(folder, case), segmentation)
     properties = read_json(properties_file(workspace.preprocessed_pool, case), "")
     rng = np.random.default_rng([seed, zlib.crc32(case.encode())])
-    properties["class_locations"] = sample_class_locations(segmentation, foreground_labels(plan), rng)
+    properties["class_locations"] = sample_class_locations(segmentation, list(plan.foreground_labels.values()), rng)
     ignored = float(np.mean(segmentation == plan.ignore_label))
     properties["pseudo_label"] = {**provenance, "ignored_share": ignored}
     write_json(properties_file(folder, case), properties, indent=None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from covnet.planning.plans import IGNORE_LABEL_NAME, Plan
+from covnet.planning.plans import Plan
 from covnet.runtime.atomic import read_json
 from covnet.runtime.errors import CovnetError
 from covnet.training.run import fold_job
@@ -49,8 +49,7 @@ def ranking_score(mean: Mapping[str, Mapping[str, float | None]], plan: Plan) ->
     values (empty against empty) are left out; NaN when nothing is defined."""
     names = list(RANKING_STRUCTURES)
     if not all(name in mean for name in names):
-        names = [name for name, value in plan.labels.items()
-                 if value != 0 and name != IGNORE_LABEL_NAME and name in mean]
+        names = [name for name in plan.foreground_labels if name in mean]
     values = [mean[name].get("dice") for name in names]
     values = [float(value) for value in values if value is not None and not math.isnan(float(value))]
     return sum(values) / len(values) if values else float("nan")
