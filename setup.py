@@ -30,5 +30,7 @@ setup(
         "covnet_train=covnet.cli.train:entry",
         "covnet_predict=covnet.cli.predict:entry",
         "covnet_selftrain=covnet.cli.selftrain:entry",
+        "covnet_export_model=covnet.cli.export_model:entry",
+        "covnet_install_model=covnet.cli.install_model:entry",
     ]},
 )
