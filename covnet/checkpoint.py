@@ -1,8 +1,9 @@
 """A training checkpoint: everything inference needs, and everything a resumed run needs, as plain types.
 
 It loads with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only, so loading
-a checkpoint never runs code. Writing is atomic (temporary name, fsync, rename): a kill while saving never
-leaves a partial checkpoint under the final name.
+a checkpoint never runs code, and a file that fails that load is refused as it is (never with PyTorch's advice to
+load it unsafely). Writing is atomic and verified (temporary name, zip archive complete, fsync, rename): a kill or
+a full disk while saving never leaves a partial checkpoint under the final name.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from covnet.planning.plans import Plan
 from covnet.runtime.atomic import atomic_path
-from covnet.runtime.errors import CovnetError
+from covnet.runtime.errors import CovnetError, last_line
 
 CHECKPOINT_FORMAT = 1
 
@@ -42,23 +43,50 @@ class Checkpoint:
         return Plan.from_json(self.plan, "checkpoint plan")
 
     def save(self, path: str | os.PathLike) -> None:
-        with atomic_path(path) as temporary:
-            torch.save(asdict(self), temporary)
+        with atomic_path(path, verify=archive_problem) as temporary:
+            torch.save(asdict(self), temporary)   # a full disk: torch's "unexpected pos …", made one line there
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Checkpoint":
         path = Path(path)
         if not path.is_file():
             raise CovnetError(path, "checkpoint not found")
-        try:
-            data = torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CovnetError(path, f"is not a readable covnet checkpoint ({message[:200]})") from None
+        problem = archive_problem(path)
+        if problem is None:
+            try:
+                data = torch.load(path, map_location=map_location, weights_only=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, KeyError,
+                    ValueError, TypeError, IndexError, AttributeError) as error:
+                problem = _load_failure(error)
+        if problem is not None:
+            raise CovnetError(path, f"is truncated or not a covnet checkpoint ({problem})")
         if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
             raise CovnetError(path, f"is not a covnet checkpoint of format {CHECKPOINT_FORMAT}")
         known = {name for name in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def archive_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete zip archive (``torch.save``'s format), from its directory at the end of the
+    file (cheap: nothing is decompressed); None when every member lies within the file."""
+    size = path.stat().st_size if path.is_file() else 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            end = max((member.header_offset + member.compress_size for member in archive.infolist()), default=0)
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        return f"{size} bytes, no complete zip archive: {error}"
+    return None if end <= size else f"{size} bytes where its zip directory declares at least {end}"
+
+
+def _load_failure(error: Exception) -> str:
+    """PyTorch's reason, without its advice to retry with ``weights_only=False`` (which would run any code the
+    file holds): for a weights-only refusal, only the unpickler's own complaint."""
+    text = str(error)
+    if "weights_only" in text or "Weights only load failed" in text:
+        reason = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line), "")
+        reason = reason.split("WeightsUnpickler error:", 1)[-1].split(". ")[0].strip()
+        return f"it holds objects a safe weights-only load refuses{': ' + reason if reason else ''}"
+    return last_line(error).split(". ")[0] if text.strip() else type(error).__name__
 
 
 def capture_rng_state() -> dict:

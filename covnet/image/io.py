@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from covnet.image.nifti import count_non_finite, truncation_problem
-from covnet.runtime.atomic import atomic_path
-from covnet.runtime.errors import CovnetError
+from covnet.runtime.atomic import atomic_path, incomplete_write, not_empty
+from covnet.runtime.errors import CovnetError, last_line
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -93,10 +94,21 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
+# The console is the process's: two threads capturing at once (a reader thread and a writer) would restore
+# each other's redirection and lose the terminal.
+_CAPTURING = threading.RLock()
+
+
 @contextlib.contextmanager
 def _native_output_captured() -> Iterator[list[str]]:
-    """Keep what ITK's C++ readers print (e.g. MetaIO's "data not read completely") off the console;
-    the captured lines are yielded for the error message instead."""
+    """Keep what ITK's C++ readers and writers print (e.g. MetaIO's "data not read completely") off the
+    console; the captured lines are yielded for the error message instead."""
+    with _CAPTURING, _redirected_console() as captured:
+        yield captured
+
+
+@contextlib.contextmanager
+def _redirected_console() -> Iterator[list[str]]:
     captured: list[str] = []
     sys.stdout.flush()
     sys.stderr.flush()
@@ -215,9 +227,36 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return image
 
 
+def _written_image_problem(path: Path) -> str | None:
+    """Why a file ITK has just written is not the whole image (ITK's NIfTI writer prints "wrote only 0 of …
+    bytes" on a full disk and returns as if it had succeeded); None when it is complete."""
+    problem = not_empty(path)
+    if problem:
+        return problem
+    problem = truncation_problem(path) if _is_nifti(path) else None
+    if problem:
+        return f"the written file {problem}"
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with _native_output_captured() as native_lines:
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            return f"its header cannot be read back ({'; '.join(native_lines[:1]) or last_line(error)})"
+    return None
+
+
 def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write atomically: a killed job leaves no truncated image under the final name."""
+    """Write atomically and verified: a killed job or a full disk leaves no partial image under the final
+    name, and a write that fails is a one-line ``CovnetError`` (ITK's console messages kept off the terminal)."""
     path = Path(path)
     image = to_sitk(array, geometry)
-    with atomic_path(path) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=compress)
+    with atomic_path(path, verify=_written_image_problem) as temporary:
+        with _native_output_captured():
+            try:
+                sitk.WriteImage(image, str(temporary), useCompression=compress)
+                failure = None
+            except RuntimeError as error:
+                failure = error
+        if failure is not None:
+            raise incomplete_write(path, last_line(failure))

@@ -1,17 +1,24 @@
 """Files on disk: write-to-temporary-then-rename (an interrupted job never leaves a file that looks
-finished), the matching checked JSON read, and stamps that tell whether a derived file is stale."""
+finished), the matching checked JSON read, and stamps that tell whether a derived file is stale.
+
+Every write is verified before the rename: some writers do not report a full disk (ITK's NIfTI writer prints
+"wrote only 0 of … bytes" and returns), so ``atomic_path`` checks the temporary file (not empty, or what the
+caller's ``verify`` says) and turns a full disk into a one-line ``CovnetError`` naming the final file. A bad
+temporary is deleted, never renamed, and what was finished before stays.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from covnet.runtime.errors import CovnetError
+from covnet.runtime.errors import CovnetError, last_line
 
 # ``.tmp-<pid>-<8 hex>-<final name>``: the writer's pid tells a later run whether its writer is dead.
 TEMPORARY_NAME = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}-")
@@ -80,20 +87,79 @@ def temporary_folder(parent: str | os.PathLike, purpose: str) -> Path:
     return folder
 
 
+# What a writer reports when the disk is full; a free space below this is called full (a failed write stops
+# within a block or two of the end of the disk).
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_DISK_BYTES = 1 << 20
+# Verifies a finished temporary file: None when it is complete, else what is wrong with it.
+Verifier = Callable[[Path], "str | None"]
+
+
+def not_empty(path: Path) -> str | None:
+    size = path.stat().st_size if path.is_file() else None
+    if size is None:
+        return "the writer left no file"
+    return "0 bytes written" if size == 0 else None
+
+
+def size_is(expected: int) -> Verifier:
+    """A verifier: the file holds exactly ``expected`` bytes."""
+    def verify(path: Path) -> str | None:
+        size = path.stat().st_size if path.is_file() else 0
+        return None if size == expected else f"{size} of {expected} bytes written"
+    return verify
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _disk_is_full(folder: Path) -> bool:
+    free = free_bytes(folder)
+    return free is not None and free < _FULL_DISK_BYTES
+
+
+def incomplete_write(final: Path, detail: str, *, disk_full: bool = False) -> CovnetError:
+    """The one-line error for a file that could not be written whole (call it while the temporary still
+    occupies its space, so that a full disk is seen as full)."""
+    free = free_bytes(final.parent)
+    if disk_full or _disk_is_full(final.parent):
+        where = "" if free is None else f"{free} bytes free; "
+        return CovnetError(final, f"could not be written completely: the disk is full ({where}{detail})")
+    where = "" if free is None else f"; {free} bytes free on its disk"
+    return CovnetError(final, f"could not be written completely ({detail}{where})")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path; on success rename it onto ``path``, on failure delete it."""
+def atomic_path(path: str | os.PathLike, *, verify: Verifier = not_empty) -> Iterator[Path]:
+    """Yield a temporary path; once the block has written it, check it with ``verify`` and rename it onto
+    ``path``; on any failure delete it. A failed verification, and a full disk however the writer reports it,
+    are a one-line ``CovnetError`` naming ``path``."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_sibling(final)
     try:
-        yield temporary
-        # Flush to disk before the rename, so a power cut cannot leave an empty file under the final name.
-        descriptor = os.open(temporary, os.O_RDONLY)
         try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+            yield temporary
+            problem = verify(temporary)
+            if problem:
+                raise incomplete_write(final, problem)
+            # Flush to disk before the rename, so a power cut cannot leave an empty file under the final name.
+            descriptor = os.open(temporary, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        except (OSError, RuntimeError) as error:
+            # ENOSPC, or a writer that says less (numpy's "125000 requested and 65504 written", torch's "unexpected
+            # pos …") on a disk that is now full.
+            code = getattr(error, "errno", None)
+            if code in _DISK_FULL_ERRNOS or (code is None and _disk_is_full(final.parent)):
+                raise incomplete_write(final, last_line(error), disk_full=True) from None
+            raise
         os.replace(temporary, final)
     finally:
         if temporary.exists():
@@ -105,8 +171,9 @@ def write_json(path: str | os.PathLike, data, indent: int | None = 2) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text)
+    data = text.encode()
+    with atomic_path(path, verify=size_is(len(data))) as temporary:
+        temporary.write_bytes(data)
 
 
 def read_json(path: str | os.PathLike, missing_hint: str):

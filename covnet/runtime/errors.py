@@ -15,3 +15,9 @@ class CovnetError(Exception):
     def __reduce__(self):
         # Keep the (path, problem) pair when the error crosses a process boundary.
         return (CovnetError, (self.path, self.problem))
+
+
+def last_line(error: BaseException, limit: int = 200) -> str:
+    """The last non-empty line of a library's (often multi-line) error message, to quote in a one-line error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:limit]

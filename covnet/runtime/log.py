@@ -5,6 +5,7 @@ when given, everything also to a log file. Under distributed training only rank 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -39,6 +40,22 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The log file; when it cannot be written (a full disk), one warning and the console only, instead of
+    logging's traceback at every record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        logging.getLogger(ROOT).removeHandler(self)
+        sys.stderr.write(f"warning: {self.baseFilename}: cannot be written ({error.strerror or error}); "
+                         f"logging to the console only\n")
+        with contextlib.suppress(OSError):
+            self.close()
+
+
 def distributed_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -58,7 +75,7 @@ def setup_logging(log_file: str | os.PathLike | None = None, rank: int | None = 
     root.addHandler(_ConsoleHandler())
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler = _LogFileHandler(log_file, mode="a", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         root.addHandler(file_handler)
     return root

@@ -74,7 +74,7 @@ def test_damaged_checkpoint_is_one_line(workspace):
     fold.mkdir(parents=True)
     (fold / "checkpoint_latest.pth").write_bytes(b"PK\x03\x04 not really a checkpoint")
     result = run("covnet_train", "0", "--workspace", workspace.root, *flags(), "--continue")
-    assert_one_line_error(result, "checkpoint_latest.pth", "not a readable covnet checkpoint")
+    assert_one_line_error(result, "checkpoint_latest.pth", "is truncated or not a covnet checkpoint")
 
 
 def test_read_only_results_is_one_line(workspace):
