@@ -36,7 +36,7 @@ import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgenerators.dataloading.data_loader import DataLoader
 
-from covnet.preprocessing.storage import image_file, load_case, properties_file, segmentation_file
+from covnet.preprocessing.storage import check_case_arrays, image_file, load_case, properties_file
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.parallel import die_with_parent
 
@@ -123,12 +123,14 @@ class PatchSampler(DataLoader):
         self._creator_pid = os.getpid()
         self._open_cases: dict[str, _OpenCase] = {}
         self._num_channels: int | None = None
+        # Every case checked once here, in the training process, from its headers: a damaged case is one line
+        # naming its file, not a traceback from a data-loading worker in the middle of an epoch.
         for case in cases:
-            for path in (image_file(self.folders[case], case), segmentation_file(self.folders[case], case),
-                         properties_file(self.folders[case], case)):
-                if not path.is_file():
-                    raise CovnetError(path, "is missing; training needs each case's image, segmentation and "
-                                            "properties (re-run covnet_plan_and_preprocess)")
+            if not properties_file(self.folders[case], case).is_file():
+                raise CovnetError(properties_file(self.folders[case], case),
+                                  "is missing; training needs each case's image, segmentation and properties "
+                                  "(re-run covnet_plan_and_preprocess)")
+            check_case_arrays(self.folders[case], case, labelled=True)
 
     # ------------------------------------------------------------------------------------------------ seeding
     def set_thread_id(self, thread_id: int) -> None:
@@ -144,12 +146,7 @@ class PatchSampler(DataLoader):
     def _open(self, case: str) -> _OpenCase:
         opened = self._open_cases.get(case)
         if opened is None:
-            image, segmentation, properties = load_case(self.folders[case], case, mmap=True)
-            if image.ndim != 4 or segmentation is None or tuple(segmentation.shape) != tuple(image.shape[1:]):
-                raise CovnetError(image_file(self.folders[case], case),
-                                  f"image shape {tuple(image.shape)} and segmentation shape "
-                                  f"{None if segmentation is None else tuple(segmentation.shape)} do not make a "
-                                  "(C, z, y, x) case with a (z, y, x) segmentation")
+            image, segmentation, properties = load_case(self.folders[case], case, mmap=True)  # shapes checked
             if self._num_channels is None:
                 self._num_channels = image.shape[0]
             elif image.shape[0] != self._num_channels:
