@@ -1,7 +1,9 @@
 """The reliability patterns every command relies on: damaged files are refused, dead runs' temporary files are
-swept, workspace locks name their holder and die with it, workers die with their parent."""
+swept, workspace locks (a writer's, and readers' shared ones) name their holder and die with it, workers die with
+their parent, a damaged checkpoint is refused without advice to load it unsafely."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -12,12 +14,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from kit.images import make_tiny_case
 
+from covnet.checkpoint import Checkpoint
 from covnet.image.io import read_geometry, read_image, write_image
 from covnet.runtime.atomic import atomic_path, process_alive, sweep_dead_temporaries, temporary_sibling
 from covnet.runtime.errors import CovnetError
-from covnet.runtime.locking import exclusive, lock_file
+from covnet.runtime.locking import exclusive, holding, lock_file, readers_folder, shared
 
 
 @pytest.fixture
@@ -109,19 +113,43 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-HOLD_LOCK = """
+HOLD = """
 import sys, time
-from covnet.runtime.locking import exclusive
-with exclusive(sys.argv[1], "preprocessed", "holder-command"):
-    print("held", flush=True)
-    time.sleep(60)
+from covnet.runtime.errors import CovnetError
+from covnet.runtime.locking import exclusive, shared
+root, mode, command, scope, seconds = sys.argv[1:]
+try:
+    with (shared if mode == "reading" else exclusive)(root, scope, command):
+        print("held", flush=True)
+        time.sleep(float(seconds))
+except CovnetError as error:
+    sys.exit(str(error))
 """
 
 
+def start_holder(root, mode: str, command: str) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root), mode, command, "preprocessed", "60"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def refusal_in_another_process(root, mode: str, scope: str) -> str:
+    """What another process is told when it tries to hold ``scope`` (empty when it could)."""
+    other = subprocess.run([sys.executable, "-c", HOLD, str(root), mode, "other", scope, "0"], capture_output=True,
+                           text=True, timeout=60)
+    return other.stderr.strip()
+
+
+def stop(*holders: subprocess.Popen) -> None:
+    for holder in holders:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def test_lock_names_its_holder_and_dies_with_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = start_holder(tmp_path, "writing", "holder-command")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(CovnetError) as raised:
             with exclusive(tmp_path, "preprocessed", "second"):
                 pass
@@ -130,11 +158,101 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
         with exclusive(tmp_path, "raw", "other scope"):  # other parts of the workspace stay free
             pass
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        stop(holder)
     assert json.loads(lock_file(tmp_path, "preprocessed").read_text())["pid"] == holder.pid  # stale content
     with exclusive(tmp_path, "preprocessed", "after the kill"):
         assert json.loads(lock_file(tmp_path, "preprocessed").read_text())["pid"] == os.getpid()
+
+
+def test_a_reader_refuses_the_writer_naming_it_and_dies_with_it(tmp_path):
+    reader = start_holder(tmp_path, "reading", "covnet_train")
+    try:
+        with pytest.raises(CovnetError) as raised:
+            with exclusive(tmp_path, "preprocessed", "covnet_plan_and_preprocess"):
+                pass
+        assert raised.value.problem.startswith(f"is busy: covnet_train (pid {reader.pid}, since ")
+        assert "is reading its preprocessed" in raised.value.problem
+        with shared(tmp_path, "preprocessed", "another reader"):   # readers share
+            pass
+    finally:
+        stop(reader)
+    with exclusive(tmp_path, "preprocessed", "after the kill"):
+        assert json.loads(lock_file(tmp_path, "preprocessed").read_text())["pid"] == os.getpid()
+    assert list(readers_folder(tmp_path, "preprocessed").iterdir()) == []   # the dead reader's record is gone
+
+
+def test_two_readers_are_both_named_and_a_writer_refuses_readers(tmp_path):
+    readers = [start_holder(tmp_path, "reading", name) for name in ("covnet_train", "covnet_selftrain")]
+    try:
+        problem = refusal_in_another_process(tmp_path, "writing", "preprocessed")
+        assert f"covnet_train (pid {readers[0].pid}" in problem and f"covnet_selftrain (pid {readers[1].pid}" in problem
+        assert "are reading its preprocessed" in problem
+    finally:
+        stop(*readers)
+    writer = start_holder(tmp_path, "writing", "covnet_plan_and_preprocess")
+    try:
+        with pytest.raises(CovnetError) as raised:
+            with shared(tmp_path, "preprocessed", "covnet_train"):
+                pass
+        assert raised.value.problem.startswith(f"is busy: covnet_plan_and_preprocess (pid {writer.pid}")
+        assert "is writing its preprocessed" in raised.value.problem
+    finally:
+        stop(writer)
+    with shared(tmp_path, "preprocessed", "after the kill"):
+        pass
+
+
+def test_one_process_never_mixes_a_read_and_a_write_of_one_scope(tmp_path):
+    """A record lock belongs to the process, so the kernel would let it write what it reads: refused here, and a
+    nested read does not drop the outer one."""
+    with shared(tmp_path, "preprocessed", "covnet_train"):
+        with shared(tmp_path, "preprocessed", "nested reader"):
+            pass
+        with pytest.raises(CovnetError, match=f"covnet_train \\(pid {os.getpid()}.*is reading"):
+            with exclusive(tmp_path, "preprocessed", "writer"):
+                pass
+        assert "is reading its preprocessed" in refusal_in_another_process(tmp_path, "writing", "preprocessed")
+    with exclusive(tmp_path, "preprocessed", "covnet_plan_and_preprocess"):
+        with pytest.raises(CovnetError, match="is writing its preprocessed"):
+            with shared(tmp_path, "preprocessed", "reader"):
+                pass
+
+
+def test_holding_takes_the_write_and_read_locks_and_sweeps(tmp_path):
+    output = tmp_path / "results" / "fold_0"
+    output.mkdir(parents=True)
+    stale = output / ".tmp-999999999-0123abcd-checkpoint_latest.pth"
+    stale.write_text("partial")
+    with holding(tmp_path, "fold_0", "covnet_train", sweep=[output], reading=["preprocessed"]):
+        assert not stale.exists()
+        assert f"covnet_train (pid {os.getpid()}" in refusal_in_another_process(tmp_path, "reading", "fold_0")
+        assert "is reading its preprocessed" in refusal_in_another_process(tmp_path, "writing", "preprocessed")
+        assert refusal_in_another_process(tmp_path, "reading", "preprocessed") == ""
+    with holding(tmp_path, "fold_0", "covnet_train", main_process=False):   # other ranks take nothing
+        assert refusal_in_another_process(tmp_path, "writing", "fold_0") == ""
+
+
+def test_a_truncated_checkpoint_is_refused_without_unsafe_advice(tmp_path):
+    path = tmp_path / "checkpoint_final.pth"
+    Checkpoint(plan={}, fold="0", settings={}, network_state={"weight": torch.ones(2000)}).save(path)
+    assert Checkpoint.load(path).network_state["weight"].sum() == 2000
+    data = path.read_bytes()
+    for keep in (0.1, 0.5, 0.9, 0.999):
+        path.write_bytes(data[: int(len(data) * keep)])
+        with pytest.raises(CovnetError) as raised:
+            Checkpoint.load(path)
+        assert raised.value.problem.startswith("is truncated or not a covnet checkpoint (")
+        assert "weights_only" not in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_checkpoint_with_code_is_refused_without_unsafe_advice(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"format": 1, "settings": argparse.Namespace(epochs=1)}, path)
+    with pytest.raises(CovnetError) as raised:
+        Checkpoint.load(path)
+    message = str(raised.value)
+    assert "is truncated or not a covnet checkpoint (it holds objects a safe weights-only load refuses" in message
+    assert "argparse.Namespace" in message and "weights_only" not in message and "\n" not in message
 
 
 ORPHAN = """

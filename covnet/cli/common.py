@@ -1,4 +1,4 @@
-"""What every command shares: ``--workspace``, the workspace lock, and turning errors into one line.
+"""What every command shares: ``--workspace``, the workspace locks, and turning errors into one line.
 
 ``CovnetError`` and operating-system errors (permissions, a read-only disk, a path that is a file) end as
 ``<command>: error: <path>: <problem>`` on stderr with exit code 2, never as a traceback.
@@ -10,16 +10,16 @@ import contextlib
 import errno
 import os
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-from covnet.runtime.atomic import sweep_dead_temporaries
 from covnet.runtime.errors import CovnetError
-from covnet.runtime.locking import exclusive
+from covnet.runtime.locking import holding
 from covnet.runtime.log import setup_logging
 from covnet.workspace import Workspace
 
 _OS_ERROR_HINTS = {errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
-                   errno.EROFS: "the file system is read-only", errno.ENOSPC: "free some disk space",
+                   errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full; free some space",
+                   errno.EDQUOT: "the disk quota is exceeded; free some space",
                    errno.ENOTDIR: "a part of this path is a file, not a folder"}
 
 
@@ -36,13 +36,10 @@ def workspace_from(args: argparse.Namespace) -> Workspace:
     return workspace
 
 
-@contextlib.contextmanager
-def writing(workspace: Workspace, scope: str, command: str, *owned_folders: os.PathLike) -> Iterator[None]:
+def writing(workspace: Workspace, scope: str, command: str, *owned_folders: os.PathLike
+            ) -> contextlib.AbstractContextManager[None]:
     """Hold the workspace lock for ``scope`` and first clear what a killed run left in ``owned_folders``."""
-    with exclusive(workspace.root, scope, command):
-        for folder in owned_folders:
-            sweep_dead_temporaries(folder)
-        yield
+    return holding(workspace.root, scope, command, sweep=owned_folders)
 
 
 def os_error_line(error: OSError) -> CovnetError:
