@@ -1,6 +1,7 @@
 """Preprocess every labelled case and the unlabelled pool under a plan (multiprocess, resumable)."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -10,8 +11,8 @@ from covnet.dataset import DatasetDescription, find_cases, image_path, label_pat
 from covnet.image.ct import not_hu_reason
 from covnet.image.io import read_image
 from covnet.planning.plans import Plan
-from covnet.preprocessing.case import preprocess_case
-from covnet.preprocessing.storage import is_case_done, save_case
+from covnet.preprocessing.case import PREPROCESSING_VERSION, preprocess_case
+from covnet.preprocessing.storage import is_case_done, properties_file, save_case
 from covnet.runtime.atomic import source_stamp
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
@@ -93,3 +94,39 @@ def preprocess_dataset(workspace: Workspace, plan: Plan, num_processes: int = 1,
     for refusal in refusals:
         log.warning(refusal)
     return {"done": len(todo) - len(refusals), "skipped": len(jobs) - len(todo), "refused": len(refusals)}
+
+
+def stale_cases(folder: Path, cases: list[str], plan: Plan) -> dict[str, list[str]]:
+    """The finished cases of ``folder`` made under another preprocessing key than ``plan``'s (plans.json edited
+    or re-planned since) or by an older covnet: case -> what differs. Cases without their JSON are left to the
+    caller (they are unfinished, not stale)."""
+    key = json.loads(json.dumps(plan.preprocessing_key()))   # as it reads back from a case's JSON
+    stale = {}
+    for case in cases:
+        path = properties_file(folder, case)
+        if not path.is_file():
+            continue
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue    # a damaged case is the storage checks' to name
+        if not isinstance(stored, dict):
+            continue
+        stored_key = stored.get("plan_key") if isinstance(stored.get("plan_key"), dict) else {}
+        changed = [entry for entry in key if entry != "version" and stored_key.get(entry) != key[entry]]
+        if stored_key.get("version") != key["version"] or stored.get("preprocessing_version") != PREPROCESSING_VERSION:
+            changed.append("covnet's preprocessing")
+        if changed:
+            stale[case] = changed
+    return stale
+
+
+def require_current_cases(folder: Path, cases: list[str], plan: Plan) -> None:
+    """A one-line ``CovnetError`` when any case was preprocessed under another plan than ``plan``: training on
+    it would feed the network other intensities or another grid than the plan (and its checkpoint) records."""
+    stale = stale_cases(folder, cases, plan)
+    if stale:
+        changed = sorted({entry for entries in stale.values() for entry in entries})
+        count = f"{len(stale)} case{' was' if len(stale) == 1 else 's were'}"
+        raise CovnetError(folder, f"{count} preprocessed under another plan ({', '.join(changed)} changed, e.g. "
+                                  f"{sorted(stale)[0]}); run covnet_plan_and_preprocess to redo them")
