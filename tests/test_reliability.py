@@ -141,6 +141,14 @@ def refusal_in_another_process(root, mode: str, scope: str) -> str:
     return other.stderr.strip()
 
 
+def refusal_here(root, mode: str, scope: str = "preprocessed") -> str:
+    """What this process is told when it tries to hold ``scope`` (it must be refused)."""
+    with pytest.raises(CovnetError) as raised:
+        with (shared if mode == "reading" else exclusive)(root, scope, "this test"):
+            pass
+    return raised.value.problem
+
+
 def stop(*holders: subprocess.Popen) -> None:
     for holder in holders:
         holder.send_signal(signal.SIGKILL)
@@ -150,11 +158,8 @@ def stop(*holders: subprocess.Popen) -> None:
 def test_lock_names_its_holder_and_dies_with_it(tmp_path):
     holder = start_holder(tmp_path, "writing", "holder-command")
     try:
-        with pytest.raises(CovnetError) as raised:
-            with exclusive(tmp_path, "preprocessed", "second"):
-                pass
-        assert "is busy" in raised.value.problem and f"pid {holder.pid}" in raised.value.problem
-        assert "holder-command" in raised.value.problem
+        problem = refusal_here(tmp_path, "writing")
+        assert "is busy" in problem and f"pid {holder.pid}" in problem and "holder-command" in problem
         with exclusive(tmp_path, "raw", "other scope"):  # other parts of the workspace stay free
             pass
     finally:
@@ -167,11 +172,9 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
 def test_a_reader_refuses_the_writer_naming_it_and_dies_with_it(tmp_path):
     reader = start_holder(tmp_path, "reading", "covnet_train")
     try:
-        with pytest.raises(CovnetError) as raised:
-            with exclusive(tmp_path, "preprocessed", "covnet_plan_and_preprocess"):
-                pass
-        assert raised.value.problem.startswith(f"is busy: covnet_train (pid {reader.pid}, since ")
-        assert "is reading its preprocessed" in raised.value.problem
+        problem = refusal_here(tmp_path, "writing")
+        assert problem.startswith(f"is busy: covnet_train (pid {reader.pid}, since ")
+        assert "is reading its preprocessed" in problem
         with shared(tmp_path, "preprocessed", "another reader"):   # readers share
             pass
     finally:
@@ -191,11 +194,9 @@ def test_two_readers_are_both_named_and_a_writer_refuses_readers(tmp_path):
         stop(*readers)
     writer = start_holder(tmp_path, "writing", "covnet_plan_and_preprocess")
     try:
-        with pytest.raises(CovnetError) as raised:
-            with shared(tmp_path, "preprocessed", "covnet_train"):
-                pass
-        assert raised.value.problem.startswith(f"is busy: covnet_plan_and_preprocess (pid {writer.pid}")
-        assert "is writing its preprocessed" in raised.value.problem
+        problem = refusal_here(tmp_path, "reading")
+        assert problem.startswith(f"is busy: covnet_plan_and_preprocess (pid {writer.pid}")
+        assert "is writing its preprocessed" in problem
     finally:
         stop(writer)
     with shared(tmp_path, "preprocessed", "after the kill"):
@@ -208,14 +209,10 @@ def test_one_process_never_mixes_a_read_and_a_write_of_one_scope(tmp_path):
     with shared(tmp_path, "preprocessed", "covnet_train"):
         with shared(tmp_path, "preprocessed", "nested reader"):
             pass
-        with pytest.raises(CovnetError, match=f"covnet_train \\(pid {os.getpid()}.*is reading"):
-            with exclusive(tmp_path, "preprocessed", "writer"):
-                pass
+        assert refusal_here(tmp_path, "writing").startswith(f"is busy: covnet_train (pid {os.getpid()}")
         assert "is reading its preprocessed" in refusal_in_another_process(tmp_path, "writing", "preprocessed")
     with exclusive(tmp_path, "preprocessed", "covnet_plan_and_preprocess"):
-        with pytest.raises(CovnetError, match="is writing its preprocessed"):
-            with shared(tmp_path, "preprocessed", "reader"):
-                pass
+        assert "is writing its preprocessed" in refusal_here(tmp_path, "reading")
 
 
 def test_holding_takes_the_write_and_read_locks_and_sweeps(tmp_path):

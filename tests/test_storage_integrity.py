@@ -92,17 +92,11 @@ def test_preprocessing_redoes_exactly_the_damaged_cases(workspace):
     assert preprocess_dataset(workspace, plan)["done"] == 0
 
 
-def training_flags(**changes) -> list[str]:
-    flags = list(TINY_TRAIN)
-    for name, value in changes.items():
-        flags[flags.index(f"--{name}") + 1] = str(value)
-    return flags
-
-
 def test_training_names_a_truncated_case_in_one_line(workspace):
     path = image_file(workspace.preprocessed_cases, "phantom_003")
     truncate(path, keep=0.8)
-    result = run("covnet_train", "all", "--workspace", workspace.root, *training_flags(**{"num-workers": 1}))
+    # One data-loading worker (the last --num-workers counts): the check must come before the workers start.
+    result = run("covnet_train", "all", "--workspace", workspace.root, *TINY_TRAIN, "--num-workers", "1")
     assert_one_line_error(result, str(path), "is truncated: ", "re-run covnet_plan_and_preprocess")
     assert "Traceback" not in result.stderr
 

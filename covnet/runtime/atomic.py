@@ -158,7 +158,8 @@ def atomic_path(path: str | os.PathLike, *, verify: Verifier = not_empty) -> Ite
             # pos …") on a disk that is now full.
             code = getattr(error, "errno", None)
             if code in _DISK_FULL_ERRNOS or (code is None and _disk_is_full(final.parent)):
-                raise incomplete_write(final, last_line(error), disk_full=True) from None
+                detail = getattr(error, "strerror", None) or last_line(error)
+                raise incomplete_write(final, detail, disk_full=True) from None
             raise
         os.replace(temporary, final)
     finally:
