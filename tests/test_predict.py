@@ -10,9 +10,12 @@ import pytest
 from kit.images import write_dicom_series
 from kit.workspaces import phantom_image, run_predict, trained_workspace_once
 
+from covnet.checkpoint import Checkpoint
 from covnet.image.io import Geometry, read_image, write_image
 from covnet.inference.cohort import find_cohort, select_checkpoints
+from covnet.inference.predictor import lungs_by_midline
 from covnet.inference.report import case_report
+from covnet.preprocessing.case import preprocess_case
 from covnet.runtime.errors import CovnetError
 
 # A scan tilted by 20° about x and 30° about z (SimpleITK's row-major direction), and one with flipped x and y.
@@ -114,7 +117,7 @@ def test_ensemble_averages_the_folds(trained, tmp_path):
     for name, flags in {"both": [], "0": ["-f", "0"], "1": ["-f", "1"]}.items():
         out = tmp_path / name
         assert run_predict("-i", inputs, "-o", out, "--workspace", trained.root, "--disable-tta",
-                       "--save-probabilities", "--no-postprocessing", *flags) == 0
+                       "--save-probabilities", "--no-postprocessing", "--no-lateral-fix", *flags) == 0
         probabilities[name] = np.load(out / "case.npz")["probabilities"].astype(np.float32)
     assert not np.allclose(probabilities["0"], probabilities["1"], atol=1e-3)
     assert np.allclose(probabilities["both"], (probabilities["0"] + probabilities["1"]) / 2, atol=2e-3)
@@ -227,9 +230,27 @@ def test_parts_split_the_cases(trained, tmp_path, capsys):
 
 def test_case_names(tmp_path):
     (tmp_path / "in" / "deep" / "er").mkdir(parents=True)
-    for name in ("a_0000.nii.gz", "a.nii.gz", "b_0000.mhd", "deep/er/c_0000.nrrd"):
+    for name in ("a_0000.nii.gz", "b_0000.mhd", "deep/er/c_0000.nrrd", "d.nii"):
         (tmp_path / "in" / name).write_bytes(b"x")
     cases = {case.case: case.output.name for case in find_cohort(tmp_path / "in", tmp_path / "out")}
-    assert cases == {"a": "a.nii.gz", "a_0000": "a_0000.nii.gz", "b": "b.mha", "c": "c.nrrd"}
+    assert cases == {"a": "a.nii.gz", "b": "b.mha", "c": "c.nrrd", "d": "d.nii"}
     with pytest.raises(CovnetError, match="is the input folder"):
         find_cohort(tmp_path / "in", tmp_path / "in")
+
+
+def test_lateral_fix_is_on_by_default_and_changes_only_lung_sides(trained, tmp_path):
+    inputs = tmp_path / "in"
+    image, geometry = phantom_image(trained, 1)
+    flipped = Geometry(geometry.spacing, geometry.origin, FLIPPED, geometry.shape)
+    write_image(image, flipped, inputs / "case.mha")
+    assert run_predict("-i", inputs, "-o", tmp_path / "fixed", "--workspace", trained.root, "-f", "0",
+                       "--disable-tta") == 0
+    assert run_predict("-i", inputs, "-o", tmp_path / "raw", "--workspace", trained.root, "-f", "0",
+                       "--disable-tta", "--no-lateral-fix") == 0
+    fixed, raw = (read_image(tmp_path / folder / "case.mha")[0] for folder in ("fixed", "raw"))
+    assert np.isin(raw, (1, 2)).any()
+    for label in (0, 3):
+        np.testing.assert_array_equal(fixed == label, raw == label)
+    plan = Checkpoint.load(trained.fold(0) / "checkpoint_final.pth").typed_plan
+    _, _, properties = preprocess_case("case", [image], flipped, plan)
+    np.testing.assert_array_equal(fixed, lungs_by_midline(raw, properties, plan.labels))

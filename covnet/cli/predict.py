@@ -10,6 +10,7 @@ from covnet.cli.common import add_workspace_argument, run_command, workspace_fro
 from covnet.inference.cohort import (
     CHECKPOINT_CHOICES,
     CohortSettings,
+    check_output_folder,
     find_cohort,
     predict_cohort,
     prepare_output_folder,
@@ -29,9 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment lungs and COVID-19 infection in every CT under a folder (NIfTI/MHA/NRRD files, "
                     "with or without the _0000 suffix, and DICOM series folders, at any depth). Each label map "
                     "has its CT's grid and format (DICOM series: <folder>.nii.gz); OUT/report.csv and "
-                    "report.json hold each case's lung and infection volumes.")
-    parser.add_argument("-i", "--input", required=True, type=Path, help="folder of CTs (or one CT file)")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the label maps and report")
+                    "report.json hold each case's lung and infection volumes. Label maps among the inputs are "
+                    "skipped with a warning; images that are not CTs in HU, or whose grid is degenerate or "
+                    "implausible, fail with one line each (exit 2 at the end).")
+    parser.add_argument("-i", "--input", required=True, type=Path,
+                        help="folder of CTs, one CT file, or one file of a DICOM series (to pick that series in a "
+                             "folder holding several)")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="folder for the label maps and report (inside -i is allowed: its contents are never "
+                             "read as inputs)")
     add_workspace_argument(parser)
     parser.add_argument("--model", type=Path, default=None,
                         help="a results folder copied from another machine (holding fold_*/checkpoint_*.pth or "
@@ -53,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="keep the raw argmax (default: keep the largest lung components and drop infection "
                              "outside the lungs)")
+    parser.add_argument("--no-lateral-fix", action="store_true",
+                        help="keep the network's left/right labels (default: each lung component gets the side of "
+                             "the body's midline its centre lies on, lungs touching at the midline are split there, "
+                             "and a warning says when the network had most lung voxels on the other side)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write OUT/<case>.npz: float16 class probabilities on the CT's grid")
     parser.add_argument("--preview", action="store_true",
@@ -69,6 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 < args.step_size <= 1:
         raise CovnetError(None, f"--step-size {args.step_size}: must be in (0, 1]")
+    check_output_folder(args.output)
+    created = not args.output.exists()
+    try:
+        return _predict(args)
+    except BaseException:
+        if created and args.output.is_dir() and not any(args.output.iterdir()):
+            args.output.rmdir()             # a run that failed before writing anything leaves no empty folder
+        raise
+
+
+def _predict(args: argparse.Namespace) -> int:
     settings = CohortSettings(save_probabilities=args.save_probabilities, preview=args.preview,
                               resume=args.resume, num_parts=args.num_parts, part_id=args.part_id)
     cases = find_cohort(args.input, args.output)
@@ -78,13 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoints, description = select_checkpoints(model, args.folds, args.checkpoint)
     device = resolve_device(args.device)
     inference = InferenceSettings(step_size=args.step_size, use_mirroring=not args.disable_tta,
-                                  postprocess=not args.no_postprocessing, use_amp=not args.fp32)
+                                  postprocess=not args.no_postprocessing, lateral_fix=not args.no_lateral_fix,
+                                  use_amp=not args.fp32)
     predictor = Predictor.from_files(checkpoints, device, inference)
     print(f"{len(cases)} case(s) in {args.input}; model: {description}; device: {device}")
     summary = predict_cohort(predictor, cases, args.output, settings)
     line = f"{len(summary.written)} case(s) written"
     if summary.skipped:
         line += f", {len(summary.skipped)} already done"
+    if summary.label_maps:
+        line += f", {len(summary.label_maps)} label map(s) skipped"
     if summary.failed:
         print(f"{PROGRAM}: {line}, {len(summary.failed)} failed: {', '.join(summary.failed)}", file=sys.stderr)
         return 2

@@ -42,30 +42,51 @@ def find_ct_sources(source_dir: Path) -> list[Path]:
     return sorted(sources)
 
 
-def _base_id(source: Path, source_dir: Path) -> str:
+def _stem(name: str, is_file: bool, strip_suffix: str) -> str:
+    stem = strip_image_suffix(name) if is_file else name
+    if is_file and strip_suffix and stem.endswith(strip_suffix) and len(stem) > len(strip_suffix):
+        stem = stem[: -len(strip_suffix)]
+    return stem
+
+
+def _base_id(source: Path, source_dir: Path, strip_suffix: str) -> str:
     name = source_dir.resolve().name if source == source_dir else source.name
-    return sanitize_case_id(strip_image_suffix(name) if source.is_file() else name)
+    return sanitize_case_id(_stem(name, source.is_file(), strip_suffix))
 
 
-def _path_id(source: Path, source_dir: Path) -> str:
+def _path_id(source: Path, source_dir: Path, strip_suffix: str) -> str:
     relative = source.relative_to(source_dir)
-    parts = list(relative.parts[:-1]) + [strip_image_suffix(relative.name) if source.is_file() else relative.name]
+    parts = list(relative.parts[:-1]) + [_stem(relative.name, source.is_file(), strip_suffix)]
     return sanitize_case_id("_".join(parts) or source_dir.resolve().name)
 
 
-def propose_case_ids(sources: list[Path], source_dir: Path) -> dict[Path, str]:
-    """File stem / folder name; where two collide, their relative paths; a number where even those collide."""
-    by_base: dict[str, list[Path]] = defaultdict(list)
+def group_by_base_id(sources: list[Path], source_dir: Path, *, strip_suffix: str = "") -> dict[str, list[Path]]:
+    """The sources under their plain case id: the file name without its image suffix (and without
+    ``strip_suffix``, e.g. nnU-Net's ``_0000``), or the folder name."""
+    groups: dict[str, list[Path]] = defaultdict(list)
     for source in sources:
-        by_base[_base_id(source, source_dir)].append(source)
+        groups[_base_id(source, source_dir, strip_suffix)].append(source)
+    return dict(groups)
+
+
+def propose_case_ids(sources: list[Path], source_dir: Path, *, strip_suffix: str = "") -> dict[Path, str]:
+    """One case id per source: its plain id (``group_by_base_id``); where two share it, their paths relative to
+    ``source_dir`` (``a/scan.nii.gz`` and ``b/scan.nii`` become ``a_scan`` and ``b_scan``).
+
+    Two sources that still get one id are two inputs for one case (``scan.nii`` and ``scan.nii.gz``, or
+    ``scan_0000.nii.gz`` and ``scan.nii.gz`` when ``strip_suffix`` is ``_0000``): an error naming both, never a
+    silent rename, since which file a case's results belong to would otherwise depend on the order of a listing."""
     proposed = {}
-    for base, group in by_base.items():
+    for base, group in group_by_base_id(sources, source_dir, strip_suffix=strip_suffix).items():
         for source in group:
-            proposed[source] = base if len(group) == 1 else _path_id(source, source_dir)
-    used: set[str] = set()
+            proposed[source] = base if len(group) == 1 else _path_id(source, source_dir, strip_suffix)
+    owner: dict[str, Path] = {}
     for source in sorted(proposed):
-        proposed[source] = next_free_case_id(proposed[source], used)
-        used.add(proposed[source])
+        case = proposed[source]
+        if case in owner:
+            raise CovnetError(owner[case], f"and {source} would both be case {case!r}: two inputs for one case; "
+                                           f"rename or remove one of them")
+        owner[case] = source
     return proposed
 
 

@@ -12,7 +12,6 @@ import os
 import sys
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,8 +22,11 @@ import SimpleITK as sitk
 from covnet.image.nifti import count_non_finite, truncation_problem
 from covnet.runtime.atomic import atomic_path, incomplete_write, not_empty
 from covnet.runtime.errors import CovnetError, last_line
+from covnet.runtime.log import logger
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+log = logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,22 @@ def strip_image_suffix(name: str) -> str:
 
 
 def is_dicom_series_dir(path: Path) -> bool:
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    if not path.is_dir():
+        return False
+    with _native_output_captured():   # GDCM prints "No Series were found" for a folder without DICOM files
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file ("DICM" after the 128-byte preamble), whatever its name."""
+    if not path.is_file() or is_image_file(path):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _geometry_of(image) -> Geometry:
@@ -160,21 +177,56 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise CovnetError(path, "file not found")
     if path.is_dir():
         return _read_dicom_series(path)
+    if is_dicom_file(path):
+        return _read_dicom_series(path.parent, member=path)
     _check_file_complete(path)
     return _through_itk(path, lambda: sitk.ReadImage(str(path)))
 
 
-def _read_dicom_series(path: Path) -> sitk.Image:
-    series = _through_itk(path, lambda: sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
-    if not series:
-        raise CovnetError(path, "folder holds no DICOM series")
-    # A study folder may also hold scouts or reformats: take the series with the most slices.
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid) for uid in series), key=len)
-    if len(series) > 1:
-        warnings.warn(f"{path}: holds {len(series)} DICOM series; reading the largest ({len(files)} files)")
+def _series_description(files: list[str]) -> str:
+    """``<SeriesInstanceUID> "<SeriesDescription>" (<n> slices)`` from the series' first file."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    with _native_output_captured():
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return f"({len(files)} slices)"
+    tags = {tag: reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+            for tag in ("0020|000e", "0008|103e")}
+    uid, description = tags["0020|000e"], tags["0008|103e"]
+    named = f"{uid} \"{description}\"" if description else uid
+    return f"{named} ({len(files)} slices)".strip()
+
+
+def _read_dicom_series(path: Path, member: Path | None = None) -> sitk.Image:
+    """The series of ``path`` (a folder) with the most slices, or the one holding the file ``member``.
+
+    A study folder may also hold scouts, reformats or a second reconstruction: which series was taken, and how to
+    take another (pass one of its files instead of the folder), is one warning line."""
+    def series_files() -> list[list[str]]:
+        return [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid))
+                for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))]
+    every_series = sorted(_through_itk(path, series_files), key=len, reverse=True)
+    if not every_series:
+        raise CovnetError(member or path, "folder holds no DICOM series")
+    if member is None:
+        files = every_series[0]
+        if len(every_series) > 1:
+            others = "; ".join(f"{_series_description(other)}, e.g. {other[0]}" for other in every_series[1:4])
+            log.warning(f"{path}: holds {len(every_series)} DICOM series; took {_series_description(files)}, the "
+                        f"one with the most slices. Others: {others}"
+                        f"{'; ...' if len(every_series) > 4 else ''}. To segment another series, give one of its "
+                        f"files as the input (covnet_predict -i FILE) or move it into a folder of its own")
+    else:
+        wanted = member.resolve()
+        files = next((candidate for candidate in every_series
+                      if any(Path(name).resolve() == wanted for name in candidate)), None)
+        if files is None:
+            raise CovnetError(member, "is a DICOM file of no readable series in its folder")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    return _through_itk(path, reader.Execute)
+    return _through_itk(member or path, reader.Execute)
 
 
 def _check_3d(image: sitk.Image, path: Path) -> None:
@@ -185,9 +237,9 @@ def _check_3d(image: sitk.Image, path: Path) -> None:
 
 
 def read_geometry(path: str | os.PathLike) -> Geometry:
-    """Only the header (cheap); DICOM folders are read whole."""
+    """Only the header (cheap); DICOM series (a folder, or one file of the series) are read whole."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or is_dicom_file(path):
         return read_image(path)[1]
     if not path.exists():
         raise CovnetError(path, "file not found")

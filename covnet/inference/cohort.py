@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -28,18 +29,29 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from covnet.dataset import CHANNEL_SUFFIX
-from covnet.image.discovery import find_ct_sources, propose_case_ids
-from covnet.image.io import IMAGE_SUFFIXES, Geometry, is_image_file, read_image, write_image
+from covnet.dataset import CHANNEL_SUFFIX, IGNORE_LABEL_NAME
+from covnet.image.ct import grid_problem, is_ct_channel, label_map_reason, not_hu_reason
+from covnet.image.discovery import find_ct_sources, group_by_base_id, propose_case_ids, sanitize_case_id
+from covnet.image.io import (
+    IMAGE_SUFFIXES,
+    Geometry,
+    is_dicom_file,
+    is_image_file,
+    read_image,
+    strip_image_suffix,
+    write_image,
+)
+from covnet.image.orientation import canonical_reorientation
 from covnet.inference.predictor import Predictor
 from covnet.inference.preview import write_preview
 from covnet.inference.report import REQUIRED_LABELS, case_report, write_report
-from covnet.planning.plans import IGNORE_LABEL_NAME
+from covnet.planning.plans import Plan
 from covnet.preprocessing.case import CaseProperties, preprocess_case
 from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 from covnet.runtime.sharding import shard
+from covnet.workspace import ALL_FOLDS, FOLD_PREFIX, RESULTS_FOLDER, ModelFolder, ResultsFolder, Workspace, check_fold
 
 log = logger(__name__)
 # Reading an image redirects the process's stdout/stderr for a moment (covnet.image.io keeps ITK's console messages
@@ -47,7 +59,6 @@ log = logger(__name__)
 # write to the console, or its lines would be lost or end up in a read error.
 _CONSOLE = threading.Lock()
 
-CROSS_VALIDATION_FOLDS = ("0", "1", "2", "3", "4")
 CHECKPOINT_CHOICES = ("final", "best")
 REPORTS_FOLDER = ".reports"
 DICOM_OUTPUT_SUFFIX = ".nii.gz"
@@ -57,33 +68,48 @@ OUTPUT_SUFFIXES = {".nii.gz": ".nii.gz", ".nii": ".nii", ".mha": ".mha", ".mhd":
 
 
 # ---------------------------------------------------------------------------------------------- models
-def _checkpoint_file(folder: Path, checkpoint: str) -> Path:
-    return folder / f"checkpoint_{checkpoint}.pth"
-
-
-def _model_file(folder: Path, checkpoint: str) -> Path:
-    """``folder/checkpoint_<checkpoint>.pth``; when missing, a one-line error that says what to do."""
-    path = _checkpoint_file(folder, checkpoint)
+def _model_file(folder: ModelFolder, checkpoint: str) -> Path:
+    """The model's ``checkpoint_<checkpoint>.pth``; when missing, a one-line error that says what to do."""
+    path = folder.checkpoint(checkpoint)
     if path.is_file():
         return path
     other = "best" if checkpoint == "final" else "final"
-    if _checkpoint_file(folder, other).is_file():
+    if folder.checkpoint(other).is_file():
         raise CovnetError(path, f"not found, but checkpoint_{other}.pth is: pass --checkpoint {other}")
-    if folder.is_dir():
+    if folder.exists():
         raise CovnetError(path, "not found; this model has not finished training (covnet_train ... --continue)")
     raise CovnetError(path, "not found; train this fold first (covnet_train) or choose other folds with -f")
+
+
+def _split_folds(results: Path) -> list[str] | None:
+    """The cross-validation folds of the split that ``results`` was trained on (its workspace's ``splits.json``);
+    None when it has none at hand (e.g. a results folder copied on its own)."""
+    workspace = Workspace(results.parent)
+    if results.name == RESULTS_FOLDER and workspace.splits_json.is_file():
+        return workspace.fold_names()
+    return None
+
+
+def _check_folds(results: Path, folds: Sequence[str]) -> list[str]:
+    """``-f``'s folds as fold names: folds of the split, or without one any fold number; else a one-line error."""
+    known = _split_folds(results)
+    if known is None:
+        present = ResultsFolder(results).numbered_folds()
+        known = present + [name for name in (str(fold).strip() for fold in folds) if name.isdigit()
+                           and name == str(int(name)) and name not in present]
+    return [check_fold(fold, known, flag="-f") for fold in folds]
 
 
 def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkpoint: str = "final"
                        ) -> tuple[list[Path], str]:
     """The checkpoint files to predict with from a results folder, and a short description of the choice.
 
-    With ``folds``: ``fold_<k>/checkpoint_<checkpoint>.pth`` of each. Otherwise the first of:
-    ``results`` itself holding ``checkpoint_<checkpoint>.pth`` (one model's folder); the self-trained model
-    (``selftrain/final/checkpoint_final.pth`` exists); every fold 0-4 that finished training
-    (``fold_<k>/checkpoint_final.pth`` exists); ``fold_all``. A folder holding a ``results/`` folder (a copied
-    workspace) is looked into. ``checkpoint`` picks ``checkpoint_final.pth`` or ``checkpoint_best.pth`` of the
-    chosen models.
+    With ``folds`` (each a fold of the split or ``all``; another name is a one-line error naming the valid
+    folds): each one's ``checkpoint_<checkpoint>.pth``. Otherwise the first of: ``results`` itself being one
+    model's folder; the self-trained model (``selftrain/final`` is trained); every cross-validation fold that
+    finished training (the folds of the workspace's ``splits.json``); ``fold_all``. A folder holding a
+    ``results/`` folder (a copied workspace) is looked into. ``checkpoint`` picks ``checkpoint_final.pth`` or
+    ``checkpoint_best.pth`` of the chosen models.
     """
     if checkpoint not in CHECKPOINT_CHOICES:
         raise CovnetError(None, f"--checkpoint {checkpoint!r}: choose one of {', '.join(CHECKPOINT_CHOICES)}")
@@ -93,26 +119,26 @@ def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkp
     if not results.is_dir():
         raise CovnetError(results, "not found; no trained model to predict with (train with covnet_train, or "
                                    "pass --model)")
-    if not any(results.glob("fold_*")) and not (results / "selftrain").is_dir() and (results / "results").is_dir():
-        results = results / "results"
+    models = ResultsFolder(results)
+    if not any(results.glob(f"{FOLD_PREFIX}*")) and not models.selftrain.is_dir() and \
+            (results / RESULTS_FOLDER).is_dir():
+        results, models = results / RESULTS_FOLDER, ResultsFolder(results / RESULTS_FOLDER)
     if folds:
-        names = [str(fold).strip().lower() for fold in folds]
-        paths = [_model_file(results / f"fold_{fold}", checkpoint) for fold in names]
+        names = _check_folds(results, folds)
+        paths = [_model_file(models.fold(fold), checkpoint) for fold in names]
         return paths, f"fold{'s' if len(names) > 1 else ''} {', '.join(names)} (checkpoint_{checkpoint})"
-    if _checkpoint_file(results, checkpoint).is_file():
-        return [_checkpoint_file(results, checkpoint)], f"{results.name} (checkpoint_{checkpoint})"
-    selftrained = results / "selftrain" / "final"
-    if _checkpoint_file(selftrained, "final").is_file():
-        return [_model_file(selftrained, checkpoint)], \
-            f"the self-trained model (checkpoint_{checkpoint})"
-    trained = [fold for fold in CROSS_VALIDATION_FOLDS if _checkpoint_file(results / f"fold_{fold}", "final").is_file()]
-    if not trained and _checkpoint_file(results / "fold_all", "final").is_file():
-        trained = ["all"]
+    if ModelFolder(results).checkpoint(checkpoint).is_file():
+        return [ModelFolder(results).checkpoint(checkpoint)], f"{results.name} (checkpoint_{checkpoint})"
+    if models.selftrain_final.is_trained:
+        return [_model_file(models.selftrain_final, checkpoint)], f"the self-trained model (checkpoint_{checkpoint})"
+    trained = models.trained_folds(_split_folds(results))
+    if not trained and models.fold(ALL_FOLDS).is_trained:
+        trained = [ALL_FOLDS]
     if not trained:
-        raise CovnetError(results, "holds no trained model (no selftrain/final/, fold_0..fold_4/ or fold_all/ with "
-                                   "checkpoint_final.pth); train one with covnet_train first, or pass --model")
-    paths = [_model_file(results / f"fold_{fold}", checkpoint) for fold in trained]
-    what = "fold all" if trained == ["all"] else f"the ensemble of folds {', '.join(trained)}"
+        raise CovnetError(results, "holds no trained model (no selftrain/final/, trained fold_K/ or fold_all/ "
+                                   "with checkpoint_final.pth); train one with covnet_train first, or pass --model")
+    paths = [_model_file(models.fold(fold), checkpoint) for fold in trained]
+    what = "fold all" if trained == [ALL_FOLDS] else f"the ensemble of folds {', '.join(trained)}"
     return paths, f"{what} (checkpoint_{checkpoint})"
 
 
@@ -137,7 +163,7 @@ class CohortCase:
 
 
 def output_suffix(source: Path) -> str:
-    if source.is_dir():
+    if source.is_dir() or is_dicom_file(source):
         return DICOM_OUTPUT_SUFFIX
     name = source.name.lower()
     return next(OUTPUT_SUFFIXES[suffix] for suffix in IMAGE_SUFFIXES if name.endswith(suffix))
@@ -147,33 +173,75 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
+class LabelMapInput(CovnetError):
+    """An input that is a label map, not a CT: skipped with a warning, not a failure."""
+
+
+def written_by_covnet_reason(source: Path) -> str | None:
+    """Why ``source`` is a label map an earlier ``covnet_predict`` wrote (its folder holds the case's report row,
+    ``.reports/<name>.json``), or None. Cheap: no image is read."""
+    if source.is_file() and (source.parent / REPORTS_FOLDER / f"{strip_image_suffix(source.name)}.json").is_file():
+        return f"is a label map covnet_predict wrote (its row is {REPORTS_FOLDER}/), not a CT"
+    return None
+
+
+def label_map_file_reason(source: Path) -> str | None:
+    """Why the input ``source`` is a label map rather than a CT, or None: written by covnet_predict, else an
+    integer image with a handful of non-negative values (``covnet.image.ct.label_map_reason``)."""
+    reason = written_by_covnet_reason(source)
+    if reason or not source.is_file():      # a DICOM series is a CT (a segmentation would be a DICOM-SEG object)
+        return reason
+    try:
+        return label_map_reason(read_image(source)[0])
+    except CovnetError:
+        return None                         # unreadable: its own one-line error when the case is read
+
+
+def _without_label_maps(sources: list[Path], source_dir: Path) -> list[Path]:
+    """``sources`` less the label maps covnet wrote and, where two sources would share a case name (``case.nii.gz``
+    next to ``case_0000.nii.gz``), less those that are label maps by their values: a label map then neither takes
+    the case's name nor is segmented. Each one dropped is a warning; the others are checked as they are read."""
+    clashing = {source for group in group_by_base_id(sources, source_dir, strip_suffix=CHANNEL_SUFFIX).values()
+                if len(group) > 1 for source in group}
+    kept = []
+    for source in sources:
+        reason = label_map_file_reason(source) if source in clashing else written_by_covnet_reason(source)
+        if reason:
+            log.warning(f"{source}: {reason}; skipped")
+        else:
+            kept.append(source)
+    return kept
+
+
 def find_cohort(input_path: str | os.PathLike, output_dir: str | os.PathLike) -> list[CohortCase]:
-    """The cases under ``input_path`` (a folder, or a single image file), sorted by case id."""
+    """The cases under ``input_path`` (a folder, one image file, or one file of a DICOM series), sorted by case id.
+
+    Label maps are left out (see ``_without_label_maps``), and so is everything inside ``output_dir`` when it lies
+    inside ``input_path``: the outputs of this and earlier runs are never inputs. Two inputs that would give one
+    case name are an error naming both (``propose_case_ids``)."""
     input_path, output_dir = Path(input_path), Path(output_dir)
     if not input_path.exists():
         raise CovnetError(input_path, "not found")
     if input_path.is_file():
+        if is_dicom_file(input_path):     # one series of a folder that holds several
+            case = sanitize_case_id(f"{input_path.parent.resolve().name}_{Path(input_path.name).stem}")
+            return [CohortCase(case, input_path, output_dir / f"{case}{DICOM_OUTPUT_SUFFIX}")]
         if not is_image_file(input_path):
-            raise CovnetError(input_path, f"is not a CT image file ({', '.join(IMAGE_SUFFIXES)})")
+            raise CovnetError(input_path, f"is not a CT image file ({', '.join(IMAGE_SUFFIXES)}) or DICOM file")
         sources, source_dir = [input_path], input_path.parent
     else:
         if output_dir.exists() and input_path.resolve() == output_dir.resolve():
             raise CovnetError(output_dir, "is the input folder; write the label maps to another folder")
         source_dir = input_path
-        sources = [source for source in find_ct_sources(input_path)
-                   if not (output_dir.exists() and _inside(source, output_dir))]
+        sources = [source for source in find_ct_sources(input_path) if not _inside(source, output_dir)]
     if not sources:
         raise CovnetError(input_path, "holds no CT images (NIfTI/MHA/NRRD files or DICOM series folders)")
-    proposed = propose_case_ids(sources, source_dir)
-    taken = set(proposed.values())
-    cases = []
-    for source, case in proposed.items():
-        if source.is_file() and case.endswith(CHANNEL_SUFFIX) and case[: -len(CHANNEL_SUFFIX)] not in taken:
-            taken.discard(case)
-            case = case[: -len(CHANNEL_SUFFIX)]
-            taken.add(case)
-        cases.append(CohortCase(case, source, output_dir / f"{case}{output_suffix(source)}"))
-    return sorted(cases, key=lambda item: item.case)
+    sources = _without_label_maps(sources, source_dir)
+    if not sources:
+        raise CovnetError(input_path, "holds only label maps, no CT images")
+    proposed = propose_case_ids(sources, source_dir, strip_suffix=CHANNEL_SUFFIX)
+    return sorted((CohortCase(case, source, output_dir / f"{case}{output_suffix(source)}")
+                   for source, case in proposed.items()), key=lambda item: item.case)
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -189,7 +257,8 @@ class CohortSettings:
 @dataclass
 class CohortSummary:
     written: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)          # complete before this run (--continue)
+    label_maps: list[str] = field(default_factory=list)       # inputs that were label maps, not CTs
     failed: dict[str, str] = field(default_factory=dict)     # case -> the one-line error
     report_files: tuple[Path, ...] = ()
 
@@ -210,11 +279,21 @@ def is_complete(case: CohortCase, settings: CohortSettings) -> bool:
     return all(path.is_file() for path in wanted)
 
 
+def check_output_folder(output_dir: Path) -> None:
+    """``-o`` must be a folder or a path where one can be made: checked before any work is done."""
+    for path in (output_dir, *output_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise CovnetError(output_dir, "is a file; -o must name a folder for the label maps and report"
+                                  if path == output_dir else f"cannot be made: {path} is a file, not a folder")
+            return
+
+
 def prepare_output_folder(output_dir: Path) -> None:
-    """Create ``output_dir``, check that it is writable and remove what a killed run left half-written."""
+    """Create ``output_dir``, check that it is writable and remove what a killed run left half-written.
+    ``.reports/`` is made by the first row written, so a run that writes none leaves no empty folder."""
+    check_output_folder(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not output_dir.is_dir():
-        raise CovnetError(output_dir, "is a file; -o must name a folder")
     probe = temporary_sibling(output_dir / "write-check")
     try:
         probe.touch()
@@ -223,16 +302,40 @@ def prepare_output_folder(output_dir: Path) -> None:
         raise CovnetError(output_dir, f"cannot write here ({error.strerror or error})") from None
     sweep_dead_temporaries(output_dir, recursive=False)
     sweep_dead_temporaries(output_dir / REPORTS_FOLDER, recursive=False)
-    (output_dir / REPORTS_FOLDER).mkdir(exist_ok=True)
+    remove_empty_reports_folder(output_dir)
+
+
+def remove_empty_reports_folder(output_dir: Path) -> None:
+    """``OUT/.reports`` holds the rows of finished cases; without any it is only clutter (a failed run's)."""
+    with contextlib.suppress(OSError):
+        (output_dir / REPORTS_FOLDER).rmdir()     # only when empty
 
 
 def prediction_labels(predictor: Predictor) -> dict[str, int]:
     return {name: value for name, value in predictor.plan.labels.items() if name != IGNORE_LABEL_NAME}
 
 
+def check_input(case: CohortCase, image: np.ndarray, geometry: Geometry, plan: Plan) -> None:
+    """Refuse what is not a CT before any time is spent on it: a label map (``LabelMapInput``: skipped with a
+    warning), an image not in HU, a degenerate grid or one whose spacing is implausible (``CovnetError``: the case
+    fails). The HU check is preprocessing's, ``covnet.image.ct.not_hu_reason``."""
+    reason = label_map_reason(image)
+    if reason:
+        raise LabelMapInput(case.source, f"{reason}; skipped")
+    reason = not_hu_reason(image) if is_ct_channel(plan.channel_names.get("0", "")) else None
+    if reason:
+        raise CovnetError(case.source, f"{reason}; not segmented")
+    reorientation = canonical_reorientation(geometry.direction)
+    reason = grid_problem(reorientation.shape(geometry.shape), reorientation.spacing(geometry.spacing),
+                          plan.target_spacing)
+    if reason:
+        raise CovnetError(case.source, f"{reason}; not segmented")
+
+
 def _load(case: CohortCase, predictor: Predictor) -> _LoadedCase:
     with _CONSOLE:
         image, geometry = read_image(case.source)
+    check_input(case, image, geometry, predictor.plan)
     preprocessed, _, properties = preprocess_case(case.case, [image], geometry, predictor.plan)
     return _LoadedCase(image, geometry, preprocessed, properties)
 
@@ -306,6 +409,12 @@ def predict_cohort(predictor: Predictor, cases: Sequence[CohortCase], output_dir
             started = time.monotonic()
             try:
                 loaded = current.result()
+            except LabelMapInput as skipped:
+                summary.label_maps.append(case.case)
+                with _CONSOLE:
+                    log.warning(str(skipped))
+                    progress.update()
+                continue
             except (CovnetError, OSError, ValueError) as error:
                 summary.failed[case.case] = _failure_line(error, case)
                 with _CONSOLE:
@@ -323,6 +432,7 @@ def predict_cohort(predictor: Predictor, cases: Sequence[CohortCase], output_dir
         reader.shutdown(wait=True, cancel_futures=True)
         progress.close()
     summary.report_files = rebuild_report(cases, output_dir, exclude=set(summary.failed))
+    remove_empty_reports_folder(output_dir)
     return summary
 
 

@@ -13,6 +13,12 @@ Two rules, applied by :func:`postprocess` in this order:
    second largest component is usually a small stray blob: the size fraction drops it.
 
 Infection is removed first so that a large false-positive infection blob cannot take the place of a lung.
+
+A third rule, :func:`assign_lung_sides`, makes left and right a matter of position rather than of the
+network's opinion: in the canonical (LPS) frame the patient's left lies towards higher indices along
+``LEFT_RIGHT_AXIS``, so each lung component gets the side of the body's midline its centroid lies on. A
+component with a large share of its voxels on each side (two lungs that touch, e.g. at the anterior junction
+line) is cut at the midline. Infection keeps its label: the report assigns it to the nearest lung.
 """
 from __future__ import annotations
 
@@ -21,7 +27,14 @@ from typing import Sequence
 import numpy as np
 from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_sizes
 
+from covnet.image.grid import bounding_box
+from covnet.image.orientation import LEFT_RIGHT_AXIS
+
 FULL_CONNECTIVITY = 26
+# A lung component with at least this share of its voxels on each side of the midline is two touching lungs
+# (the smaller lung is about 45% of both); one lung reaching over the midline (the anterior junction, a shifted
+# mediastinum) has a few percent there and stays whole on its centroid's side.
+TWO_LUNGS_MIN_SHARE_PER_SIDE = 0.2
 
 
 def _lung_and_infection_labels(lung_labels: Sequence[int], infection_label: int | None) -> list[int]:
@@ -98,3 +111,45 @@ def postprocess(segmentation: np.ndarray, lung_labels: Sequence[int] = (1, 2), i
                                                              connectivity)
     return keep_largest_lung_components(without_stray_infection, lung_labels, infection_label,
                                         num_lung_components, min_fraction_of_largest, connectivity)
+
+
+def _voxels_per_position(component_ids: np.ndarray, num_ids: int, axis: int) -> np.ndarray:
+    """``counts[c, i]``: voxels of component ``c`` at index ``i`` along ``axis``, one plane at a time (no array of
+    coordinates as large as the image)."""
+    planes = np.moveaxis(component_ids, axis, 0)
+    return np.stack([np.bincount(plane.ravel(), minlength=num_ids) for plane in planes], axis=1)
+
+
+def assign_lung_sides(segmentation: np.ndarray, midline: float, left_label: int = 1, right_label: int = 2,
+                      lateral_axis: int = LEFT_RIGHT_AXIS, connectivity: int = FULL_CONNECTIVITY) -> tuple[np.ndarray, float]:
+    """A copy of a canonical-frame ``segmentation`` whose lung labels follow the body's ``midline``, and the share
+    of the lung voxels whose label changed.
+
+    ``midline`` is a position (in voxels, fractional) along ``lateral_axis``, along which indices increase
+    towards the patient's left. Each component of "left ∪ right lung" (whatever the network called its voxels)
+    becomes ``left_label`` when its centroid lies beyond the midline, else ``right_label``; a component with at
+    least ``TWO_LUNGS_MIN_SHARE_PER_SIDE`` of its voxels on each side is split at the midline instead. Other
+    labels, infection included, are never touched.
+    """
+    fixed = np.array(segmentation, copy=True)
+    lungs = np.isin(fixed, (left_label, right_label))
+    if not lungs.any():
+        return fixed, 0.0
+    box = tuple(slice(start, stop) for start, stop in bounding_box(lungs))
+    lungs_in_box, labels_in_box = lungs[box], fixed[box]
+    component_ids, sizes = _components(lungs_in_box, connectivity)
+    counts = _voxels_per_position(component_ids, len(sizes), lateral_axis)
+    positions = np.arange(box[lateral_axis].start, box[lateral_axis].stop)
+    on_left = positions > midline
+    left_share = counts[:, on_left].sum(axis=1) / np.maximum(sizes, 1)
+    centroid = counts @ positions / np.maximum(sizes, 1)
+    side_of_component = np.where(centroid > midline, left_label, right_label)
+    split = np.minimum(left_share, 1 - left_share) >= TWO_LUNGS_MIN_SHARE_PER_SIDE
+    by_position = np.where(on_left, left_label, right_label).reshape(
+        [-1 if axis == lateral_axis else 1 for axis in range(fixed.ndim)])
+    ids = component_ids[lungs_in_box]
+    assigned = np.where(split[ids], np.broadcast_to(by_position, lungs_in_box.shape)[lungs_in_box],
+                        side_of_component[ids]).astype(fixed.dtype)
+    relabelled = np.count_nonzero(assigned != labels_in_box[lungs_in_box])
+    labels_in_box[lungs_in_box] = assigned
+    return fixed, relabelled / np.count_nonzero(lungs_in_box)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from covnet.checkpoint import Checkpoint
+from covnet.dataset import INFECTION, LEFT_LUNG, RIGHT_LUNG
 from covnet.image.io import Geometry, write_image
-from covnet.image.orientation import LEFT_RIGHT_AXIS
-from covnet.inference.postprocessing import postprocess
+from covnet.image.orientation import LEFT_RIGHT_AXIS, MIRROR_AXES
+from covnet.inference.postprocessing import assign_lung_sides, postprocess
 from covnet.inference.sliding_window import predict_sliding_window
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.planning.plans import Plan
@@ -29,8 +29,6 @@ from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 
 log = logger(__name__)
-# 3D mirroring (augmentation and test time) along every axis, as nnU-Net does for 3D configurations.
-MIRROR_AXES = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -40,19 +38,25 @@ class InferenceSettings:
     batch_windows: int = 2
     use_amp: bool = True          # autocast where available: float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16
     postprocess: bool = False
+    # Each lung component takes the side of the body's midline it lies on (covnet_predict's default; validation
+    # and pseudo-labels score the network itself and keep its labels).
+    lateral_fix: bool = False
 
 
 class Predictor:
     def __init__(self, checkpoints: Sequence[Checkpoint], device: torch.device = torch.device("cpu"),
-                 settings: InferenceSettings = InferenceSettings()):
+                 settings: InferenceSettings = InferenceSettings(), *, names: Sequence[str] = ()):
+        """``names`` say which model each checkpoint is (e.g. its file) in messages; by default its fold."""
         if not checkpoints:
             raise CovnetError(None, "no trained model to predict with")
+        names = list(names) or [f"fold {checkpoint.fold}" for checkpoint in checkpoints]
         self.plan = checkpoints[0].typed_plan
-        for checkpoint in checkpoints[1:]:
-            other = checkpoint.typed_plan
-            if other.network != self.plan.network or other.preprocessing_key() != self.plan.preprocessing_key():
-                raise CovnetError(None, f"fold {checkpoint.fold} was trained under another plan than fold "
-                                        f"{checkpoints[0].fold}; an ensemble needs one plan")
+        for name, checkpoint in zip(names[1:], checkpoints[1:]):
+            differences = plan_differences(self.plan, checkpoint.typed_plan)
+            if differences:
+                raise CovnetError(None, f"{name} and {names[0]} were trained under different plans "
+                                        f"({'; '.join(differences)}); an ensemble needs one plan: predict with "
+                                        f"models of one plan (-f, or --model)")
         self.device, self.settings = device, settings
         self.network = ResidualEncoderUNet(self.plan.network).to(device).eval()
         self.states = [checkpoint.network_state for checkpoint in checkpoints]
@@ -61,7 +65,7 @@ class Predictor:
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], device: torch.device = torch.device("cpu"),
                    settings: InferenceSettings = InferenceSettings()) -> "Predictor":
-        return cls([Checkpoint.load(path) for path in paths], device, settings)
+        return cls([Checkpoint.load(path) for path in paths], device, settings, names=[str(path) for path in paths])
 
     def predict_probabilities(self, image: np.ndarray) -> torch.Tensor:
         """(C, z, y, x) preprocessed image → (classes, z, y, x) softmax probabilities averaged over the models."""
@@ -89,6 +93,8 @@ class Predictor:
         segmentation = np.argmax(original, axis=0).astype(np.uint8)
         if self.settings.postprocess:
             segmentation = postprocess_segmentation(segmentation, self.plan)
+        if self.settings.lateral_fix:
+            segmentation = lungs_by_midline(segmentation, properties, self.plan.labels)
         return segmentation, original
 
     def predict_preprocessed(self, image: np.ndarray, properties: CaseProperties,
@@ -110,16 +116,47 @@ class Predictor:
 def postprocess_segmentation(segmentation: np.ndarray, plan: Plan) -> np.ndarray:
     """Keep the lungs' largest components and drop infection outside them, for datasets with COVID labels."""
     labels = plan.labels
-    lungs = [labels[name] for name in ("left_lung", "right_lung") if name in labels]
+    lungs = [labels[name] for name in (LEFT_LUNG, RIGHT_LUNG) if name in labels]
     if not lungs:
         return segmentation
-    return postprocess(segmentation, lung_labels=lungs, infection_label=labels.get("infection"))
+    return postprocess(segmentation, lung_labels=lungs, infection_label=labels.get(INFECTION))
 
 
-def fold_checkpoints(results_dir: Path, folds: Sequence[str], checkpoint: str = "final") -> list[Path]:
-    """``results/fold_K/checkpoint_<checkpoint>.pth`` of each fold; a missing one is a one-line error."""
-    paths = [results_dir / f"fold_{fold}" / f"checkpoint_{checkpoint}.pth" for fold in folds]
-    for path in paths:
-        if not path.is_file():
-            raise CovnetError(path, "not found; train the fold first (covnet_train)")
-    return paths
+def lungs_by_midline(segmentation: np.ndarray, properties: CaseProperties, labels: Mapping[str, int]) -> np.ndarray:
+    """Each lung component relabelled by the side of the body's midline it lies on (``assign_lung_sides``), in
+    the canonical LPS frame whatever the case's own orientation; a warning when that changed most lung voxels.
+
+    The midline is the middle of the body's extent from left to right: the body box preprocessing cropped to
+    (the largest connected component above -500 HU). It is found without the network, so a network that calls
+    both lungs one side cannot move it, and unlike the middle of the lungs' own extent it keeps a single lung
+    (or one the network missed most of) whole on its side."""
+    if LEFT_LUNG not in labels or RIGHT_LUNG not in labels:
+        return segmentation
+    start, stop = properties.bounding_box[LEFT_RIGHT_AXIS]
+    canonical = properties.reorientation.to_canonical(segmentation)
+    fixed, relabelled = assign_lung_sides(canonical, (start + stop - 1) / 2, left_label=labels[LEFT_LUNG],
+                                          right_label=labels[RIGHT_LUNG], lateral_axis=LEFT_RIGHT_AXIS)
+    if relabelled > 0.5:
+        log.warning(f"{properties.case}: the network gave {100 * relabelled:.0f}% of the lung voxels the side "
+                    f"opposite to the one they lie on; left and right were set by position, from the body's "
+                    f"midline (--no-lateral-fix keeps the network's labels)")
+    return properties.reorientation.to_original(fixed)
+
+
+def plan_differences(plan: Plan, other: Plan) -> list[str]:
+    """What two plans disagree on among the settings an ensemble must share (the network and everything that
+    shapes the preprocessed input), as ``<field> <this> vs <other>``; empty when they agree."""
+    mine = _flattened({"network": plan.network.to_json(), **plan.preprocessing_key()})
+    theirs = _flattened({"network": other.network.to_json(), **other.preprocessing_key()})
+    return [f"{key} {mine.get(key)} vs {theirs.get(key)}" for key in sorted(mine.keys() | theirs.keys())
+            if mine.get(key) != theirs.get(key)]
+
+
+def _flattened(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flattened(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
