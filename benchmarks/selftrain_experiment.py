@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -44,8 +43,9 @@ from covnet.selftrain.pseudo_labels import self_training_plan
 from covnet.selftrain.rounds import SelfTrainingSettings, run_selftraining, seed_round
 from covnet.selftrain.teacher import Teacher, ranking_score
 from covnet.training.distributed import DistributedContext
-from covnet.training.run import TrainingJob, TrainingSettings, run_training
-from covnet.workspace import Workspace
+from covnet.training.run import run_training
+from covnet.training.settings import TrainingJob, TrainingSettings
+from covnet.workspace import ModelFolder, Workspace
 
 STRUCTURES = ("lungs", "infection")
 
@@ -84,7 +84,7 @@ def seed_workspace(data: Workspace, root: Path, seed: int) -> Workspace:
 
 def training_settings(name: str, args, seed: int, epochs: int, pretrained: Path | None, lr: float
                       ) -> TrainingSettings:
-    return TrainingSettings(fold=name, epochs=epochs, iterations_per_epoch=args.iters_per_epoch,
+    return TrainingSettings(epochs=epochs, iterations_per_epoch=args.iters_per_epoch,
                             validation_iterations=args.val_iters, device=args.device, num_workers=args.num_workers,
                             seed=seed, checkpoint_every=max(1, epochs), initial_lr=lr,
                             pretrained=None if pretrained is None else str(pretrained), validation_mirroring=False)
@@ -92,19 +92,20 @@ def training_settings(name: str, args, seed: int, epochs: int, pretrained: Path 
 
 def train(workspace: Workspace, job: TrainingJob, settings: TrainingSettings) -> dict:
     device = resolve_device(settings.device)
-    run_training(workspace, job, settings, True, False, DistributedContext(), device)
-    return json.loads((job.output_dir / "validation" / "summary.json").read_text())["mean"]
+    run_training(job, settings, resume=True, validate_only=False, context=DistributedContext(), device=device)
+    return job.folder.validation_summary()["mean"]
 
 
 def run_seed(data: Workspace, root: Path, seed: int, train_cases, held_out, args) -> dict:
     workspace = seed_workspace(data, root, seed)
     plan = Plan.load(workspace.plans_json)
     folders = {case: workspace.preprocessed_cases for case in train_cases + held_out}
-    base_dir = workspace.fold("base")
+    base_folder = workspace.fold("base")
     seed_round(seed, 0)
-    base = train(workspace, TrainingJob("base", plan, train_cases, held_out, base_dir, folders),
+    base = train(workspace, TrainingJob(name="base", plan=plan, workspace=workspace, folder=base_folder,
+                                        train_cases=train_cases, validation_cases=held_out, case_folders=folders),
                  training_settings("base", args, seed, args.base_epochs, None, 1e-2))
-    base_checkpoint = base_dir / "checkpoint_final.pth"
+    base_checkpoint = base_folder.checkpoint("final")
     teacher = Teacher(mode="base", fold="base", checkpoints=[base_checkpoint], pretrained=base_checkpoint,
                       train_cases=train_cases, validation_cases=held_out, folds=["base"])
     settings = SelfTrainingSettings(teacher="base", cases_per_round=args.cases_per_round,
@@ -119,13 +120,15 @@ def run_seed(data: Workspace, root: Path, seed: int, train_cases, held_out, args
     previous, control = base_checkpoint, None
     for round_index in range(1, len(summary["rounds"]) + 1):     # the same schedule, expert cases only
         name = f"control_round_{round_index:02d}"
-        output = workspace.results / "control" / f"round_{round_index:02d}"
+        output = ModelFolder(workspace.results / "control" / f"round_{round_index:02d}")
         seed_round(seed, round_index)
-        control = train(workspace, TrainingJob(name, control_plan, train_cases, held_out, output, folders),
+        control = train(workspace, TrainingJob(name=name, plan=control_plan, workspace=workspace, folder=output,
+                                               train_cases=train_cases, validation_cases=held_out,
+                                               case_folders=folders),
                         dataclasses.replace(training_settings(name, args, seed + round_index, args.epochs_per_round,
                                                               previous, args.lr),
                                             checkpoint_every=settings.checkpoint_every))
-        previous = output / "checkpoint_final.pth"
+        previous = output.checkpoint("final")
     return {"base": base, "control": control, "self-trained": selftrained, "plan": plan,
             "pool_used": sum(len(entry["cases_added"]) for entry in summary["rounds"])}
 

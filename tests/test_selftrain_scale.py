@@ -71,7 +71,7 @@ def test_a_part_waits_for_the_previous_round_student(trained, tmp_path, capsys):
     workspace = copy_workspace(trained, tmp_path / "ws")
     assert run_selftrain(workspace, "--num-parts", "1", "--part-id", "0") == 0
     round_1 = workspace.selftrain_round(1)
-    round_1.mkdir(parents=True, exist_ok=True)
+    round_1.path.mkdir(parents=True, exist_ok=True)
     # round 1 selected but its student not trained: a part of round 2 has no teacher yet
     (round_1 / "selection.json").write_text(json.dumps({"cases_added": ["x"]}))
     capsys.readouterr()

@@ -45,9 +45,10 @@ from covnet.selftrain.pseudo_labels import (
     self_training_plan,
 )
 from covnet.selftrain.report import plot_rounds, round_entry, validation_table, write_summary
-from covnet.selftrain.teacher import Teacher, choose_teacher, ranking_score, validation_summary
+from covnet.selftrain.teacher import Teacher, choose_teacher, ranking_score
 from covnet.training.distributed import DistributedContext, context_from_environment, device_for, initialise, shutdown
-from covnet.training.run import TrainingJob, TrainingSettings, run_training
+from covnet.training.run import run_training
+from covnet.training.settings import TrainingJob, TrainingSettings
 from covnet.training.validation import validate_fold
 from covnet.workspace import Workspace
 
@@ -219,7 +220,7 @@ def _checked_pool(workspace: Workspace, teacher: Teacher) -> list[str]:
 
 
 def _student_checkpoint(workspace: Workspace, round_index: int) -> Path:
-    return workspace.selftrain_round(round_index) / "checkpoint_final.pth"
+    return workspace.selftrain_round(round_index).checkpoint("final")
 
 
 def _round_teacher_models(workspace: Workspace, teacher: Teacher, round_index: int) -> list[Path]:
@@ -243,10 +244,9 @@ def _fold_validation(workspace: Workspace, teacher: Teacher, inference: Inferenc
     """The teacher fold's own ``validation/summary.json`` when it measured the same model on the same cases
     with the same inference settings (so it need not be redone), else None."""
     folder = workspace.fold(teacher.fold)
-    summary, settings_file = folder / "validation" / "summary.json", folder / "settings.json"
-    if teacher.pretrained != folder / "checkpoint_final.pth" or not (summary.is_file() and settings_file.is_file()):
+    summary, stored = folder.validation_summary_file, folder.settings()
+    if teacher.pretrained != folder.checkpoint("final") or not summary.is_file() or stored is None:
         return None
-    stored = read_json(settings_file, "")
     same = (stored["settings"].get("validation_mirroring") == inference.use_mirroring
             and stored["settings"].get("validation_step_size") == inference.step_size
             and sorted(stored.get("validation", [])) == sorted(teacher.validation_cases))
@@ -270,7 +270,7 @@ def _teacher_entry(workspace: Workspace, teacher: Teacher, device, inference: In
 def _train_student(workspace: Workspace, settings: SelfTrainingSettings, plan: Plan, teacher: Teacher,
                    round_index: int, pseudo_folders: dict[str, Path], pretrained: Path, device,
                    context: DistributedContext) -> dict | None:
-    round_dir = workspace.selftrain_round(round_index)
+    round_folder = workspace.selftrain_round(round_index)
     pseudo = list(pseudo_folders)
     train = list(teacher.train_cases) + pseudo
     leaked = sorted(set(train) & set(teacher.validation_cases))
@@ -279,9 +279,10 @@ def _train_student(workspace: Workspace, settings: SelfTrainingSettings, plan: P
     folders = {case: workspace.preprocessed_cases for case in teacher.train_cases + teacher.validation_cases}
     folders.update(pseudo_folders)
     weights = {**{case: 1.0 for case in teacher.train_cases}, **{case: settings.pseudo_weight for case in pseudo}}
-    job = TrainingJob(f"selftrain_round_{round_index:02d}", plan, train, list(teacher.validation_cases), round_dir,
-                      folders, weights)
-    training = TrainingSettings(fold=job.name, epochs=settings.epochs_per_round,
+    job = TrainingJob(name=f"selftrain_round_{round_index:02d}", plan=plan, workspace=workspace, folder=round_folder,
+                      train_cases=train, validation_cases=list(teacher.validation_cases), case_folders=folders,
+                      case_weights=weights)
+    training = TrainingSettings(epochs=settings.epochs_per_round,
                                 iterations_per_epoch=settings.iterations_per_epoch,
                                 validation_iterations=settings.validation_iterations, device=settings.device,
                                 num_workers=settings.num_workers, seed=settings.seed + round_index,
@@ -291,8 +292,9 @@ def _train_student(workspace: Workspace, settings: SelfTrainingSettings, plan: P
     log.info(f"round {round_index}: student fine-tuned from {_relative(workspace, pretrained)} on "
              f"{len(teacher.train_cases)} expert + {len(pseudo)} pseudo-labelled cases (weight "
              f"{settings.pseudo_weight:g}), {settings.epochs_per_round} x {settings.iterations_per_epoch} iterations")
-    run_training(workspace, job, training, True, False, context, device)
-    return validation_summary(round_dir)
+    started = any(round_folder.checkpoint(name).is_file() for name in ("latest", "final"))
+    run_training(job, training, resume=started, validate_only=False, context=context, device=device)
+    return round_folder.validation_summary()
 
 
 def _pseudo_label(workspace: Workspace, settings: SelfTrainingSettings, plan: Plan, round_index: int,

@@ -1,7 +1,8 @@
 """The first teacher of self-training: one trained fold, the best one, or the ensemble of every trained fold.
 
 A model is scored by the mean validation Dice over the ``lungs`` and ``infection`` regions (over every
-foreground label when those regions are absent), read from ``results/fold_K/validation/summary.json``.
+foreground label when those regions are absent), read from each fold's validation summary
+(``results/fold_K/validation/summary.json``).
 
 The held-out set of self-training is always the validation cases of one fold (``Teacher.fold``): the chosen
 fold, the best fold, or for an ensemble teacher the best fold. The students fine-tune on that fold's training
@@ -17,11 +18,9 @@ from pathlib import Path
 from typing import Mapping
 
 from covnet.planning.plans import Plan
-from covnet.runtime.atomic import read_json
 from covnet.runtime.errors import CovnetError
 from covnet.training.run import fold_job
-from covnet.training.splits import DEFAULT_NUM_FOLDS
-from covnet.workspace import Workspace
+from covnet.workspace import ALL_FOLDS, Workspace, describe_folds
 
 TEACHER_MODES = ("best", "ensemble")
 # The structures whose mean Dice ranks models, when the dataset declares them as regions.
@@ -55,50 +54,43 @@ def ranking_score(mean: Mapping[str, Mapping[str, float | None]], plan: Plan) ->
     return sum(values) / len(values) if values else float("nan")
 
 
-def validation_summary(folder: Path) -> dict | None:
-    path = folder / "validation" / "summary.json"
-    return read_json(path, "") if path.is_file() else None
-
-
-def trained_folds(workspace: Workspace) -> list[str]:
-    return [str(fold) for fold in range(DEFAULT_NUM_FOLDS)
-            if (workspace.fold(fold) / "checkpoint_final.pth").is_file()]
-
-
 def _fold_scores(workspace: Workspace, folds: list[str], plan: Plan) -> dict[str, float]:
     scores = {}
     for fold in folds:
-        summary = validation_summary(workspace.fold(fold))
+        summary = workspace.fold(fold).validation_summary()
         if summary is None:
-            raise CovnetError(workspace.fold(fold) / "validation" / "summary.json",
+            raise CovnetError(workspace.fold(fold).validation_summary_file,
                               f"not found; complete fold {fold}'s validation first (covnet_train {fold} --continue)")
         scores[fold] = ranking_score(summary.get("mean", {}), plan)
     return scores
 
 
 def choose_teacher(workspace: Workspace, spec: str = "best") -> Teacher:
-    """``spec``: "best", "ensemble" or a fold number 0-4. A one-line error when no fold (or not that fold)
-    has finished training."""
+    """``spec``: "best", "ensemble" or a fold of the split (0 .. K-1). A one-line error when no fold (or not
+    that fold) has finished training."""
     spec = str(spec).strip().lower()
     plan = Plan.load(workspace.plans_json)
-    folds = trained_folds(workspace)
+    folds = workspace.trained_folds()
     if spec in TEACHER_MODES:
         if not folds:
-            raise CovnetError(workspace.results, "holds no trained fold (fold_0..fold_4 with checkpoint_final.pth); "
-                                                 "train one with covnet_train first")
+            raise CovnetError(workspace.results, f"holds no trained fold (fold_K with checkpoint_final.pth, K in "
+                                                 f"{describe_folds(workspace.fold_names())}); train one with "
+                                                 "covnet_train first")
         scores = _fold_scores(workspace, folds, plan)
         ranked = sorted(folds, key=lambda fold: (math.inf if math.isnan(scores[fold]) else -scores[fold], int(fold)))
         fold, members = ranked[0], (folds if spec == "ensemble" else [ranked[0]])
         mode = spec
     else:
-        if spec not in {str(k) for k in range(DEFAULT_NUM_FOLDS)}:
-            raise CovnetError(None, f"--teacher {spec!r}: choose best, ensemble or a fold 0-{DEFAULT_NUM_FOLDS - 1}")
+        names = workspace.fold_names()
+        if spec == ALL_FOLDS or spec not in names:
+            raise CovnetError(None, f"--teacher {spec!r}: choose best, ensemble or a fold of the split "
+                                    f"({describe_folds(names)})")
         if spec not in folds:
-            raise CovnetError(workspace.fold(spec) / "checkpoint_final.pth",
+            raise CovnetError(workspace.fold(spec).checkpoint("final"),
                               f"not found; fold {spec} has not finished training (covnet_train {spec})")
         fold, members, mode = spec, [spec], "fold"
     job = fold_job(workspace, fold)
-    checkpoints = [workspace.fold(member) / "checkpoint_final.pth" for member in members]
+    checkpoints = [workspace.fold(member).checkpoint("final") for member in members]
     return Teacher(mode=mode, fold=fold, checkpoints=checkpoints,
-                   pretrained=workspace.fold(fold) / "checkpoint_final.pth", train_cases=list(job.train_cases),
+                   pretrained=workspace.fold(fold).checkpoint("final"), train_cases=list(job.train_cases),
                    validation_cases=list(job.validation_cases), folds=list(members))

@@ -8,7 +8,7 @@ sampler and collates the result, so it can be handed to batchgenerators' ``Multi
 
 Input batches: ``{"data": float32 (B, C, z, y, x), "target": (B, 1, z, y, x)}``, target -1 marking voxels
 outside the case. ``training_transforms`` applies nnU-Net's default augmentation with its probabilities and
-ranges (``AugmentationSettings``), in its order:
+ranges (``covnet.training.settings.AugmentationSettings``), in its order:
 
 1. rotation (p 0.2 per sample; ±30° about each axis, or only in-plane ±180° for "dummy 2D" patches, those
    with ``max(patch) / patch[0] > 3``) and scaling (p 0.2, 0.7-1.4, one factor for all axes) of the
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -56,36 +55,11 @@ from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 
 from covnet.image.orientation import LEFT_RIGHT_AXIS
 from covnet.training.data import OUTSIDE_CASE_LABEL
+from covnet.training.settings import AugmentationSettings
 
 DUMMY_2D_ANISOTROPY = 3.0
 ROTATION_GRID_STEP_DEGREES = 2.0
 MAX_ANGLES_PER_AXIS = 31
-
-
-@dataclass(frozen=True)
-class AugmentationSettings:
-    """nnU-Net's default training augmentation. Probabilities are per sample unless named otherwise."""
-    p_rotation: float = 0.2
-    rotation_degrees: float = 30.0             # ± about each axis (3D patches)
-    dummy_2d_rotation_degrees: float = 180.0   # ± in-plane (dummy-2D patches)
-    p_scaling: float = 0.2
-    scale_range: tuple[float, float] = (0.7, 1.4)   # multiplies sampling coordinates: > 1 zooms out
-    p_noise: float = 0.1
-    noise_variance: tuple[float, float] = (0.0, 0.1)
-    p_blur: float = 0.2
-    blur_sigma: tuple[float, float] = (0.5, 1.0)
-    p_blur_per_channel: float = 0.5
-    p_brightness: float = 0.15
-    brightness_range: tuple[float, float] = (0.75, 1.25)
-    p_contrast: float = 0.15
-    contrast_range: tuple[float, float] = (0.75, 1.25)
-    p_low_resolution: float = 0.25
-    low_resolution_zoom: tuple[float, float] = (0.5, 1.0)
-    p_low_resolution_per_channel: float = 0.5
-    p_inverted_gamma: float = 0.1
-    p_gamma: float = 0.3
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    p_mirror_per_axis: float = 0.5
 
 
 DEFAULT_AUGMENTATION = AugmentationSettings()

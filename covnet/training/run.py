@@ -1,16 +1,25 @@
 """``covnet_train FOLD``: train one cross-validation fold under the plan, resumably, then validate it.
 
 Everything it reads is the workspace (``plans.json``, the preprocessed cases, ``splits.json``); everything it
-writes goes to ``results/fold_K/``: checkpoints (latest, best, final), ``training_log.txt``, ``progress.png``,
-``settings.json`` and ``validation/``. Settings are flags (``TrainingSettings``), never subclasses.
+writes goes to the fold's model folder (``covnet.workspace.ModelFolder``): checkpoints (latest, best, final),
+``training_log.txt``, ``progress.png``, ``settings.json`` and ``validation/``. Settings are flags
+(``covnet.training.settings.TrainingSettings``), never subclasses.
+
+``train_fold`` is the command; ``run_training`` trains any ``TrainingJob`` (a self-training round's student too)
+into its folder. Every refusal (a fold that does not exist, a finished training without ``--continue``, a
+continued one with another recipe, a missing ``--pretrained``) comes before anything is written, so a refused
+start leaves nothing behind.
+
+``--continue`` (``resume``) picks up ``checkpoint_latest.pth``; on a finished training with more ``--epochs``
+than it ran, it extends it from ``checkpoint_final.pth`` (the learning rate follows the longer schedule) and
+redoes the validation; with as many, it completes the validation; with fewer, it is refused. With no
+checkpoint at all it says so and starts from scratch.
 """
 from __future__ import annotations
 
-import contextlib
-import os
+import shutil
 import signal
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import fields
 
 import torch
 
@@ -18,71 +27,82 @@ from covnet.checkpoint import Checkpoint
 from covnet.dataset import DatasetDescription, find_cases
 from covnet.inference.predictor import InferenceSettings
 from covnet.planning.plans import Plan
+from covnet.preprocessing.run import require_current_cases
 from covnet.preprocessing.storage import properties_file
 from covnet.runtime.atomic import sweep_dead_temporaries, write_json
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
-from covnet.runtime.locking import exclusive
+from covnet.runtime.locking import holding
 from covnet.runtime.log import logger, setup_logging
-from covnet.training.distributed import context_from_environment, device_for, initialise, shutdown
+from covnet.runtime.settings import flag_name
+from covnet.training.distributed import DistributedContext, context_from_environment, device_for, initialise, shutdown
 from covnet.training.session import TrainingSession
-from covnet.training.splits import cases_for_fold, load_or_create_splits
-from covnet.training.validation import validate_fold, validation_is_complete
-from covnet.workspace import Workspace
+from covnet.training.settings import TrainingJob, TrainingSettings
+from covnet.training.splits import cases_for_fold, fold_names, load_or_make_splits, save_splits
+from covnet.training.validation import validate_fold
+from covnet.workspace import ALL_FOLDS, ModelFolder, Workspace, check_fold
 
 log = logger(__name__)
+COMMAND = "covnet_train"
+PREPROCESSED_SCOPE = "preprocessed"     # the lock scope covnet_plan_and_preprocess writes the cases under
 
 
-@dataclass
-class TrainingSettings:
-    fold: str
-    epochs: int = 1000
-    iterations_per_epoch: int = 250
-    validation_iterations: int = 50
-    device: str = "auto"
-    num_workers: int | None = None          # None: from the CPU count
-    seed: int = 0
-    checkpoint_every: int = 50
-    pretrained: str | None = None
-    compile: bool = False
-    initial_lr: float = 1e-2
-    weight_decay: float = 3e-5
-    momentum: float = 0.99
-    gradient_clip: float = 12.0
-    oversample_foreground: float = 0.33
-    batch_dice: bool = True                 # nnU-Net's choice for 3D full-resolution configurations
-    validation_step_size: float = 0.5
-    validation_mirroring: bool = True
-
-    def __post_init__(self):
-        for name in ("epochs", "iterations_per_epoch", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise CovnetError(None, f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.validation_iterations < 0:
-            raise CovnetError(None, f"--val-iters must be >= 0, not {self.validation_iterations}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise CovnetError(None, f"--num-workers must be >= 0, not {self.num_workers}")
-
-    @property
-    def data_workers(self) -> int:
-        """Background augmentation processes: every core but one for the network, at most 12 (nnU-Net's)."""
-        if self.num_workers is not None:
-            return self.num_workers
-        return max(1, min(12, (os.cpu_count() or 2) - 1))
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def preprocessed_cases(workspace: Workspace) -> list[str]:
+def preprocessed_cases(workspace: Workspace, description: DatasetDescription) -> list[str]:
     """The labelled cases, each of which must be preprocessed."""
-    description = DatasetDescription.load(workspace.dataset_json)
     cases = find_cases(workspace.images_tr, description.file_ending)
     missing = [case for case in cases if not properties_file(workspace.preprocessed_cases, case).is_file()]
     if not cases or missing:
         raise CovnetError(workspace.preprocessed_cases, f"cases {', '.join(missing[:5]) or 'all'} are not "
                                                         "preprocessed; run covnet_plan_and_preprocess first")
+    require_current_cases(workspace.preprocessed_cases, cases, Plan.load(workspace.plans_json))
     return cases
+
+
+def fold_job(workspace: Workspace, fold: int | str, *, num_folds: int | None = None,
+             context: DistributedContext | None = None) -> TrainingJob:
+    """The job of cross-validation fold ``fold`` (or ``all``): its cases and its model folder. The split is
+    ``splits.json``, made with ``num_folds`` folds (default 5) when there is none yet and written (by rank 0)
+    only once the fold is known to exist in it."""
+    context = context or context_from_environment()
+    plan = Plan.load(workspace.plans_json)
+    description = DatasetDescription.load(workspace.dataset_json)
+    cases = preprocessed_cases(workspace, description)
+    if str(fold).strip().lower() == ALL_FOLDS:
+        name, train_cases, validation_cases = ALL_FOLDS, sorted(cases), []
+    else:
+        splits, is_new = load_or_make_splits(workspace.splits_json, cases, description.groups, num_folds)
+        name = check_fold(fold, fold_names(splits))
+        if is_new and context.is_main:
+            save_splits(workspace.splits_json, splits)
+        train_cases, validation_cases = cases_for_fold(splits, name)
+    folders = {case: workspace.preprocessed_cases for case in train_cases + validation_cases}
+    return TrainingJob(name=name, plan=plan, workspace=workspace, folder=workspace.fold(name),
+                       train_cases=train_cases, validation_cases=validation_cases, case_folders=folders)
+
+
+def recorded_settings(folder: ModelFolder) -> TrainingSettings | None:
+    """The settings a training in ``folder`` was started with (its ``settings.json``), if any."""
+    stored = folder.settings()
+    return None if stored is None else TrainingSettings.from_json(stored.get("settings", {}))
+
+
+def train_fold(workspace: Workspace, fold: int | str, settings: TrainingSettings, *, resume: bool = False,
+               validate_only: bool = False, num_folds: int | None = None) -> dict | None:
+    """Train (or resume, or extend) fold ``fold`` and validate it; return the validation summary (None for fold
+    'all', and on the ranks other than 0 under torchrun)."""
+    context = context_from_environment()
+    device = device_for(context, resolve_device(settings.device))
+    initialise(context, device)
+    try:
+        job = fold_job(workspace, fold, num_folds=num_folds, context=context)
+        # Rank 0 holds, for every rank, the fold's folder for writing and the preprocessed cases for reading (so
+        # that covnet_plan_and_preprocess cannot rewrite them under the training).
+        with holding(workspace.root, f"fold_{job.name}", COMMAND, reading=(PREPROCESSED_SCOPE,),
+                     main_process=context.is_main):
+            return run_training(job, settings, resume=resume, validate_only=validate_only, context=context,
+                                device=device, log_to_folder=True)
+    finally:
+        shutdown(context)
 
 
 class _StopRequest:
@@ -99,102 +119,109 @@ class _StopRequest:
             signal.signal(signal_number, self)
 
 
-@dataclass
-class TrainingJob:
-    """What to train and where: a cross-validation fold, or a self-training round."""
-    name: str                                   # recorded in checkpoints: "0".."4", "all", "selftrain_round_01"
-    plan: Plan
-    train_cases: list[str]
-    validation_cases: list[str]
-    output_dir: Path
-    case_folders: dict[str, Path]               # case -> folder of its preprocessed arrays
-    case_weights: dict[str, float] | None = None   # relative draw probabilities (default uniform)
+def _flag_text(name: str, value) -> str:
+    flag = flag_name(TrainingSettings, name)
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}" if value is not None else f"no {flag}"
 
 
-def fold_job(workspace: Workspace, fold: str, context=None) -> TrainingJob:
-    """The job of cross-validation fold ``fold``: its split (``splits.json``, created once) and folder."""
-    context = context or context_from_environment()
-    plan = Plan.load(workspace.plans_json)
-    description = DatasetDescription.load(workspace.dataset_json)
-    cases = preprocessed_cases(workspace)
-    splits = load_or_create_splits(workspace.splits_json, cases, description.groups) if context.is_main else None
-    context.barrier()
-    splits = splits or load_or_create_splits(workspace.splits_json, cases, description.groups)
-    train_cases, validation_cases = cases_for_fold(splits, fold)
-    folders = {case: workspace.preprocessed_cases for case in train_cases + validation_cases}
-    return TrainingJob(str(fold), plan, train_cases, validation_cases, workspace.fold(fold), folders)
+def check_same_recipe(folder: ModelFolder, recorded: TrainingSettings, settings: TrainingSettings) -> None:
+    """A continued training keeps its recipe: only ``TrainingSettings.CHANGEABLE_ON_CONTINUE`` may differ."""
+    changed = [item.name for item in fields(TrainingSettings) if item.name not in
+               TrainingSettings.CHANGEABLE_ON_CONTINUE and getattr(recorded, item.name) != getattr(settings, item.name)]
+    if changed:
+        started = ", ".join(_flag_text(name, getattr(recorded, name)) for name in changed)
+        asked = ", ".join(_flag_text(name, getattr(settings, name)) for name in changed)
+        raise CovnetError(folder.path, f"holds a training started with {started}; it cannot be continued with "
+                                       f"{asked} (continue it with its own settings, or delete the folder to start "
+                                       "again)")
 
 
-def train_fold(workspace: Workspace, settings: TrainingSettings, resume: bool = False,
-               validate_only: bool = False) -> dict | None:
-    """Train (or resume) the fold and validate it; return the validation summary (None for fold 'all')."""
-    context = context_from_environment()
-    device = device_for(context, resolve_device(settings.device))
-    initialise(context, device)
-    try:
-        fold_dir = workspace.fold(settings.fold)
-        with _holding(workspace, f"fold_{settings.fold}", context, fold_dir):
-            setup_logging(fold_dir / "training_log.txt" if context.is_main else None, rank=context.rank)
-            job = fold_job(workspace, settings.fold, context)
-            return run_training(workspace, job, settings, resume, validate_only, context, device)
-    finally:
-        shutdown(context)
+def _starting_point(job: TrainingJob, settings: TrainingSettings, resume: bool, device) -> Checkpoint | None:
+    """The checkpoint a training continues from (None: from scratch); every refusal of a start is here."""
+    folder = job.folder
+    final, latest = folder.checkpoint("final"), folder.checkpoint("latest")
+    if not resume:
+        if final.is_file():
+            raise CovnetError(folder.path, "already holds a finished training; pass --continue to complete its "
+                                           "validation or to extend it (with more --epochs), --validate-only to "
+                                           "redo the validation, or delete the folder to retrain")
+        if latest.is_file():
+            raise CovnetError(folder.path, "holds an unfinished training; pass --continue to resume it, or delete the "
+                                           "folder to start again")
+        return None
+    source = latest if latest.is_file() else final if final.is_file() else None
+    if source is None:
+        return None
+    checkpoint = Checkpoint.load(source, map_location=device)
+    check_same_recipe(folder, TrainingSettings.from_json(checkpoint.settings), settings)
+    if settings.epochs < checkpoint.epoch:
+        raise CovnetError(source, f"holds {checkpoint.epoch} epochs; --epochs {settings.epochs} cannot shorten a "
+                                  "training (delete the folder to retrain with fewer)")
+    return checkpoint
 
 
-@contextlib.contextmanager
-def _holding(workspace: Workspace, scope: str, context, folder: Path):
-    """Rank 0 holds the lock on the output folder and clears a dead run's temporaries from it."""
-    if not context.is_main:
-        yield
-        return
-    with exclusive(workspace.root, scope, "covnet_train"):
-        sweep_dead_temporaries(folder)
-        yield
-
-
-def run_training(workspace: Workspace, job: TrainingJob, settings: TrainingSettings, resume: bool,
-                 validate_only: bool, context, device: torch.device) -> dict | None:
-    """Train ``job`` into ``job.output_dir`` (resuming from its latest checkpoint with ``resume``), then
-    predict and score its validation cases whole. A finished job is not redone."""
-    output_dir = job.output_dir
-    final, latest = output_dir / "checkpoint_final.pth", output_dir / "checkpoint_latest.pth"
+def run_training(job: TrainingJob, settings: TrainingSettings, *, resume: bool, validate_only: bool,
+                 context: DistributedContext, device: torch.device, log_to_folder: bool = False) -> dict | None:
+    """Train ``job`` into ``job.folder`` (with ``resume``: from its latest checkpoint, or extending a finished
+    one to ``settings.epochs``), then predict and score its validation cases whole; return the validation
+    summary. ``validate_only`` redoes only the validation of the final checkpoint. ``log_to_folder``: the log
+    also goes to the folder's ``training_log.txt``. A finished job is not redone."""
+    folder = job.folder
+    final = folder.checkpoint("final")
     inference = InferenceSettings(step_size=settings.validation_step_size, use_mirroring=settings.validation_mirroring)
-
-    def validate(resume_validation: bool):
-        return validate_fold(workspace, Checkpoint.load(final), job.validation_cases, output_dir / "validation",
-                             device, inference, resume=resume_validation)
-
-    if validate_only or final.is_file():
+    if validate_only:
         if not final.is_file():
             raise CovnetError(final, "not found: training has not finished (run without --validate-only, or "
                                      "with --continue)")
-        if not (validate_only or resume):
-            raise CovnetError(output_dir, "already holds a finished training; pass --continue to complete its "
-                                          "validation, --validate-only to redo it, or delete the folder to retrain")
-        if context.is_main and (validate_only or not validation_is_complete(output_dir / "validation")):
+        start, finished, pretrained = None, True, None
+    else:
+        start = _starting_point(job, settings, resume, device)
+        finished = start is not None and final.is_file() and start.epoch == settings.epochs
+        pretrained = Checkpoint.load(settings.pretrained, map_location=device) \
+            if start is None and settings.pretrained else None
+    # Every check has passed: from here on the folder is written.
+    if context.is_main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        sweep_dead_temporaries(folder.path)
+    if log_to_folder:
+        setup_logging(folder.log_file if context.is_main else None, rank=context.rank)
+
+    def validate(resume_validation: bool) -> dict | None:
+        return validate_fold(job.workspace, Checkpoint.load(final), job.validation_cases, folder.validation_dir,
+                             device, inference, resume=resume_validation)
+
+    if finished:
+        if not context.is_main:
+            return None
+        if validate_only or folder.validation_summary() is None:
             return validate(resume_validation=not validate_only)
-        return None
-    if latest.is_file() and not resume:
-        raise CovnetError(output_dir, "holds an unfinished training; pass --continue to resume it, or delete the "
-                                      "folder to start again")
+        log.info(f"{folder.path}: the training finished ({start.epoch} epochs) and is validated; nothing to do")
+        return folder.validation_summary()
+    if resume and start is None:
+        log.info(f"--continue: {folder.path} holds no checkpoint yet; training starts from scratch")
+    extending = start is not None and final.is_file() and not folder.checkpoint("latest").is_file()
+    if extending and context.is_main:
+        log.info(f"extending the finished training from {start.epoch} to {settings.epochs} epochs (the learning "
+                 f"rate follows the {settings.epochs}-epoch schedule); its validation is redone at the end")
+        shutil.rmtree(folder.validation_dir, ignore_errors=True)
     if job.plan.device == "cuda" and device.type == "cpu" and context.is_main:
         log.warning("plans.json was made for a GPU (--device cuda) but training runs on the CPU, where its "
                     "network and patch are slow; for CPU training re-plan with covnet_plan_and_preprocess "
                     "--device cpu")
     if context.is_main:
-        write_json(output_dir / "settings.json", {"settings": settings.to_json(), "world_size": context.world_size,
-                                                  "device": str(device), "train": job.train_cases,
-                                                  "validation": job.validation_cases,
-                                                  "case_weights": job.case_weights})
+        write_json(folder.settings_file, {"settings": settings.to_json(), "world_size": context.world_size,
+                                          "device": str(device), "train": job.train_cases,
+                                          "validation": job.validation_cases, "case_weights": job.case_weights})
     session = TrainingSession(job, settings, context, device)
-    if resume and latest.is_file():
-        session.restore(Checkpoint.load(latest, map_location=device))
-    elif settings.pretrained:
-        session.load_pretrained(Checkpoint.load(settings.pretrained, map_location=device))
+    if start is not None:
+        session.restore(start)
+    elif pretrained is not None:
+        session.load_pretrained(pretrained)
     stop = _StopRequest()
     stop.install()
-    finished = session.run(should_stop=lambda: stop.signal is not None)
-    if not finished:
+    if not session.run(should_stop=lambda: stop.signal is not None):
         raise KeyboardInterrupt
     context.barrier()
     return validate(resume_validation=False) if context.is_main else None

@@ -1,13 +1,22 @@
 """The state of one training run and its epoch loop: network, optimizer, loss, data, history, checkpoints.
 
-Nothing here reads flags or paths of its own: ``covnet.training.run`` hands over the plan, the settings, the
-cases and the fold folder. Under DDP every rank runs a session; only rank 0 saves and logs.
+Nothing here reads flags or paths of its own: ``covnet.training.run`` hands over the job (plan, cases, model
+folder) and the settings. Under DDP every rank runs a session; only rank 0 saves and logs.
+
+Seeding: ``settings.seed`` and the job's name seed the network's initialisation (the same on every rank; the
+folds of one split start from different weights, as unseeded folds would) and then python's, numpy's and
+torch's global generators, which the in-process augmentation draws from (a different stream per rank); the
+patch sampler has its own generator from the same seed. On a CPU with ``--num-workers 0`` two runs of one job
+with one seed therefore give the same losses.
 """
 from __future__ import annotations
 
 import math
+import random
 import time
+import zlib
 
+import numpy as np
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
@@ -15,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from covnet.checkpoint import Checkpoint, capture_rng_state, restore_rng_state
-from covnet.inference.predictor import MIRROR_AXES
+from covnet.image.orientation import MIRROR_AXES
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
@@ -25,6 +34,7 @@ from covnet.training.distributed import DistributedContext
 from covnet.training.loop import train_epoch, validate_patches
 from covnet.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from covnet.training.progress import History, plot_progress
+from covnet.training.settings import TrainingJob, TrainingSettings
 
 log = logger(__name__)
 POLY_EXPONENT = 0.9
@@ -37,16 +47,24 @@ def poly_learning_rate(initial_lr: float, epoch: int, epochs: int) -> float:
     return initial_lr * (1 - epoch / epochs) ** POLY_EXPONENT
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global random generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 class TrainingSession:
-    def __init__(self, job, settings, context: DistributedContext, device: torch.device):
-        """``job``: a ``covnet.training.run.TrainingJob`` (plan, cases, their folders and weights, output)."""
+    def __init__(self, job: TrainingJob, settings: TrainingSettings, context: DistributedContext,
+                 device: torch.device):
         plan = job.plan
         self.job, self.plan, self.settings = job, plan, settings
         self.train_cases, self.validation_cases = job.train_cases, job.validation_cases
-        self.context, self.device, self.fold_dir = context, device, job.output_dir
-        self.label_names = [name for name, value in sorted(plan.labels.items(), key=lambda item: item[1])
-                            if 0 < value < plan.num_classes]
+        self.context, self.device, self.folder = context, device, job.folder
+        self.label_names = list(plan.foreground_labels)
+        seed_everything(_stream_seed(settings.seed, 0, 0, zlib.crc32(job.name.encode())))
         self.network = ResidualEncoderUNet(plan.network).to(device)
+        seed_everything(_stream_seed(settings.seed, context.rank, 0, 2))
         self.optimizer = torch.optim.SGD(self.network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
                                          weight_decay=settings.weight_decay, nesterov=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -97,7 +115,7 @@ class TrainingSession:
 
     def _save(self, name: str) -> None:
         if self.context.is_main:
-            self.checkpoint().save(self.fold_dir / f"checkpoint_{name}.pth")
+            self.checkpoint().save(self.folder.checkpoint(name))
 
     # ------------------------------------------------------------------------------------------ data
     def _loader(self, cases: list[str], transforms, read_size, workers: int, seed_offset: int, weighted: bool):
@@ -116,9 +134,11 @@ class TrainingSession:
     def _loaders(self):
         scales = self.plan.network.deep_supervision_scales
         workers = self.settings.data_workers
+        augmentation = self.settings.augmentation
         train = self._loader(self.train_cases, training_transforms(
             self.plan.patch_size, scales, MIRROR_AXES, [tuple(p) for p in self.plan.lateral_pairs],
-            self.plan.ignore_label), training_read_size(self.plan.patch_size), workers, 0, weighted=True)
+            self.plan.ignore_label, augmentation), training_read_size(self.plan.patch_size, augmentation), workers,
+            0, weighted=True)
         # Fold 'all' has no validation cases: its patch validation watches the training cases.
         validation = self._loader(self.validation_cases or self.train_cases,
                                   validation_transforms(scales, self.plan.ignore_label), None,
@@ -179,14 +199,14 @@ class TrainingSession:
                 log.info(f"new best moving-average pseudo-Dice {ema:.4f}: checkpoint_best.pth")
             if self.epoch % settings.checkpoint_every == 0 and self.epoch < settings.epochs:
                 self._save("latest")
-            plot_progress(self.history, self.fold_dir / "progress.png", self.label_names)
+            plot_progress(self.history, self.folder.progress_plot, self.label_names)
         return True
 
     def _finish(self) -> None:
         self._check_ranks_agree()
         if self.context.is_main:
             self._save("final")
-            (self.fold_dir / "checkpoint_latest.pth").unlink(missing_ok=True)
+            self.folder.checkpoint("latest").unlink(missing_ok=True)
             log.info(f"training finished after {self.epoch} epochs: checkpoint_final.pth")
 
 

@@ -5,9 +5,10 @@ patient), shuffles the patients with a fixed seed and deals them, largest group 
 holds the fewest cases so far. The result depends only on the set of cases, the groups, the number of folds
 and the seed, never on the order the cases were listed in.
 
-``load_or_create_splits`` writes the folds once (``splits.json``) and afterwards only reads them: adding or
-removing a case would reshuffle every fold, so a changed case set is an error that says what changed and
-how to re-split, instead of a silent regeneration that would make old and new results incomparable.
+``splits.json`` is written once and afterwards only read: adding or removing a case, or asking for another
+number of folds, would reshuffle every fold, so either is an error that says what changed and how to re-split,
+instead of a silent regeneration that would make old and new results incomparable. Its format is nnU-Net's: a
+list with one ``{"train": [...], "val": [...]}`` per fold, so the number of folds is its length.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import numpy as np
 
 from covnet.runtime.atomic import read_json, write_json
 from covnet.runtime.errors import CovnetError
+from covnet.workspace import ALL_FOLDS, check_fold
 
 DEFAULT_NUM_FOLDS = 5
 DEFAULT_SPLIT_SEED = 12345
-ALL_FOLDS = "all"
 _LISTED_NAMES = 5   # how many added/removed case names an error message spells out
 
 
@@ -39,11 +40,12 @@ def make_splits(cases: Iterable[str], groups: Mapping[str, str] | None = None, n
     """``num_folds`` dicts ``{"train": [...], "val": [...]}`` (sorted case lists); each case is validated in
     exactly one fold, and all cases of one patient group are validated in the same fold."""
     if num_folds < 2:
-        raise CovnetError(None, f"cross-validation needs at least 2 folds, not {num_folds}")
+        raise CovnetError(None, f"--num-folds {num_folds}: cross-validation needs at least 2 folds")
     patients = _patients(cases, groups or {})
     if len(patients) < num_folds:
-        raise CovnetError(None, f"cannot make {num_folds} folds from {len(patients)} patient(s); "
-                                "use fewer folds or train on all cases (fold 'all')")
+        fewer = f"--num-folds {len(patients)} (leave-one-out) or fewer, or " if len(patients) >= 2 else ""
+        raise CovnetError(None, f"cannot make {num_folds} folds from {len(patients)} patient(s); use {fewer}"
+                                f"train on all cases (fold '{ALL_FOLDS}')")
     order = sorted(patients)
     np.random.default_rng(seed).shuffle(order)
     # stable sort: patients of equal size keep their shuffled order
@@ -76,10 +78,11 @@ def _check_structure(path: Path, stored) -> list[dict[str, list[str]]]:
 
 
 def _check_stored_splits(path: Path, splits: list[dict[str, list[str]]], cases: set[str],
-                         groups: Mapping[str, str], num_folds: int) -> None:
+                         groups: Mapping[str, str], num_folds: int | None) -> None:
     hint = f"delete {path} to re-split (this reassigns every fold, so earlier fold results are no longer comparable)"
-    if len(splits) != num_folds:
-        raise CovnetError(path, f"holds {len(splits)} folds, not the {num_folds} asked for; {hint}")
+    if num_folds is not None and len(splits) != num_folds:
+        raise CovnetError(path, f"holds {len(splits)} folds, not the {num_folds} asked for (--num-folds); {hint}, "
+                                f"and the results/fold_* folders trained on the old split")
     fold_of: dict[str, int] = {}
     for fold, split in enumerate(splits):
         for case in split["val"]:
@@ -107,33 +110,46 @@ def _check_stored_splits(path: Path, splits: list[dict[str, list[str]]], cases: 
                                     f"is on both sides of a split; {hint}")
 
 
-def load_or_create_splits(path: str | os.PathLike, cases: Iterable[str], groups: Mapping[str, str] | None = None,
-                          num_folds: int = DEFAULT_NUM_FOLDS, seed: int = DEFAULT_SPLIT_SEED
-                          ) -> list[dict[str, list[str]]]:
-    """The folds stored at ``path``, after checking they still describe ``cases``; made with
-    ``make_splits`` and written (atomically) if the file does not exist yet."""
+def load_or_make_splits(path: str | os.PathLike, cases: Iterable[str], groups: Mapping[str, str] | None = None,
+                        num_folds: int | None = None, seed: int = DEFAULT_SPLIT_SEED
+                        ) -> tuple[list[dict[str, list[str]]], bool]:
+    """(folds, whether they are new): the folds stored at ``path``, after checking they still describe ``cases``
+    (and number ``num_folds``, when given), or new ones from ``make_splits`` (``num_folds``, default 5) when the
+    file does not exist yet; new folds are not written (``save_splits``)."""
     path = Path(path)
-    cases = set(cases)
-    groups = groups or {}
+    cases, groups = set(cases), groups or {}
+    if num_folds is not None and num_folds < 2:
+        raise CovnetError(None, f"--num-folds {num_folds}: cross-validation needs at least 2 folds")
     if not path.exists():
-        splits = make_splits(cases, groups, num_folds, seed)
-        write_json(path, splits)
-        return splits
+        return make_splits(cases, groups, DEFAULT_NUM_FOLDS if num_folds is None else num_folds, seed), True
     splits = _check_structure(path, read_json(path, "delete it to re-split"))
     _check_stored_splits(path, splits, cases, groups, num_folds)
+    return splits, False
+
+
+def save_splits(path: str | os.PathLike, splits: list[dict[str, list[str]]]) -> None:
+    write_json(path, splits)
+
+
+def load_or_create_splits(path: str | os.PathLike, cases: Iterable[str], groups: Mapping[str, str] | None = None,
+                          num_folds: int | None = None, seed: int = DEFAULT_SPLIT_SEED) -> list[dict[str, list[str]]]:
+    """``load_or_make_splits``, writing new folds (atomically)."""
+    splits, is_new = load_or_make_splits(path, cases, groups, num_folds, seed)
+    if is_new:
+        save_splits(path, splits)
     return splits
 
 
+def fold_names(splits: list[dict[str, list[str]]]) -> list[str]:
+    """The cross-validation folds of a split: "0" .. "K-1"."""
+    return [str(index) for index in range(len(splits))]
+
+
 def cases_for_fold(splits: list[dict[str, list[str]]], fold: int | str) -> tuple[list[str], list[str]]:
-    """(training cases, validation cases) of ``fold``: an index into ``splits`` or ``"all"`` (every case in
-    training, none in validation)."""
-    if isinstance(fold, str) and fold.strip().lower() == ALL_FOLDS:
+    """(training cases, validation cases) of ``fold``: "0" .. "K-1" or "all" (every case in training, none in
+    validation)."""
+    name = check_fold(fold, fold_names(splits))
+    if name == ALL_FOLDS:
         every_case = sorted({case for split in splits for part in ("train", "val") for case in split[part]})
         return every_case, []
-    try:
-        index = int(fold)
-    except (TypeError, ValueError):
-        index = None
-    if index is None or isinstance(fold, bool) or str(index) != str(fold).strip() or not 0 <= index < len(splits):
-        raise CovnetError(None, f"fold {fold!r} does not exist; choose 0 to {len(splits) - 1} or '{ALL_FOLDS}'")
-    return list(splits[index]["train"]), list(splits[index]["val"])
+    return list(splits[int(name)]["train"]), list(splits[int(name)]["val"])

@@ -18,16 +18,16 @@ from covnet.evaluation.folders import evaluate_folders, format_mean_table
 from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.preprocessing.storage import load_case
 from covnet.runtime.log import logger
-from covnet.workspace import Workspace
+from covnet.workspace import VALIDATION_SUMMARY, Workspace
 
 log = logger(__name__)
 
 
 def validate_fold(workspace: Workspace, checkpoint: Checkpoint, cases: Sequence[str], output_dir: Path,
-                  device: torch.device, settings: InferenceSettings = InferenceSettings(),
+                  device: torch.device, settings: InferenceSettings = InferenceSettings(), *,
                   resume: bool = False) -> dict | None:
-    """Predict ``cases`` into ``output_dir`` and write ``output_dir/summary.json``; return the summary (None
-    when there is nothing to validate). With ``resume``, predictions already written are kept."""
+    """Predict ``cases`` into ``output_dir`` and score them into ``output_dir/summary.json``; return the summary
+    (None when there is nothing to validate). With ``resume``, predictions already written are kept."""
     if not cases:
         log.info("no validation cases (fold 'all'): validation skipped")
         return None
@@ -43,11 +43,8 @@ def validate_fold(workspace: Workspace, checkpoint: Checkpoint, cases: Sequence[
         image, _, properties = load_case(workspace.preprocessed_cases, case)
         predictor.predict_preprocessed(np.asarray(image), properties, output_file)
         log.info(f"validation [{number}/{len(cases)}] {case}")
-    summary = evaluate_folders(workspace.labels_tr, output_dir, description, output_json=output_dir / "summary.json",
+    summary = evaluate_folders(workspace.labels_tr, output_dir, description, output_json=output_dir / VALIDATION_SUMMARY,
                                cases=list(cases))
     log.info(format_mean_table(summary))
     return summary
 
-
-def validation_is_complete(output_dir: Path) -> bool:
-    return (output_dir / "summary.json").is_file()
