@@ -12,7 +12,8 @@ from kit.workspaces import phantom_image, run_predict, trained_workspace_once
 
 from covnet.checkpoint import Checkpoint
 from covnet.image.io import Geometry, read_image, write_image
-from covnet.inference.cohort import find_cohort, select_checkpoints
+from covnet.inference.cohort import select_checkpoints
+from covnet.inference.inputs import find_cohort
 from covnet.inference.predictor import lungs_by_midline
 from covnet.inference.report import case_report
 from covnet.preprocessing.case import preprocess_case

@@ -14,7 +14,7 @@ from kit.workspaces import phantom_image, run_predict, trained_workspace_once
 
 from covnet.image.ct import MAX_RESAMPLED_VOXELS, grid_problem, label_map_reason, not_hu_reason
 from covnet.image.io import Geometry, read_image, write_image
-from covnet.inference.cohort import find_cohort
+from covnet.inference.inputs import find_cohort
 from covnet.inference.predictor import Predictor
 from covnet.runtime.errors import CovnetError
 

@@ -10,12 +10,11 @@ from covnet.cli.common import add_workspace_argument, run_command, workspace_fro
 from covnet.inference.cohort import (
     CHECKPOINT_CHOICES,
     CohortSettings,
-    check_output_folder,
-    find_cohort,
     predict_cohort,
     prepare_output_folder,
     select_checkpoints,
 )
+from covnet.inference.inputs import check_output_folder, find_cohort
 from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError

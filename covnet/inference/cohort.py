@@ -1,17 +1,17 @@
 """``covnet_predict``'s work: a folder of CTs in, one label map per case and a report out.
 
-* **Cases.** Every NIfTI/MHA/NRRD file and DICOM series folder under the input, at any depth (the importer's
-  discovery, ``find_ct_sources``); case ids are its ``propose_case_ids`` with a trailing ``_0000`` (nnU-Net's
-  channel suffix) removed. Each output keeps its input's format (``.mhd``/``.nhdr`` become ``.mha``/``.nrrd``,
-  one file that can be renamed atomically); a DICOM series becomes ``<folder name>.nii.gz``.
+* **Cases** come from :mod:`covnet.inference.inputs` (``find_cohort``: what is a case and its name, label maps
+  skipped, inputs that are not CTs refused). Each output keeps its input's format (``.mhd``/``.nhdr`` become
+  ``.mha``/``.nrrd``, one file that can be renamed atomically); a DICOM series becomes ``<folder name>.nii.gz``.
 * **Models** (:func:`select_checkpoints`): the self-trained model when there is one, else the ensemble of the
   trained folds, else ``fold_all``.
 * **Per case**, in this order, each file atomically: probabilities (``<case>.npz``, optional), preview
   (``<case>.png``, optional), the report row (``.reports/<case>.json``), and the label map last. A label map
   under its final name therefore means the case is complete, which is what ``resume`` relies on, and
   ``report.csv``/``report.json`` are rebuilt from the rows at the end, so a killed run loses nothing.
-* **Failures.** A case that cannot be read (damaged, empty, 2D, ...) is logged as one ``error:`` line naming
-  the file, and the other cases go on; the caller gets the failures in the summary.
+* **Failures.** A case that cannot be read (damaged, empty, 2D, ...) or is no CT that can be segmented
+  (:func:`check_input`: not in HU, degenerate, implausible spacing) is logged as one ``error:`` line naming the
+  file, and the other cases go on; the caller gets the failures in the summary.
 * **Throughput.** ``num_parts``/``part_id`` shard the sorted cases (case i goes to part i % num_parts); while
   the network works on one case, a background thread reads and preprocesses the next.
 """
@@ -29,23 +29,12 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from covnet.dataset import CHANNEL_SUFFIX, IGNORE_LABEL_NAME
-from covnet.image.ct import grid_problem, is_ct_channel, label_map_reason, not_hu_reason
-from covnet.image.discovery import find_ct_sources, group_by_base_id, propose_case_ids, sanitize_case_id
-from covnet.image.io import (
-    IMAGE_SUFFIXES,
-    Geometry,
-    is_dicom_file,
-    is_image_file,
-    read_image,
-    strip_image_suffix,
-    write_image,
-)
-from covnet.image.orientation import canonical_reorientation
+from covnet.dataset import IGNORE_LABEL_NAME
+from covnet.image.io import Geometry, read_image, write_image
+from covnet.inference.inputs import REPORTS_FOLDER, CohortCase, LabelMapInput, check_input, check_output_folder
 from covnet.inference.predictor import Predictor
 from covnet.inference.preview import write_preview
 from covnet.inference.report import REQUIRED_LABELS, case_report, write_report
-from covnet.planning.plans import Plan
 from covnet.preprocessing.case import CaseProperties, preprocess_case
 from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
 from covnet.runtime.errors import CovnetError
@@ -60,11 +49,6 @@ log = logger(__name__)
 _CONSOLE = threading.Lock()
 
 CHECKPOINT_CHOICES = ("final", "best")
-REPORTS_FOLDER = ".reports"
-DICOM_OUTPUT_SUFFIX = ".nii.gz"
-# The output format of each input format: header + data pairs become their one-file variants.
-OUTPUT_SUFFIXES = {".nii.gz": ".nii.gz", ".nii": ".nii", ".mha": ".mha", ".mhd": ".mha", ".nrrd": ".nrrd",
-                   ".nhdr": ".nrrd"}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -142,108 +126,6 @@ def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkp
     return paths, f"{what} (checkpoint_{checkpoint})"
 
 
-# ---------------------------------------------------------------------------------------------- cases
-@dataclass(frozen=True)
-class CohortCase:
-    case: str
-    source: Path                    # an image file or a DICOM series folder
-    output: Path                    # the label map
-
-    @property
-    def probabilities_file(self) -> Path:
-        return self.output.with_name(f"{self.case}.npz")
-
-    @property
-    def preview_file(self) -> Path:
-        return self.output.with_name(f"{self.case}.png")
-
-    @property
-    def report_file(self) -> Path:
-        return self.output.parent / REPORTS_FOLDER / f"{self.case}.json"
-
-
-def output_suffix(source: Path) -> str:
-    if source.is_dir() or is_dicom_file(source):
-        return DICOM_OUTPUT_SUFFIX
-    name = source.name.lower()
-    return next(OUTPUT_SUFFIXES[suffix] for suffix in IMAGE_SUFFIXES if name.endswith(suffix))
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
-
-
-class LabelMapInput(CovnetError):
-    """An input that is a label map, not a CT: skipped with a warning, not a failure."""
-
-
-def written_by_covnet_reason(source: Path) -> str | None:
-    """Why ``source`` is a label map an earlier ``covnet_predict`` wrote (its folder holds the case's report row,
-    ``.reports/<name>.json``), or None. Cheap: no image is read."""
-    if source.is_file() and (source.parent / REPORTS_FOLDER / f"{strip_image_suffix(source.name)}.json").is_file():
-        return f"is a label map covnet_predict wrote (its row is {REPORTS_FOLDER}/), not a CT"
-    return None
-
-
-def label_map_file_reason(source: Path) -> str | None:
-    """Why the input ``source`` is a label map rather than a CT, or None: written by covnet_predict, else an
-    integer image with a handful of non-negative values (``covnet.image.ct.label_map_reason``)."""
-    reason = written_by_covnet_reason(source)
-    if reason or not source.is_file():      # a DICOM series is a CT (a segmentation would be a DICOM-SEG object)
-        return reason
-    try:
-        return label_map_reason(read_image(source)[0])
-    except CovnetError:
-        return None                         # unreadable: its own one-line error when the case is read
-
-
-def _without_label_maps(sources: list[Path], source_dir: Path) -> list[Path]:
-    """``sources`` less the label maps covnet wrote and, where two sources would share a case name (``case.nii.gz``
-    next to ``case_0000.nii.gz``), less those that are label maps by their values: a label map then neither takes
-    the case's name nor is segmented. Each one dropped is a warning; the others are checked as they are read."""
-    clashing = {source for group in group_by_base_id(sources, source_dir, strip_suffix=CHANNEL_SUFFIX).values()
-                if len(group) > 1 for source in group}
-    kept = []
-    for source in sources:
-        reason = label_map_file_reason(source) if source in clashing else written_by_covnet_reason(source)
-        if reason:
-            log.warning(f"{source}: {reason}; skipped")
-        else:
-            kept.append(source)
-    return kept
-
-
-def find_cohort(input_path: str | os.PathLike, output_dir: str | os.PathLike) -> list[CohortCase]:
-    """The cases under ``input_path`` (a folder, one image file, or one file of a DICOM series), sorted by case id.
-
-    Label maps are left out (see ``_without_label_maps``), and so is everything inside ``output_dir`` when it lies
-    inside ``input_path``: the outputs of this and earlier runs are never inputs. Two inputs that would give one
-    case name are an error naming both (``propose_case_ids``)."""
-    input_path, output_dir = Path(input_path), Path(output_dir)
-    if not input_path.exists():
-        raise CovnetError(input_path, "not found")
-    if input_path.is_file():
-        if is_dicom_file(input_path):     # one series of a folder that holds several
-            case = sanitize_case_id(f"{input_path.parent.resolve().name}_{Path(input_path.name).stem}")
-            return [CohortCase(case, input_path, output_dir / f"{case}{DICOM_OUTPUT_SUFFIX}")]
-        if not is_image_file(input_path):
-            raise CovnetError(input_path, f"is not a CT image file ({', '.join(IMAGE_SUFFIXES)}) or DICOM file")
-        sources, source_dir = [input_path], input_path.parent
-    else:
-        if output_dir.exists() and input_path.resolve() == output_dir.resolve():
-            raise CovnetError(output_dir, "is the input folder; write the label maps to another folder")
-        source_dir = input_path
-        sources = [source for source in find_ct_sources(input_path) if not _inside(source, output_dir)]
-    if not sources:
-        raise CovnetError(input_path, "holds no CT images (NIfTI/MHA/NRRD files or DICOM series folders)")
-    sources = _without_label_maps(sources, source_dir)
-    if not sources:
-        raise CovnetError(input_path, "holds only label maps, no CT images")
-    proposed = propose_case_ids(sources, source_dir, strip_suffix=CHANNEL_SUFFIX)
-    return sorted((CohortCase(case, source, output_dir / f"{case}{output_suffix(source)}")
-                   for source, case in proposed.items()), key=lambda item: item.case)
-
-
 # ---------------------------------------------------------------------------------------------- prediction
 @dataclass(frozen=True)
 class CohortSettings:
@@ -279,16 +161,6 @@ def is_complete(case: CohortCase, settings: CohortSettings) -> bool:
     return all(path.is_file() for path in wanted)
 
 
-def check_output_folder(output_dir: Path) -> None:
-    """``-o`` must be a folder or a path where one can be made: checked before any work is done."""
-    for path in (output_dir, *output_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise CovnetError(output_dir, "is a file; -o must name a folder for the label maps and report"
-                                  if path == output_dir else f"cannot be made: {path} is a file, not a folder")
-            return
-
-
 def prepare_output_folder(output_dir: Path) -> None:
     """Create ``output_dir``, check that it is writable and remove what a killed run left half-written.
     ``.reports/`` is made by the first row written, so a run that writes none leaves no empty folder."""
@@ -313,23 +185,6 @@ def remove_empty_reports_folder(output_dir: Path) -> None:
 
 def prediction_labels(predictor: Predictor) -> dict[str, int]:
     return {name: value for name, value in predictor.plan.labels.items() if name != IGNORE_LABEL_NAME}
-
-
-def check_input(case: CohortCase, image: np.ndarray, geometry: Geometry, plan: Plan) -> None:
-    """Refuse what is not a CT before any time is spent on it: a label map (``LabelMapInput``: skipped with a
-    warning), an image not in HU, a degenerate grid or one whose spacing is implausible (``CovnetError``: the case
-    fails). The HU check is preprocessing's, ``covnet.image.ct.not_hu_reason``."""
-    reason = label_map_reason(image)
-    if reason:
-        raise LabelMapInput(case.source, f"{reason}; skipped")
-    reason = not_hu_reason(image) if is_ct_channel(plan.channel_names.get("0", "")) else None
-    if reason:
-        raise CovnetError(case.source, f"{reason}; not segmented")
-    reorientation = canonical_reorientation(geometry.direction)
-    reason = grid_problem(reorientation.shape(geometry.shape), reorientation.spacing(geometry.spacing),
-                          plan.target_spacing)
-    if reason:
-        raise CovnetError(case.source, f"{reason}; not segmented")
 
 
 def _load(case: CohortCase, predictor: Predictor) -> _LoadedCase:
