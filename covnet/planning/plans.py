@@ -21,9 +21,10 @@ from covnet.runtime.errors import CovnetError
 
 # 2: the plan names the training device (device, mixed_precision, limited_by, time per iteration).
 PLANS_VERSION = 2
-# The "version" inside preprocessing_key(): bumped only when preprocessed arrays must be remade, so a plan
-# format change alone does not make preprocessed cases stale.
-PREPROCESSING_KEY_VERSION = 1
+# The one staleness number of preprocessed cases, the "version" inside preprocessing_key(): bumped whenever
+# preprocessing changes what it writes (not for a plan format change alone), so cases made before are redone.
+# 2: cases are reoriented to LPS before cropping.
+PREPROCESSING_VERSION = 2
 DEVICES = ("cuda", "cpu")
 
 CT_SCHEME = "CT"
@@ -229,7 +230,7 @@ class Plan:
         """The plan fields that determine preprocessed arrays; a case made under another key is stale."""
         return {"target_spacing": self.target_spacing,
                 "normalization": {channel: scheme.to_json() for channel, scheme in self.normalization.items()},
-                "resampling": self.resampling.to_json(), "labels": self.labels, "version": PREPROCESSING_KEY_VERSION}
+                "resampling": self.resampling.to_json(), "labels": self.labels, "version": PREPROCESSING_VERSION}
 
     def table(self) -> str:
         """A compact human-readable view of the decisions and their reasons."""

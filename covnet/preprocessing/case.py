@@ -15,14 +15,11 @@ from covnet.image.grid import crop, uncrop
 from covnet.image.io import Geometry
 from covnet.image.orientation import Reorientation, canonical_reorientation
 from covnet.image.resampling import resample_image, resample_probabilities, resample_segmentation
-from covnet.planning.plans import Plan, ResamplingSettings
+from covnet.planning.plans import PREPROCESSING_VERSION, Plan, ResamplingSettings  # noqa: F401 (re-exported)
 from covnet.preprocessing.normalization import normalize
 
 # Foreground voxel positions stored per class for oversampling patches around rare classes.
 LOCATIONS_PER_CLASS = 2000
-# Bumped whenever preprocessing changes what it writes: cases made by an older version are stale.
-# 2: cases are reoriented to LPS before cropping.
-PREPROCESSING_VERSION = 2
 
 
 @dataclass
