@@ -14,7 +14,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import NoReturn
 
 from covnet import dataset
-from covnet.dataset import IGNORE_LABEL_NAME  # noqa: F401  (re-exported for older imports)
 from covnet.network.topology import Topology
 from covnet.runtime.atomic import read_json, write_json
 from covnet.runtime.errors import CovnetError
