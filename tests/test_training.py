@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from covnet.cli.train import main as train_main
 from covnet.image.io import read_image
 from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.training.session import poly_learning_rate
+from covnet.training.settings import TrainingSettings
 
 SCRIPTS = __import__("pathlib").Path(sys.executable).parent
 
@@ -31,20 +34,32 @@ def trained(tmp_path_factory):
 
 def test_a_trained_fold_has_every_output(trained):
     fold = trained.fold(0)
-    for name in ("checkpoint_final.pth", "checkpoint_best.pth", "training_log.txt", "progress.png",
-                 "settings.json", "validation/summary.json"):
-        assert (fold / name).is_file(), name
-    assert not (fold / "checkpoint_latest.pth").exists()
-    settings = json.loads((fold / "settings.json").read_text())
+    assert not fold.checkpoint("latest").exists()
+    final = Checkpoint.load(fold.checkpoint("final"))
+    settings = json.loads(fold.settings_file.read_text())
     splits = json.loads(trained.splits_json.read_text())
-    assert settings["validation"] == sorted(splits[0]["val"]) or settings["validation"] == splits[0]["val"]
-    assert settings["settings"]["epochs"] == 3
-    log = (fold / "training_log.txt").read_text()
-    assert log.count("epoch 3: train loss") == 1 and "waiting for data" in log
-    summary = json.loads((fold / "validation" / "summary.json").read_text())
-    validated = sorted(case["case"] for case in summary["per_case"])
-    assert validated == sorted(splits[0]["val"])
+    assert settings["validation"] == splits[0]["val"] and settings["train"] == splits[0]["train"]
+    recorded = TrainingSettings.from_json(settings["settings"])
+    assert recorded == TrainingSettings.from_json(final.settings) and recorded.epochs == 3
+    # The best checkpoint is the epoch with the best moving-average pseudo-Dice.
+    ema = final.history["ema_pseudo_dice"]
+    best = Checkpoint.load(fold.checkpoint("best"))
+    assert best.epoch == 1 + int(np.nanargmax(ema)) and best.best_ema_dice == pytest.approx(np.nanmax(ema))
+    log = fold.log_file.read_text()
+    assert [log.count(f"epoch {epoch}: train loss") for epoch in (1, 2, 3)] == [1, 1, 1]
+    assert "waiting for data" in log and "training finished after 3 epochs" in log
+    plot = matplotlib.image.imread(fold.progress_plot)
+    assert plot.ndim == 3 and min(plot.shape[:2]) > 100 and len(np.unique(plot.reshape(-1, plot.shape[2]), axis=0)) > 10
+    summary = fold.validation_summary()
+    assert [case["case"] for case in summary["per_case"]] == sorted(splits[0]["val"])
     assert {"left_lung", "right_lung", "infection", "lungs"} <= set(summary["mean"])
+    for case in splits[0]["val"]:           # each prediction in its case's own geometry, with the dataset's labels
+        predicted, geometry = read_image(fold.validation_dir / f"{case}.nii.gz")
+        reference, reference_geometry = read_image(trained.labels_tr / f"{case}.nii.gz")
+        assert geometry == reference_geometry and predicted.shape == reference.shape
+        assert set(np.unique(predicted)) <= {0, 1, 2, 3}
+    for row in summary["per_case"]:
+        assert all(row[name]["dice"] is None or 0 <= row[name]["dice"] <= 1 for name in summary["mean"])
 
 
 def test_checkpoint_is_plain_and_self_contained(trained, tmp_path):
@@ -82,11 +97,14 @@ def test_finished_fold_is_not_redone_and_needs_a_choice(trained, capsys):
 
 
 def test_validate_only_redoes_the_validation(trained):
-    summary_file = trained.fold(0) / "validation" / "summary.json"
-    summary_file.unlink()
-    assert run_command("covnet_train", train_main, ["0", "--workspace", str(trained.root), "--validate-only",
-                                                    "--no-val-mirroring"]) == 0
-    assert summary_file.is_file()
+    fold = trained.fold(0)
+    before = fold.validation_summary()
+    shutil.rmtree(fold.validation_dir)
+    # Without flags: the validation settings the fold was trained with (no mirroring), so the same scores.
+    assert run_command("covnet_train", train_main, ["0", "--workspace", str(trained.root), "--validate-only"]) == 0
+    assert fold.validation_summary() == before
+    assert sorted(path.name for path in fold.validation_dir.glob("*.nii.gz")) == \
+        sorted(f"{case['case']}.nii.gz" for case in before["per_case"])
 
 
 def test_bad_fold_and_missing_preprocessing_are_one_line(trained, tmp_path, capsys):
@@ -113,4 +131,6 @@ def test_background_workers_train_too(trained, tmp_path):
     result = subprocess.run([str(SCRIPTS / "covnet_train"), "1", "--workspace", str(workspace.root), *flags,
                              "--epochs", "1"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert (workspace.fold(1) / "checkpoint_final.pth").is_file()
+    final = Checkpoint.load(workspace.fold(1).checkpoint("final"))
+    assert final.settings["num_workers"] == 1 and final.epoch == 1
+    assert all(np.isfinite(final.history["train_loss"])) and workspace.fold(1).validation_summary()["per_case"]
