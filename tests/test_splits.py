@@ -4,7 +4,14 @@ import pytest
 
 from covnet.importers.covid19ctseg import patient_groups
 from covnet.runtime.errors import CovnetError
-from covnet.training.splits import cases_for_fold, load_or_create_splits, make_splits
+from covnet.training.splits import (
+    cases_for_fold,
+    fold_names,
+    load_or_create_splits,
+    load_or_make_splits,
+    make_splits,
+    save_splits,
+)
 
 # The 20 labelled cases of COVID-19-CT-Seg (Zenodo 3757476), named as covnet's importer names them.
 CORONACASES = [f"coronacases_{index:03d}" for index in range(1, 11)]
@@ -54,9 +61,34 @@ def test_a_large_group_is_balanced_by_case_count():
     assert len({fold_of(splits, f"p{index}") for index in range(6)}) == 1
 
 
-def test_too_few_patients_for_the_folds_is_an_error():
-    with pytest.raises(CovnetError, match="3 folds from 2 patient"):
+def test_too_few_patients_for_the_folds_is_an_error_saying_what_to_do():
+    with pytest.raises(CovnetError, match="3 folds from 2 patient.*use --num-folds 2 \\(leave-one-out\\)"):
         make_splits(["a", "b", "c"], {"a": "x", "b": "x"}, num_folds=3)
+    with pytest.raises(CovnetError, match="2 folds from 1 patient\\(s\\); train on all cases \\(fold 'all'\\)"):
+        make_splits(["a", "b"], {"a": "x", "b": "x"}, num_folds=2)
+    with pytest.raises(CovnetError, match="--num-folds 1: cross-validation needs at least 2 folds"):
+        make_splits(COVID_CASES, COVID_GROUPS, num_folds=1)
+
+
+def test_leave_one_out_validates_each_patient_alone():
+    cases = ["a", "b", "c", "d"]
+    splits = make_splits(cases, num_folds=4)
+    assert sorted(case for split in splits for case in split["val"]) == cases
+    for split in splits:
+        assert len(split["val"]) == 1 and sorted(split["train"] + split["val"]) == cases
+    assert fold_names(splits) == ["0", "1", "2", "3"]
+
+
+def test_new_folds_are_written_only_when_saved_and_any_count_is_read_back(tmp_path):
+    path = tmp_path / "splits.json"
+    splits, is_new = load_or_make_splits(path, COVID_CASES, COVID_GROUPS, num_folds=4)
+    assert is_new and len(splits) == 4 and not path.exists()
+    save_splits(path, splits)
+    assert load_or_make_splits(path, COVID_CASES, COVID_GROUPS) == (splits, False)       # the file's own count
+    assert load_or_make_splits(path, COVID_CASES, COVID_GROUPS, num_folds=4) == (splits, False)
+    with pytest.raises(CovnetError, match="holds 4 folds, not the 5 asked for \\(--num-folds\\); delete"):
+        load_or_make_splits(path, COVID_CASES, COVID_GROUPS, num_folds=5)
+    assert len(load_or_create_splits(tmp_path / "new.json", COVID_CASES, COVID_GROUPS)) == 5   # the default
 
 
 def test_splits_are_written_once_and_read_back(tmp_path):
@@ -123,6 +155,6 @@ def test_cases_for_fold():
     assert cases_for_fold(splits, "2") == (train, val)
     train_all, val_all = cases_for_fold(splits, "all")
     assert train_all == sorted(COVID_CASES) and val_all == []
-    for bad in (5, -1, "five", 1.5):
-        with pytest.raises(CovnetError, match="does not exist"):
+    for bad in (5, -1, "five", 1.5, "02", True):
+        with pytest.raises(CovnetError, match="does not exist; choose 0 to 4 or 'all'"):
             cases_for_fold(splits, bad)

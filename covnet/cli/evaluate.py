@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="covnet_evaluate",
         description="Per-case and mean Dice and normalized surface Dice (NSD tolerance 3 mm for infection, "
-                    "1 mm otherwise) of predicted label maps against reference label maps.")
+                    "1 mm otherwise) of predicted label maps against reference label maps, per label and region. "
+                    "Where the reference holds the ignore label (if dataset.json declares one), no structure is "
+                    "scored.")
     parser.add_argument("--ref", required=True, type=Path, help="folder of reference label files CASE<ending>")
     parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label files of the same names")
     parser.add_argument("--labels", type=Path, default=None,

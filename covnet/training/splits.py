@@ -43,8 +43,8 @@ def make_splits(cases: Iterable[str], groups: Mapping[str, str] | None = None, n
         raise CovnetError(None, f"--num-folds {num_folds}: cross-validation needs at least 2 folds")
     patients = _patients(cases, groups or {})
     if len(patients) < num_folds:
-        fewer = f"--num-folds {len(patients)} (leave-one-out) or fewer, or " if len(patients) >= 2 else ""
-        raise CovnetError(None, f"cannot make {num_folds} folds from {len(patients)} patient(s); use {fewer}"
+        fewer = f"use --num-folds {len(patients)} (leave-one-out) or fewer, or " if len(patients) >= 2 else ""
+        raise CovnetError(None, f"cannot make {num_folds} folds from {len(patients)} patient(s); {fewer}"
                                 f"train on all cases (fold '{ALL_FOLDS}')")
     order = sorted(patients)
     np.random.default_rng(seed).shuffle(order)
