@@ -6,11 +6,11 @@ import pytest
 
 from covnet.cli import plan_and_preprocess
 from covnet.dataset import covid_description
-from covnet.planning import cpu_time, rules
+from covnet.planning import cpu_time, planner, rules
 from covnet.planning.fingerprint import CaseFingerprint, DatasetFingerprint
 from covnet.planning.memory import estimate_training_memory_bytes
 from covnet.planning.planner import make_plan
-from covnet.planning.plans import PLANS_VERSION, Plan
+from covnet.planning.plans import PLANS_VERSION, PREPROCESSING_VERSION, Plan
 from covnet.runtime.errors import CovnetError
 from covnet.workspace import Workspace
 
@@ -69,9 +69,12 @@ def test_amp_memory_model_gives_bigger_patches_than_float32():
 def test_cpu_plan_fits_the_time_budget_by_the_cost_model(data):
     plan = make_plan(data, DESCRIPTION, gpu_memory_gb=8, device="cpu", seconds_per_iteration=1.0)
     assert plan.device == "cpu" and not plan.mixed_precision and plan.batch_size == 2
-    estimate = cpu_time.estimate_seconds_per_iteration(plan.patch_size, plan.batch_size, plan.network)
-    assert estimate == pytest.approx(plan.estimated_seconds_per_iteration, rel=1e-3)
-    assert estimate <= plan.seconds_per_iteration == 1.0
+    estimate = cpu_time.estimate_iteration(plan.patch_size, plan.batch_size, plan.network)
+    assert estimate.seconds == pytest.approx(plan.estimated_seconds_per_iteration, rel=1e-3)
+    assert estimate.seconds <= plan.seconds_per_iteration == 1.0
+    # the data pipeline's share is part of the promise, and the table says what each part costs
+    assert 0 < estimate.loader and estimate.network < estimate.seconds
+    assert f"augmentation {estimate.loader:.2f} s" in plan.reasons["time_per_iteration"]
     assert plan.network.patch_is_valid(plan.patch_size)
     assert plan.limited_by == "time" and "time is the budget" in plan.reasons["device"]
     assert "CPU plan" in plan.reasons["patch_size"] and "≤ budget 1 s" in plan.reasons["patch_size"]
@@ -105,10 +108,26 @@ def test_cpu_plan_is_deterministic():
 
 def test_cpu_time_scale_from_a_measurement_shrinks_the_plan_on_a_slower_machine():
     here = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=1.0)
-    slower = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=1.0, time_scale=3.0)
+    slower = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=1.0,
+                       machine=cpu_time.CALIBRATION_MACHINE.rescaled(3.0))
     assert (size_rank(slower.network) > size_rank(here.network)
             or math.prod(slower.patch_size) < math.prod(here.patch_size))
     assert slower.estimated_seconds_per_iteration <= 1.0 and "measured" in slower.reasons["time_per_iteration"]
+
+
+def test_augmentation_in_the_training_process_or_on_shared_cores_costs_iteration_time():
+    network, loader = 0.8, 0.4
+    assert cpu_time.iteration_seconds(network, loader, workers=0, cores=2) == pytest.approx(1.2)   # one after the other
+    assert cpu_time.iteration_seconds(network, loader, workers=1, cores=2) == pytest.approx(1.0)   # its CPU share
+    assert cpu_time.iteration_seconds(network, loader, workers=3, cores=16) == pytest.approx(0.825)
+    assert cpu_time.iteration_seconds(0.1, 0.5, workers=1, cores=16) == pytest.approx(0.5)          # loader-bound
+    patch, network = [48, 64, 64], rules.network_topology([1.0] * 3, [48, 64, 64], 1, 4, rules.CPU_NETWORK_SIZES[4])
+    in_process = cpu_time.estimate_iteration(patch, 2, network, cpu_time.CpuMachine(cores=2, workers=0))
+    one_worker = cpu_time.estimate_iteration(patch, 2, network, cpu_time.CpuMachine(cores=2, workers=1))
+    many_cores = cpu_time.estimate_iteration(patch, 2, network, cpu_time.CpuMachine(cores=16, workers=12))
+    assert in_process.seconds > one_worker.seconds > many_cores.seconds > in_process.network
+    # the loader's cost grows with the patch
+    assert cpu_time.estimate_loader_seconds([48, 64, 64], 2) > cpu_time.estimate_loader_seconds([32, 64, 64], 2)
 
 
 def test_cpu_cost_model_grows_with_patch_width_and_blocks():
@@ -161,8 +180,8 @@ def test_old_plans_are_refused_clearly_but_keep_their_preprocessing_key(tmp_path
     (tmp_path / "plans.json").write_text(json.dumps(old))
     with pytest.raises(CovnetError, match="plans version 1 is not .*re-run covnet_plan_and_preprocess"):
         Plan.load(tmp_path / "plans.json")
-    # The preprocessing key did not change with the plan format: preprocessed cases stay valid.
-    assert plan.preprocessing_key()["version"] == 1
+    # The preprocessing key does not follow the plan format: preprocessed cases stay valid.
+    assert plan.preprocessing_key()["version"] == PREPROCESSING_VERSION
     cpu = make_plan(CLINICAL, DESCRIPTION, device="cpu")
     assert cpu.preprocessing_key() == plan.preprocessing_key()
 
@@ -176,21 +195,45 @@ def test_a_cpu_plan_needs_its_time_budget():
 
 def test_cli_device_cpu_writes_a_cpu_plan(tiny_workspace, tmp_path, capsys):
     code = plan_and_preprocess.main(["--workspace", str(tmp_path), "--device", "cpu", "--seconds-per-iteration",
-                                     "0.5", "--plan-only", "-np", "1"])
+                                     "0.5", "--plan-only", "-np", "1", "--no-measure-cpu-time"])
     assert code == 0
     plan = Plan.load(Workspace(tmp_path).plans_json)
     assert plan.device == "cpu" and plan.seconds_per_iteration == 0.5
-    assert plan.estimated_seconds_per_iteration <= 0.5
+    assert plan.estimated_seconds_per_iteration <= 0.5 and plan.measured_seconds_per_iteration is None
     output = capsys.readouterr().out
-    assert "cpu, float32" in output and "time per iteration" in output
+    assert "cpu, float32" in output and "time per iteration" in output and "measured" not in output
 
 
-def test_measure_cpu_time_rescales_the_model_to_this_machine(tiny_workspace, tmp_path):
-    from covnet.planning.planner import plan_dataset
+def test_a_measured_cpu_plan_records_the_timing_of_its_own_iteration():
+    """The measuring path on a plan whose iteration takes a fraction of a second: data whose median case is
+    8×16×16 voxels caps the patch there, so the timing cannot change the network or the patch."""
+    tiny = fingerprint([8, 16, 16], [1.0, 1.0, 1.0])
+    machine = planner.this_machine()
+    plan = planner.measured_cpu_plan(tiny, DESCRIPTION, planner.PlanRequest("cpu", 8.0, 30.0), machine)
+    model = make_plan(tiny, DESCRIPTION, device="cpu", seconds_per_iteration=30.0, machine=machine)
+    assert (plan.patch_size, plan.network) == (model.patch_size, model.network) and plan.patch_size == [8, 16, 16]
+    assert plan.measured_seconds_per_iteration > 0
+    # the model is rescaled to the measurement, so the plan's estimate of its own iteration is what was measured
+    assert plan.estimated_seconds_per_iteration == pytest.approx(plan.measured_seconds_per_iteration, rel=0.01)
+    assert "measured on this machine" in plan.reasons["time_per_iteration"]
+    assert f"measured here: {plan.measured_seconds_per_iteration:.2f} s" in plan.reasons["time_per_iteration"]
+    assert f"measured {plan.measured_seconds_per_iteration:.2f} s" in plan.table()
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))).measured_seconds_per_iteration == \
+        plan.measured_seconds_per_iteration
 
-    plan = plan_dataset(Workspace(tmp_path), device="cpu", seconds_per_iteration=2.0, measure_cpu_time=True)
-    assert plan.device == "cpu" and "measured on this machine" in plan.reasons["time_per_iteration"]
-    assert plan.estimated_seconds_per_iteration <= 2.0
+
+def test_timing_an_iteration_with_augmentation_workers_leaves_no_process_behind():
+    import multiprocessing
+
+    from covnet.network.topology import Topology
+    from covnet.planning.cpu_measure import measure_training_iteration
+
+    topology = Topology(in_channels=1, num_classes=4, features_per_stage=(4, 8), kernel_sizes=((3, 3, 3),) * 2,
+                        strides=((1, 1, 1), (2, 2, 2)), n_blocks_per_stage=(1, 1), n_conv_per_stage_decoder=(1,))
+    timing = measure_training_iteration(topology, [16, 16, 16], 2, workers=2, lateral_pairs=[[1, 2]])
+    assert timing.workers == 2 and timing.seconds > 0 and timing.loader_seconds > 0
+    assert 0 <= timing.data_wait_share <= 1
+    assert multiprocessing.active_children() == []
 
 
 def test_cpu_time_model_does_not_import_torch():

@@ -1,12 +1,14 @@
-"""Seconds per training iteration on a CPU, estimated from the network's arithmetic (for CPU plans).
+"""Seconds per training iteration on a CPU, estimated from the network's arithmetic and the data pipeline's
+share (for CPU plans).
 
 Pure arithmetic on a ``covnet.network.topology.Topology``, like ``covnet.planning.memory``: the module
-imports no torch (``time_training_step`` imports it when called, for ``--measure-cpu-time`` and the
-calibration benchmark).
+imports no torch (``time_training_step`` imports it when called, for the calibration benchmark;
+``covnet.planning.cpu_measure`` times a whole training iteration on the planning machine).
 
-Model of one iteration (forward + deep-supervision Dice/CE loss + backward + SGD-with-momentum step):
+Model of the network's part of one iteration (forward + deep-supervision Dice/CE loss + backward +
+SGD-with-momentum step):
 
-    seconds = SECONDS_PER_MAC × batch × training_macs(patch)            (convolutions, forward and backward)
+    network = SECONDS_PER_MAC × batch × training_macs(patch)            (convolutions, forward and backward)
             + SECONDS_PER_ELEMENT × batch × activation elements(patch)  (norms, nonlinearities, adds, loss)
             + SECONDS_PER_PARAMETER × parameters                        (weight gradients' reduction, SGD step)
             + SECONDS_PER_ITERATION                                     (fixed overhead)
@@ -15,17 +17,30 @@ Model of one iteration (forward + deep-supervision Dice/CE loss + backward + SGD
 gradient of the input and of the weight, each as many MACs as the forward). The activation elements are
 ``covnet.planning.memory.estimate_activation_elements``: the maps the elementwise layers read and write.
 
+The data pipeline's part: sampling and augmenting one batch costs one core
+
+    loader = SECONDS_PER_AUGMENTED_VOXEL × batch × patch voxels + SECONDS_PER_LOADED_BATCH
+
+Nearly all of it is copying the pre-augmentation block, which for a 3D patch is about 13.5× the patch's voxels
+(room to rotate by ±30° and scale by 1.4); the constants describe 3D patches and overestimate "dummy 2D" ones
+(about 4×, rotated in-plane only) by about 3×. ``covnet_train`` runs the loader in background workers
+(``CpuMachine.workers``) on the network's cores, whose threads already use every core: the iteration is the
+network plus the workers' CPU time spread over the cores, or the loader's own pace if that is slower
+(``iteration_seconds``); with no workers the two run one after the other.
+
 Calibration (``benchmarks/calibrate_cpu_time.py``, table in BENCHMARKS.md "CPU time model"): non-negative
 least squares on relative error over 15 timed configurations (the 7 network sizes of CPU plans, 0.1–2.8 s per
 iteration, fastest of 4 steps each); 2-core AMD EPYC (AVX-512, AMX), torch 2.13.0+cpu, 2 threads, float32,
 2026-11-26, other jobs sharing the cores. Max relative error 37%, rms 19%: small-channel networks on large
 patches run slower per element than the linear model says (maps beyond the caches), and contention left
-noise. The constants describe that machine: on another CPU, plan with ``--measure-cpu-time``, which times
-the chosen configuration there and rescales the model.
+noise. The constants describe that machine: ``covnet_plan_and_preprocess`` therefore times the chosen
+iteration on the planning machine (unless ``--no-measure-cpu-time``) and rescales the model by
+measured / estimated (``CpuMachine.scale``).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from math import prod
 from typing import Sequence
 
@@ -38,6 +53,9 @@ SECONDS_PER_ELEMENT = 8.12e-9     # per counted activation element (norms, nonli
 SECONDS_PER_PARAMETER = 2.41e-10
 SECONDS_PER_ITERATION = 0.0205
 CALIBRATION_THREADS = 2
+# fitted by benchmarks/calibrate_cpu_time.py --loader (see BENCHMARKS.md "CPU plan: estimate vs measured")
+SECONDS_PER_AUGMENTED_VOXEL = 1.2e-7
+SECONDS_PER_LOADED_BATCH = 0.0
 # backward = gradient of the input + gradient of the weight, each as many MACs as the forward
 TRAINING_MAC_FACTOR = 3
 
@@ -74,19 +92,69 @@ def cost_terms(patch_size: Sequence[int], batch_size: int, topology: Topology) -
             float(topology.parameter_count()), 1.0)
 
 
-def estimate_seconds_per_iteration(patch_size: Sequence[int], batch_size: int, topology: Topology,
-                                   scale: float = 1.0) -> float:
-    """Estimated seconds of one training iteration on the calibration CPU, times ``scale`` (a measured
-    ratio for another machine, see ``time_training_step``)."""
+def estimate_seconds_per_iteration(patch_size: Sequence[int], batch_size: int, topology: Topology) -> float:
+    """Estimated seconds of the network's part of one training iteration on the calibration CPU."""
     constants = (SECONDS_PER_MAC, SECONDS_PER_ELEMENT, SECONDS_PER_PARAMETER, SECONDS_PER_ITERATION)
-    return scale * sum(c * t for c, t in zip(constants, cost_terms(patch_size, batch_size, topology)))
+    return sum(c * t for c, t in zip(constants, cost_terms(patch_size, batch_size, topology)))
+
+
+def estimate_loader_seconds(patch_size: Sequence[int], batch_size: int) -> float:
+    """One core's seconds to sample and augment one batch (the mean over the augmentation's random draws)."""
+    return SECONDS_PER_AUGMENTED_VOXEL * batch_size * prod(patch_size) + SECONDS_PER_LOADED_BATCH
+
+
+def iteration_seconds(network: float, loader: float, workers: int, cores: int) -> float:
+    """Wall seconds of one iteration from the network's seconds (all cores) and the loader's (one core).
+
+    No workers: one after the other. Workers: they run alongside, but on the network's cores, so their CPU time
+    spread over the cores adds to the network's; and the loader cannot deliver faster than ``loader / workers``."""
+    if workers == 0:
+        return network + loader
+    return max(network + loader / max(cores, 1), loader / workers)
+
+
+@dataclass(frozen=True)
+class CpuMachine:
+    """The machine a CPU plan is timed for: its cores, the augmentation workers ``covnet_train`` starts there
+    by default, and ``scale``, the factor that fits the model to it (measured / estimated; 1: the model as
+    calibrated)."""
+    cores: int
+    workers: int
+    scale: float = 1.0
+
+    def rescaled(self, scale: float) -> "CpuMachine":
+        return replace(self, scale=scale)
+
+    def describe(self) -> str:
+        workers = (f"{self.workers} augmentation worker{'s' if self.workers != 1 else ''}" if self.workers
+                   else "augmentation in the training process")
+        return f"{self.cores} core{'s' if self.cores != 1 else ''}, {workers}"
+
+
+# The machine the constants were fitted on, with covnet_train's default of one worker on two cores.
+CALIBRATION_MACHINE = CpuMachine(cores=CALIBRATION_THREADS, workers=1)
+
+
+@dataclass(frozen=True)
+class IterationEstimate:
+    network: float     # the network's seconds per iteration, as calibrated (unscaled)
+    loader: float      # one core's seconds per batch of sampling and augmentation, as calibrated (unscaled)
+    seconds: float     # the iteration on the machine: combined by ``iteration_seconds``, times its scale
+
+
+def estimate_iteration(patch_size: Sequence[int], batch_size: int, topology: Topology,
+                       machine: CpuMachine = CALIBRATION_MACHINE) -> IterationEstimate:
+    network = estimate_seconds_per_iteration(patch_size, batch_size, topology)
+    loader = estimate_loader_seconds(patch_size, batch_size)
+    return IterationEstimate(network, loader,
+                             machine.scale * iteration_seconds(network, loader, machine.workers, machine.cores))
 
 
 def time_training_step(topology: Topology, patch_size: Sequence[int], batch_size: int, steps: int = 2,
                        warm_up: int = 1, threads: int | None = None) -> list[float]:
     """Wall seconds of ``steps`` real float32 training iterations (after ``warm_up`` untimed ones) of the
     network on random data: forward, cross-entropy + soft Dice on every deep-supervision output, backward,
-    SGD with Nesterov momentum. Imports torch; used by ``--measure-cpu-time`` and the calibration script."""
+    SGD with Nesterov momentum. Imports torch; used by the calibration script."""
     import torch
     import torch.nn.functional as F
 

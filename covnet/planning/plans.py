@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
 from covnet import dataset
 from covnet.network.topology import Topology
@@ -30,6 +30,10 @@ CT_SCHEME = "CT"
 ZSCORE_SCHEME = "zscore"
 # The interpolation orders covnet.image.resampling implements (not imported from there: it needs torch).
 INTERPOLATION_ORDERS = (0, 1, 3)
+
+
+# What to do about a plans.json that does not load (most likely a hand edit gone wrong).
+REPAIR_HINT = "fix the entry, or plan afresh with covnet_plan_and_preprocess --replan (discards hand edits)"
 
 
 def _fail(entry: str, problem: str) -> NoReturn:
@@ -144,6 +148,7 @@ class Plan:
     limited_by: str                        # what bounded the patch: "memory", "time" or "median shape"
     seconds_per_iteration: float | None = None            # CPU plans: the time budget of one iteration
     estimated_seconds_per_iteration: float | None = None  # CPU plans: covnet.planning.cpu_time's estimate
+    measured_seconds_per_iteration: float | None = None   # CPU plans: timed on the planning machine (if measured)
     reasons: dict[str, str] = field(default_factory=dict)
     # Label value pairs that swap under a left-right mirror (left lung 1 <-> right lung 2), from dataset.json.
     lateral_pairs: list[list[int]] = field(default_factory=list)
@@ -165,6 +170,14 @@ class Plan:
             for name in ("seconds_per_iteration", "estimated_seconds_per_iteration"):
                 if _finite_float(name, "a CPU plan's value", getattr(self, name)) <= 0:
                     _fail(name, f"must be > 0, got {getattr(self, name)!r}")
+        if not self.network.patch_is_valid(self.patch_size):
+            _fail("patch_size", f"must be 3 positive integers (z, y, x), each a multiple of the network's total "
+                                f"pooling {list(self.network.total_stride)}, got {self.patch_size!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            _fail("batch_size", f"must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.target_spacing, (list, tuple)) or len(self.target_spacing) != 3 or any(
+                _finite_float("target_spacing", "each spacing", value) <= 0 for value in self.target_spacing):
+            _fail("target_spacing", f"must be 3 positive spacings in mm (z, y, x), got {self.target_spacing!r}")
         if set(self.normalization) != set(self.channel_names):
             _fail("normalization", f"channels {sorted(self.normalization)} are not the plan's channels "
                                    f"{sorted(self.channel_names)}")
@@ -196,7 +209,8 @@ class Plan:
         return data
 
     @classmethod
-    def from_json(cls, data: dict, source: str | os.PathLike = "plans.json") -> "Plan":
+    def from_json(cls, data: dict, source: str | os.PathLike = "plans.json",
+                  hint: str = "re-run covnet_plan_and_preprocess") -> "Plan":
         if not isinstance(data, dict):
             raise CovnetError(source, "is not a covnet plan (not a JSON object)")
         if data.get("version") != PLANS_VERSION:
@@ -204,8 +218,10 @@ class Plan:
                                       "re-run covnet_plan_and_preprocess")
         missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
                    and f.default_factory is MISSING]
-        if missing:
-            raise CovnetError(source, f"is not a covnet plan (missing {', '.join(missing)})")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if missing or unknown:
+            problem = f"missing {', '.join(missing)}" if missing else f"unknown entries {', '.join(unknown)}"
+            raise CovnetError(source, f"is not a valid covnet plan ({problem}); {hint}")
         try:
             typed = {"network": Topology.from_json(data["network"]),
                      "normalization": {channel: NormalizationScheme.from_json(scheme)
@@ -213,14 +229,14 @@ class Plan:
                      "resampling": ResamplingSettings.from_json(data["resampling"])}
             return cls(**{**data, **typed})
         except CovnetError as error:
-            raise CovnetError(source, f"is not a covnet plan ({error.problem}); re-run covnet_plan_and_preprocess"
-                              ) from None
+            raise CovnetError(source, f"is not a valid covnet plan ({error.problem}); {hint}") from None
         except (KeyError, TypeError, AttributeError) as error:
-            raise CovnetError(source, f"is not a covnet plan ({type(error).__name__}: {error})") from None
+            raise CovnetError(source, f"is not a valid covnet plan ({type(error).__name__}: {error}); {hint}"
+                              ) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
-        return cls.from_json(read_json(path, "run covnet_plan_and_preprocess first"), path)
+        return cls.from_json(read_json(path, "run covnet_plan_and_preprocess first"), path, REPAIR_HINT)
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_json())
@@ -231,34 +247,61 @@ class Plan:
                 "normalization": {channel: scheme.to_json() for channel, scheme in self.normalization.items()},
                 "resampling": self.resampling.to_json(), "labels": self.labels, "version": PREPROCESSING_VERSION}
 
-    def table(self) -> str:
-        """A compact human-readable view of the decisions and their reasons."""
+    def table(self, edited: Sequence[str] = ()) -> str:
+        """A compact human-readable view of the decisions and their reasons; the top-level entries named in
+        ``edited`` (see ``plan_differences``) say so instead of giving the planner's reason."""
         def fmt(values):
             return " × ".join(f"{v:g}" for v in values)
-        rows = [("target spacing (z,y,x) mm", fmt(self.target_spacing), self.reasons.get("target_spacing", "")),
-                ("median shape (z,y,x)", fmt(self.median_shape), "after crop and resampling"),
-                ("patch size (z,y,x)", fmt(self.patch_size), self.reasons.get("patch_size", "")),
-                ("batch size", str(self.batch_size), self.reasons.get("batch_size", "")),
-                ("stages / features", f"{self.network.n_stages} / "
-                                      f"{'-'.join(str(f) for f in self.network.features_per_stage)}",
-                 self.reasons.get("network", "")),
-                ("strides", " ".join("".join(str(v) for v in s) for s in self.network.strides), ""),
-                ("memory estimate", f"{self.estimated_memory_gb:.2f} GB of {self.gpu_memory_gb:g}",
-                 f"{'AMP' if self.mixed_precision else 'float32'} activations, see covnet.planning.memory")]
-        device = f"{self.device}, {'AMP' if self.mixed_precision else 'float32'}"
+        precision = "AMP" if self.mixed_precision else "float32"
         budget = self.reasons.get("device", "")
-        rows.insert(0, ("device", device, f"{budget}; patch limited by {self.limited_by}" if budget
-                        else f"patch limited by {self.limited_by}"))
+        limited = f"{'network and patch' if self.device == 'cpu' else 'patch'} limited by {self.limited_by}"
+        rows = [("device", "device", f"{self.device}, {precision}", f"{budget}; {limited}" if budget else limited),
+                ("target_spacing", "target spacing (z,y,x) mm", fmt(self.target_spacing),
+                 self.reasons.get("target_spacing", "")),
+                ("median_shape", "median shape (z,y,x)", fmt(self.median_shape), "after crop and resampling"),
+                ("patch_size", "patch size (z,y,x)", fmt(self.patch_size), self.reasons.get("patch_size", "")),
+                ("batch_size", "batch size", str(self.batch_size), self.reasons.get("batch_size", "")),
+                ("network", "stages / features", f"{self.network.n_stages} / "
+                                                 f"{'-'.join(str(f) for f in self.network.features_per_stage)}",
+                 self.reasons.get("network", "")),
+                ("network", "strides", " ".join("".join(str(v) for v in s) for s in self.network.strides), ""),
+                ("estimated_memory_gb", "memory estimate",
+                 f"{self.estimated_memory_gb:.2f} GB of {self.gpu_memory_gb:g}",
+                 f"{precision} activations, see covnet.planning.memory")]
         if self.device == "cpu":
-            rows.append(("time per iteration", f"{self.estimated_seconds_per_iteration:.2f} s of "
-                                               f"{self.seconds_per_iteration:g}",
+            measured = (f", measured {self.measured_seconds_per_iteration:.2f} s"
+                        if self.measured_seconds_per_iteration is not None else "")
+            rows.append(("estimated_seconds_per_iteration", "time per iteration",
+                         f"estimated {self.estimated_seconds_per_iteration:.2f} s{measured} of "
+                         f"{self.seconds_per_iteration:g}",
                          self.reasons.get("time_per_iteration", "see covnet.planning.cpu_time")))
         for channel, scheme in self.normalization.items():
-            rows.append((f"normalization ch{channel}", scheme.name, self.reasons.get(f"normalization_{channel}", "")))
-        rows.append(("resampling", f"image order {self.resampling.image_order}, seg order "
-                                   f"{self.resampling.segmentation_order}",
+            rows.append(("normalization", f"normalization ch{channel}", scheme.name,
+                         self.reasons.get(f"normalization_{channel}", "")))
+        rows.append(("resampling", "resampling", f"image order {self.resampling.image_order}, seg order "
+                                                 f"{self.resampling.segmentation_order}",
                      f"order {self.resampling.order_z} along z where anisotropy > "
                      f"{self.resampling.anisotropy_threshold:g}"))
+        network_edited = bool({"patch_size", "batch_size", "network"} & set(edited))
+        rows = [(name, value, "edited in plans.json" if key in edited else
+                 "for the planned network and patch, not the edited ones" if network_edited and key in
+                 ("estimated_memory_gb", "estimated_seconds_per_iteration") else why)
+                for key, name, value, why in rows]
         width = max(len(name) for name, _, _ in rows)
         value_width = max(len(value) for _, value, _ in rows)
         return "\n".join(f"{name:<{width}}  {value:<{value_width}}  {why}".rstrip() for name, value, why in rows)
+
+
+def plan_differences(planned: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(entry, planned value, current value)`` for every leaf where two plans' JSON differ, entries named by
+    their path (``normalization.0.mean``); ``reasons`` are left out (they explain the planned values)."""
+    differences = []
+    for key in sorted(set(planned) | set(current), key=str):
+        if not prefix and key == "reasons":
+            continue
+        name, old, new = f"{prefix}{key}", planned.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += plan_differences(old, new, f"{name}.")
+        elif old != new:
+            differences.append((name, old, new))
+    return differences

@@ -12,7 +12,7 @@ import numpy as np
 
 from covnet.image.grid import ANISOTROPY_THRESHOLD
 from covnet.network.topology import Topology
-from covnet.planning.cpu_time import estimate_seconds_per_iteration
+from covnet.planning.cpu_time import CALIBRATION_MACHINE, CpuMachine, IterationEstimate, estimate_iteration
 from covnet.planning.memory import estimate_training_memory_bytes
 from covnet.planning.plans import CT_SCHEME, NormalizationScheme
 
@@ -230,19 +230,20 @@ def choose_patch_and_network(target_spacing, median_shape, memory_budget_bytes: 
 
 
 def choose_cpu_patch_and_network(target_spacing, median_shape, seconds_budget: float, memory_budget_bytes: float,
-                                 in_channels: int, num_classes: int, time_scale: float = 1.0
-                                 ) -> tuple[Decision, Decision, float]:
-    """A CPU plan: time per iteration is the limit. Returns the patch, the network and its estimated seconds.
+                                 in_channels: int, num_classes: int, machine: CpuMachine = CALIBRATION_MACHINE
+                                 ) -> tuple[Decision, Decision, IterationEstimate]:
+    """A CPU plan: time per iteration is the limit. Returns the patch, the network and its estimated iteration.
 
     Why: on a CPU one iteration (batch 2, float32) of ResEnc M at a useful patch takes seconds, so training
     would crawl. Try the network sizes of ``CPU_NETWORK_SIZES`` largest first and keep the first whose largest
-    patch within the budget (estimated by ``covnet.planning.cpu_time``, times ``time_scale``, and also within
-    the memory budget) has ≥ ``CPU_MIN_PATCH_VOXELS`` voxels or is the whole median-capped start; if none
-    does, the smallest network with its largest fitting patch. A bigger budget never gives a smaller network
-    or patch: each size's patch search walks the same shrinking sequence, and stops earlier.
+    patch within the budget (the network and the data pipeline's share on ``machine``, estimated by
+    ``covnet.planning.cpu_time``, and also within the memory budget) has ≥ ``CPU_MIN_PATCH_VOXELS`` voxels or
+    is the whole median-capped start; if none does, the smallest network with its largest fitting patch. A
+    bigger budget never gives a smaller network or patch: each size's patch search walks the same shrinking
+    sequence, and stops earlier.
     """
     def exceeds(patch, network):
-        if estimate_seconds_per_iteration(patch, MIN_BATCH_SIZE, network, time_scale) > seconds_budget:
+        if estimate_iteration(patch, MIN_BATCH_SIZE, network, machine).seconds > seconds_budget:
             return "time"
         if estimate_training_memory_bytes(patch, MIN_BATCH_SIZE, network) > memory_budget_bytes:
             return "memory"
@@ -266,10 +267,10 @@ def choose_cpu_patch_and_network(target_spacing, median_shape, seconds_budget: f
         raise ValueError(f"no patch of even the smallest network ({CPU_NETWORK_SIZES[-1].describe()}) trains "
                          f"within {seconds_budget:g} s per iteration and {memory_budget_bytes / 2**30:.2f} GiB")
     index, network_size, start, patch, network, exceeded, rejected_by = choice
-    seconds = estimate_seconds_per_iteration(patch, MIN_BATCH_SIZE, network, time_scale)
+    estimate = estimate_iteration(patch, MIN_BATCH_SIZE, network, machine)
     # a smaller network than ResEnc M means a budget already limited the larger ones
     limit = exceeded or rejected_by or "median shape"
-    fits = f"estimated {seconds:.2g} s/iteration ≤ budget {seconds_budget:g} s"
+    fits = f"estimated {estimate.seconds:.2g} s/iteration ≤ budget {seconds_budget:g} s"
     if exceeded is None:
         patch_reason = f"CPU plan: isotropic-in-mm 256³ start capped by median shape {_fmt(median_shape)}; {fits}"
     else:
@@ -287,7 +288,7 @@ def choose_cpu_patch_and_network(target_spacing, median_shape, seconds_budget: f
                               f"below {wanted:.0f} voxels within {seconds_budget:g} s/iteration")
     network_reason += ("; pool while ≥ 8 voxels and spacing within 2× of the finest poolable axis; kernels 3 "
                        "once within 2× of the finest")
-    return Decision(patch, patch_reason, limit), Decision(network, network_reason, limit), seconds
+    return Decision(patch, patch_reason, limit), Decision(network, network_reason, limit), estimate
 
 
 def choose_batch_size(patch_size, network: Topology, memory_budget_bytes: float, dataset_voxels: float,
