@@ -225,3 +225,11 @@ def test_acquisition_profiles_change_the_scan_not_the_anatomy(tmp_path):
     image, truth, _ = scans["shifted"]                                 # case 1 is heavily infected
     reference, reference_truth, _ = scans["standard"]
     assert np.median(image[truth == 3]) - 50 < np.median(reference[reference_truth == 3])   # fainter lesions
+
+
+def test_distinct_patients_make_every_labelled_case_its_own_group(tmp_path):
+    paired = make_phantom_dataset(Workspace(tmp_path / "a"), num_labelled=4, num_unlabelled=0, num_test=0, seed=1)
+    distinct = make_phantom_dataset(Workspace(tmp_path / "b"), num_labelled=4, num_unlabelled=0, num_test=0, seed=1,
+                                    distinct_patients=True)
+    assert paired.group_of("phantom_001") == paired.group_of("phantom_000")     # case 1 rescans patient 0
+    assert len({distinct.group_of(f"phantom_{index:03d}") for index in range(4)}) == 4

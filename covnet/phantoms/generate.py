@@ -293,11 +293,12 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
                          profile: AcquisitionProfile = DEFAULT_PROFILE,
                          unlabelled_profile: AcquisitionProfile | None = None,
                          test_profile: AcquisitionProfile | None = None,
-                         pool_truth: bool = False) -> DatasetDescription:
+                         pool_truth: bool = False, distinct_patients: bool = False) -> DatasetDescription:
     """Write phantoms into ``<workspace>/raw`` (imagesTr/labelsTr, imagesUnlabelled, imagesTs/labelsTs) and
     dataset.json last, so an interrupted run leaves no dataset that looks complete. ``profile`` scans every
     split; ``unlabelled_profile`` and ``test_profile`` scan those splits with another scanner (domain shift).
-    ``pool_truth`` also writes the pool's true labels to ``labelsUnlabelled/`` (diagnostics, oracle runs)."""
+    ``pool_truth`` also writes the pool's true labels to ``labelsUnlabelled/`` (diagnostics, oracle runs).
+    ``distinct_patients``: every labelled case is another patient (by default some are rescans of one)."""
     workspace = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     for name, count in (("num_labelled", num_labelled), ("num_unlabelled", num_unlabelled), ("num_test", num_test)):
         if count < 0:
@@ -307,7 +308,7 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
     if size not in SIZES or spacing_mode not in SPACING_MODES:
         raise CovnetError(None, f"size must be one of {SIZES} and spacing mode one of {SPACING_MODES}")
     _prepare_raw(workspace, overwrite)
-    patients = patient_indices(seed, num_labelled)
+    patients = list(range(num_labelled)) if distinct_patients else patient_indices(seed, num_labelled)
     groups = {}
     outputs = ((workspace.images_tr, workspace.labels_tr),
                (workspace.images_unlabelled, workspace.labels_unlabelled if pool_truth else None),
