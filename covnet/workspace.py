@@ -6,12 +6,12 @@ or a copy of one anywhere), which names the files a training writes there.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from covnet.runtime.atomic import read_json
 from covnet.runtime.errors import CovnetError
 
 WORKSPACE_ENV = "COVNET_WORKSPACE"
@@ -89,13 +89,8 @@ class ModelFolder:
         return _read_json_if_present(self.validation_summary_file)
 
 
-def _read_json_if_present(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CovnetError(path, f"is not valid JSON ({error})") from None
+def _read_json_if_present(path: Path):
+    return read_json(path, "") if path.is_file() else None
 
 
 @dataclass(frozen=True)
