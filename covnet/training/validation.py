@@ -43,8 +43,8 @@ def validate_fold(workspace: Workspace, checkpoint: Checkpoint, cases: Sequence[
         image, _, properties = load_case(workspace.preprocessed_cases, case)
         predictor.predict_preprocessed(np.asarray(image), properties, output_file)
         log.info(f"validation [{number}/{len(cases)}] {case}")
-    summary = evaluate_folders(workspace.labels_tr, output_dir, description, output_json=output_dir / VALIDATION_SUMMARY,
-                               cases=list(cases))
+    summary = evaluate_folders(workspace.labels_tr, output_dir, description,
+                               output_json=output_dir / VALIDATION_SUMMARY, cases=list(cases))
     log.info(format_mean_table(summary))
     return summary
 
