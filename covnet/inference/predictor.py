@@ -67,8 +67,9 @@ class Predictor:
                    settings: InferenceSettings = InferenceSettings()) -> "Predictor":
         return cls([Checkpoint.load(path) for path in paths], device, settings, names=[str(path) for path in paths])
 
-    def predict_probabilities(self, image: np.ndarray) -> torch.Tensor:
-        """(C, z, y, x) preprocessed image → (classes, z, y, x) softmax probabilities averaged over the models."""
+    def predict_probabilities(self, image: np.ndarray, *, member_labels: list | None = None) -> torch.Tensor:
+        """(C, z, y, x) preprocessed image → (classes, z, y, x) softmax probabilities averaged over the models.
+        ``member_labels``: a list that receives each model's own argmax (uint8), e.g. to measure agreement."""
         total = None
         image = np.array(image, dtype=np.float32)   # a writable copy (memory maps are read-only)
         with torch.inference_mode():                 # in-place sums of the (inference) outputs
@@ -81,6 +82,8 @@ class Predictor:
                     lateral_pairs=self.plan.lateral_pairs, left_right_axis=LEFT_RIGHT_AXIS,
                     batch_windows=self.settings.batch_windows, device=self.device,
                     use_amp=self.settings.use_amp)
+                if member_labels is not None:
+                    member_labels.append(probabilities.argmax(dim=0).numpy().astype(np.uint8))
                 total = probabilities if total is None else total.add_(probabilities)
             if len(self.states) > 1:
                 total.div_(len(self.states))
