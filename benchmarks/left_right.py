@@ -12,7 +12,8 @@
 Each test phantom (``raw/imagesTs``, truth in ``raw/labelsTs``) is predicted once, exactly as covnet_predict does
 with its default postprocessing, and the label map is scored before and after ``lungs_by_midline`` (the fix
 covnet_predict applies by default): Dice of the left lung, the right lung and both lungs, and the share of lung
-voxels the fix relabelled. The real CT has no reference: for it the script reports the lung voxels (and mL)
+voxels the fix relabelled; and the fix applied to the reference itself (its left/right Dice against the
+unchanged reference: what the rule costs a segmentation whose sides are right). The real CT has no reference: for it the script reports the lung voxels (and mL)
 labelled left and right with and without the fix, and where each side's voxels lie: the share of the voxels
 labelled left that lie on the patient's left of the body's midline (anatomy says 100%), likewise right, in the
 canonical LPS frame. It also prints where the midline falls (body box) against the middle of the lungs' joint
@@ -63,28 +64,33 @@ def relabelled_share(before: np.ndarray, after: np.ndarray, lungs: tuple[int, in
 
 
 def phantom_table(predictor: Predictor, workspace: Path, left: int, right: int) -> list[str]:
-    rows, totals = [], {"raw": [], "fixed": []}
+    rows, totals = [], {"raw": [], "fixed": [], "truth": []}
     for image_file in sorted((workspace / "raw" / "imagesTs").glob("*_0000.nii.gz")):
         case = image_file.name[: -len("_0000.nii.gz")]
         image, geometry = read_image(image_file)
         reference, _ = read_image(workspace / "raw" / "labelsTs" / f"{case}.nii.gz")
         raw, properties = predict_unfixed(predictor, image, geometry, case)
         fixed, _ = timed_fix(raw, properties, predictor.plan.labels)
+        # The fix applied to the truth itself: what the rule costs a segmentation whose sides are already right.
+        truth_fixed, _ = timed_fix(reference, properties, predictor.plan.labels)
         scores = {name: side_scores(segmentation, reference, left, right)
-                  for name, segmentation in (("raw", raw), ("fixed", fixed))}
+                  for name, segmentation in (("raw", raw), ("fixed", fixed), ("truth", truth_fixed))}
         for name in totals:
             totals[name].append(scores[name])
         rows.append(f"| {case} | {scores['raw']['left']:.3f} / {scores['raw']['right']:.3f} | "
                     f"{scores['fixed']['left']:.3f} / {scores['fixed']['right']:.3f} | "
                     f"{scores['raw']['lungs']:.3f} → {scores['fixed']['lungs']:.3f} | "
-                    f"{100 * relabelled_share(raw, fixed, (left, right)):.1f}% |")
+                    f"{100 * relabelled_share(raw, fixed, (left, right)):.1f}% | "
+                    f"{scores['truth']['left']:.4f} / {scores['truth']['right']:.4f} |")
     mean = {name: {key: float(np.mean([s[key] for s in values])) for key in ("left", "right", "lungs")}
             for name, values in totals.items()}
     rows.append(f"| **mean** | **{mean['raw']['left']:.3f} / {mean['raw']['right']:.3f}** | "
                 f"**{mean['fixed']['left']:.3f} / {mean['fixed']['right']:.3f}** | "
-                f"{mean['raw']['lungs']:.3f} → {mean['fixed']['lungs']:.3f} | |")
-    return ["| case | Dice left / right, without fix | with fix | lungs Dice | lung voxels relabelled |",
-            "| --- | --- | --- | --- | --- |", *rows]
+                f"{mean['raw']['lungs']:.3f} → {mean['fixed']['lungs']:.3f} | | "
+                f"{mean['truth']['left']:.4f} / {mean['truth']['right']:.4f} |")
+    return ["| case | Dice left / right, without fix | with fix | lungs Dice | lung voxels relabelled | "
+            "fix applied to the truth: Dice left / right |",
+            "| --- | --- | --- | --- | --- | --- |", *rows]
 
 
 def side_placement(segmentation: np.ndarray, properties, label: int, midline: float) -> float | None:
