@@ -184,21 +184,24 @@ def test_only_the_patch_is_read_from_the_memory_map(tmp_path, monkeypatch):
     assert max(reads) <= 2 * 6 * 8 * 8                       # never more than the read window (2 channels)
 
 
-def test_case_weights_change_how_often_cases_are_drawn(tmp_path):
-    for case in ("often", "rarely", "never"):
+def test_anchor_cases_fill_their_share_of_every_batch(tmp_path):
+    for case in ("expert_a", "expert_b", "pseudo_a", "pseudo_b", "pseudo_c"):
         write_case(tmp_path, case, one_voxel_case((6, 8, 8), (3, 4, 4)))
-    sampler = PatchSampler(tmp_path, ["often", "rarely", "never"], (4, 4, 4), batch_size=4, seed=6,
-                           case_weights={"often": 9.0, "rarely": 1.0, "never": 0.0})
-    drawn = [case for _ in range(100) for case in sampler.draw_cases()]
-    assert "never" not in drawn
-    assert 0.84 < drawn.count("often") / len(drawn) < 0.96
-    uniform = PatchSampler(tmp_path, ["often", "rarely", "never"], (4, 4, 4), batch_size=4, seed=6)
-    drawn = [case for _ in range(100) for case in uniform.draw_cases()]
-    assert all(0.25 < drawn.count(case) / len(drawn) < 0.42 for case in ("often", "rarely", "never"))
+    cases = ["expert_a", "expert_b", "pseudo_a", "pseudo_b", "pseudo_c"]
+    for batch_size, share, anchored in ((2, 0.5, 1), (4, 0.5, 2), (2, 0.1, 1), (3, 1.0, 3)):
+        sampler = PatchSampler(tmp_path, cases, (4, 4, 4), batch_size=batch_size, seed=6,
+                               anchor_cases=["expert_a", "expert_b"], anchor_share=share)
+        batches = [sampler.draw_cases() for _ in range(200)]
+        assert all(sum(case.startswith("expert") for case in batch) == anchored for batch in batches)
+        positions = {batch.index(next(c for c in batch if c.startswith("expert"))) for batch in batches}
+        assert positions == set(range(batch_size - anchored + 1))          # the expert slot moves
+        drawn = [case for batch in batches for case in batch]
+        assert {"expert_a", "expert_b"} <= set(drawn) and (anchored == batch_size or {"pseudo_a", "pseudo_c"} <= set(drawn))
+    uniform = PatchSampler(tmp_path, cases, (4, 4, 4), batch_size=4, seed=6)
+    drawn = [case for _ in range(200) for case in uniform.draw_cases()]
+    assert all(0.13 < drawn.count(case) / len(drawn) < 0.27 for case in cases)
     with pytest.raises(ValueError, match="not sampled"):
-        PatchSampler(tmp_path, ["often"], (4, 4, 4), batch_size=1, case_weights={"rarely": 1.0})
-    with pytest.raises(ValueError, match="not all 0"):
-        PatchSampler(tmp_path, ["often", "rarely"], (4, 4, 4), batch_size=1, case_weights=[0, 0])
+        PatchSampler(tmp_path, ["expert_a"], (4, 4, 4), batch_size=1, anchor_cases=["nobody"], anchor_share=0.5)
 
 
 def test_seeded_samplers_repeat_and_workers_differ(tmp_path):

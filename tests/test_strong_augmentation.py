@@ -3,6 +3,7 @@ the strong pipeline changes images far more than it changes labels."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from covnet.training.strong_augmentation import (
@@ -50,3 +51,29 @@ def test_strong_pipeline_changes_intensities_and_only_cutout_touches_labels():
     relabelled = sample["segmentation"] != segmentation
     assert relabelled.any() and torch.all(sample["segmentation"][relabelled] == IGNORE)
     assert np.isfinite(sample["image"].numpy()).all()
+
+
+def test_training_pipeline_noises_only_the_pseudo_labelled_samples():
+    """With every strong transform sure to fire, only the pseudo-labelled case's patch gets cut out; the expert
+    patch of the same batch never holds the ignore label."""
+    from covnet.training.augmentation import AugmentationSettings, training_transforms
+    quiet = AugmentationSettings(p_rotation=0, p_scaling=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0,
+                                 p_low_resolution=0, p_inverted_gamma=0, p_gamma=0, p_mirror_per_axis=0)
+    torch.manual_seed(2)
+    transforms = training_transforms((8, 16, 16), None, (), (), IGNORE, quiet, noised_cases=["pseudo"])
+    for transform in transforms.noised_transforms:
+        if transform not in transforms.sample_transforms:          # the strong ones only
+            transform.apply_probability = 1.0
+    rng = np.random.default_rng(0)
+    batch = {"data": rng.normal(3, 1, (2, 1, 8, 16, 16)).astype(np.float32),
+             "target": rng.integers(0, 4, (2, 1, 8, 16, 16)).astype(np.int16), "cases": ["expert", "pseudo"]}
+    plain = training_transforms((8, 16, 16), None, (), (), IGNORE, quiet)
+    torch.manual_seed(2)
+    reference = plain(**{key: np.copy(value) if key != "cases" else value for key, value in batch.items()})
+    torch.manual_seed(2)
+    out = transforms(**batch)
+    assert torch.equal(out["data"][0], reference["data"][0]) and torch.equal(out["target"][0], reference["target"][0])
+    assert not (out["target"][0] == IGNORE).any() and (out["target"][1] == IGNORE).any()
+    assert not torch.allclose(out["data"][1], reference["data"][1])
+    with pytest.raises(ValueError, match="ignore label"):
+        training_transforms((8, 16, 16), None, (), (), None, quiet, noised_cases=["pseudo"])

@@ -44,6 +44,14 @@ def flag_name(settings_class, field_name: str) -> str:
     return declared.metadata.get("flag") or "--" + field_name.replace("_", "-")
 
 
+def flag_text(settings_class, field_name: str, value) -> str:
+    """How a value is typed on the command line: ``--lr 0.01``, ``--batch-dice`` / ``--no-batch-dice``."""
+    flag = flag_name(settings_class, field_name)
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}" if value is not None else f"no {flag}"
+
+
 def _limit_problem(value, metadata) -> str | None:
     checks = (("minimum", lambda v, limit: v >= limit, "at least"), ("maximum", lambda v, limit: v <= limit, "at most"),
               ("above", lambda v, limit: v > limit, "above"), ("below", lambda v, limit: v < limit, "below"))

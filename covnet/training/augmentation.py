@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 from covnet.image.orientation import LEFT_RIGHT_AXIS
 from covnet.training.data import OUTSIDE_CASE_LABEL
 from covnet.training.settings import AugmentationSettings
+from covnet.training.strong_augmentation import strong_augmentation_transforms
 
 DUMMY_2D_ANISOTROPY = 3.0
 ROTATION_GRID_STEP_DEGREES = 2.0
@@ -196,9 +197,16 @@ class BatchTransforms:
     The samples' images are not copied first: transforms may change the input ``data`` array in place."""
 
     def __init__(self, sample_transforms: Sequence[BasicTransform],
-                 deep_supervision: Sequence[Sequence[float]] | None = None):
+                 deep_supervision: Sequence[Sequence[float]] | None = None, *,
+                 noised_cases: Collection[str] = (), noise_transforms: Sequence[BasicTransform] = (),
+                 noise_position: int = 0):
+        """Samples of ``noised_cases`` (a self-training student's pseudo-labelled cases) also get
+        ``noise_transforms``, inserted before ``sample_transforms[noise_position]``."""
         self.sample_transforms = list(sample_transforms)
         self.deep_supervision = None if deep_supervision is None else [list(s) for s in deep_supervision]
+        self.noised_cases = frozenset(noised_cases)
+        self.noised_transforms = self.sample_transforms[:noise_position] + list(noise_transforms) + \
+            self.sample_transforms[noise_position:]
         self._prepared_process = os.getpid()
 
     def _prepare_worker(self) -> None:
@@ -214,7 +222,8 @@ class BatchTransforms:
             for sample in range(len(batch["data"])):
                 item = {"image": torch.as_tensor(np.asarray(batch["data"][sample], dtype=np.float32)),
                         "segmentation": torch.as_tensor(np.asarray(batch["target"][sample]).astype(np.int16))}
-                for transform in self.sample_transforms:
+                noised = batch.get("cases") is not None and batch["cases"][sample] in self.noised_cases
+                for transform in self.noised_transforms if noised else self.sample_transforms:
                     item = transform(**item)
                 images.append(item["image"])
                 targets.append(item["segmentation"])
@@ -271,15 +280,23 @@ def _outside_case(ignore_label: int | None) -> RemoveLabelTransform:
 def training_transforms(patch_size: Sequence[int], deep_supervision: Sequence[Sequence[float]] | None = None,
                         mirror_axes: Sequence[int] = (0, 1, 2), lateral_pairs: Sequence[tuple[int, int]] = (),
                         ignore_label: int | None = None,
-                        settings: AugmentationSettings = DEFAULT_AUGMENTATION) -> BatchTransforms:
+                        settings: AugmentationSettings = DEFAULT_AUGMENTATION, *,
+                        noised_cases: Collection[str] = ()) -> BatchTransforms:
     """The training augmentation for batches read at ``training_read_size(patch_size, settings)``; returns
     patches of ``patch_size``. ``deep_supervision``: the topology's ``deep_supervision_scales`` or None for a
-    single target; ``lateral_pairs``: the plan's ``lateral_pairs``."""
+    single target; ``lateral_pairs``: the plan's ``lateral_pairs``. Patches of ``noised_cases`` also get the
+    strong augmentation of ``covnet.training.strong_augmentation`` (they need an ignore label), after the
+    standard intensity transforms."""
     transforms = _spatial_transforms(patch_size, settings) + _intensity_transforms(patch_size, settings)
+    noise_position = len(transforms)
     if mirror_axes:
         transforms.append(LateralMirrorTransform(mirror_axes, lateral_pairs, p_per_axis=settings.p_mirror_per_axis))
     transforms.append(_outside_case(ignore_label))
-    return BatchTransforms(transforms, deep_supervision)
+    if noised_cases and ignore_label is None:
+        raise ValueError("strong augmentation blanks labels to the ignore label: the plan needs one")
+    noise = strong_augmentation_transforms(ignore_label) if noised_cases else []
+    return BatchTransforms(transforms, deep_supervision, noised_cases=noised_cases, noise_transforms=noise,
+                           noise_position=noise_position)
 
 
 def validation_transforms(deep_supervision: Sequence[Sequence[float]] | None = None,

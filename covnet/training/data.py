@@ -60,23 +60,6 @@ def start_range(case_size: int, read_size: int, patch_size: int) -> tuple[int, i
     return low, high
 
 
-def _normalised_weights(cases: list[str], case_weights) -> np.ndarray | None:
-    if case_weights is None:
-        return None
-    if isinstance(case_weights, Mapping):
-        unknown = sorted(set(case_weights) - set(cases))
-        if unknown:
-            raise ValueError(f"case_weights names cases that are not sampled: {unknown[:5]}")
-        weights = np.array([float(case_weights.get(case, 1.0)) for case in cases])
-    else:
-        weights = np.asarray(case_weights, dtype=float)
-        if weights.shape != (len(cases),):
-            raise ValueError(f"{weights.size} case weights for {len(cases)} cases")
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError("case weights must be finite, non-negative and not all 0")
-    return weights / weights.sum()
-
-
 class _OpenCase:
     """A case's memory maps and foreground locations, opened on first use."""
 
@@ -89,18 +72,19 @@ class _OpenCase:
 class PatchSampler(DataLoader):
     def __init__(self, folder: str | Path | Mapping[str, Path], cases: Sequence[str], patch_size: Sequence[int], batch_size: int,
                  oversample_foreground: float = DEFAULT_OVERSAMPLE_FOREGROUND, seed: int | None = None,
-                 case_weights: Mapping[str, float] | Sequence[float] | None = None,
+                 anchor_cases: Sequence[str] = (), anchor_share: float = 0.0,
                  pre_augmentation_patch_size: Sequence[int] | None = None, ignore_label: int | None = None,
                  num_threads_in_multithreaded: int = 1):
         """``folder``: where the cases are, or a mapping case -> folder (expert and pseudo-labelled cases live in
-        different folders). ``case_weights``: relative probabilities of drawing each case (a mapping case -> weight, unlisted
-        cases weigh 1, or one weight per case); uniform if None. ``ignore_label`` is never chosen as the
-        foreground class to centre a patch on."""
+        different folders). Cases are drawn uniformly; with ``anchor_cases`` (a self-training student's expert
+        cases) ``max(1, round(batch_size · anchor_share))`` samples of every batch are drawn from them and the rest
+        from the other cases, in shuffled batch positions. ``ignore_label`` is never chosen as the foreground class
+        to centre a patch on."""
         cases = list(cases)
         if not cases:
             raise ValueError("no cases to sample from")
         if len(set(cases)) != len(cases):
-            raise ValueError("cases are listed more than once; use case_weights to draw some more often")
+            raise ValueError("cases are listed more than once")
         super().__init__(cases, batch_size, num_threads_in_multithreaded, seed_for_shuffle=None,
                          return_incomplete=False, shuffle=False, infinite=True)
         self.folders = {case: Path(folder[case] if isinstance(folder, Mapping) else folder) for case in cases}
@@ -116,7 +100,14 @@ class PatchSampler(DataLoader):
         if not 0 <= oversample_foreground <= 1:
             raise ValueError(f"oversample_foreground must lie in [0, 1], not {oversample_foreground}")
         self.oversample_foreground = float(oversample_foreground)
-        self.case_probabilities = _normalised_weights(cases, case_weights)
+        self.anchors = [case for case in cases if case in set(anchor_cases)]
+        self.others = [case for case in cases if case not in set(anchor_cases)]
+        if len(self.anchors) != len(set(anchor_cases)):
+            raise ValueError(f"anchor cases {sorted(set(anchor_cases) - set(cases))[:5]} are not sampled")
+        if not 0 <= anchor_share <= 1:
+            raise ValueError(f"anchor_share must lie in [0, 1], not {anchor_share}")
+        self.anchor_count = min(batch_size, max(1, round(batch_size * anchor_share))) \
+            if self.anchors and self.others else 0
         self.ignore_label = ignore_label
         self.seed = seed
         self.rng = np.random.default_rng(seed)
@@ -179,8 +170,12 @@ class PatchSampler(DataLoader):
 
     # ------------------------------------------------------------------------------------------------ batches
     def draw_cases(self) -> list[str]:
-        chosen = self.rng.choice(len(self.cases), size=self.batch_size, replace=True, p=self.case_probabilities)
-        return [self.cases[index] for index in chosen]
+        if not self.anchor_count:
+            return [self.cases[index] for index in self.rng.integers(len(self.cases), size=self.batch_size)]
+        anchors = [self.anchors[i] for i in self.rng.integers(len(self.anchors), size=self.anchor_count)]
+        others = [self.others[i] for i in self.rng.integers(len(self.others), size=self.batch_size - self.anchor_count)]
+        drawn = anchors + others
+        return [drawn[index] for index in self.rng.permutation(self.batch_size)]
 
     def generate_train_batch(self) -> dict:
         cases = self.draw_cases()

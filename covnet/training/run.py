@@ -34,7 +34,7 @@ from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.locking import holding
 from covnet.runtime.log import logger, setup_logging
-from covnet.runtime.settings import flag_name
+from covnet.runtime.settings import flag_text
 from covnet.training.distributed import DistributedContext, context_from_environment, device_for, initialise, shutdown
 from covnet.training.session import TrainingSession
 from covnet.training.settings import TrainingJob, TrainingSettings
@@ -119,20 +119,13 @@ class _StopRequest:
             signal.signal(signal_number, self)
 
 
-def _flag_text(name: str, value) -> str:
-    flag = flag_name(TrainingSettings, name)
-    if isinstance(value, bool):
-        return flag if value else "--no-" + flag[2:]
-    return f"{flag} {value}" if value is not None else f"no {flag}"
-
-
 def check_same_recipe(folder: ModelFolder, recorded: TrainingSettings, settings: TrainingSettings) -> None:
     """A continued training keeps its recipe: only ``TrainingSettings.CHANGEABLE_ON_CONTINUE`` may differ."""
     changed = [item.name for item in fields(TrainingSettings) if item.name not in
                TrainingSettings.CHANGEABLE_ON_CONTINUE and getattr(recorded, item.name) != getattr(settings, item.name)]
     if changed:
-        started = ", ".join(_flag_text(name, getattr(recorded, name)) for name in changed)
-        asked = ", ".join(_flag_text(name, getattr(settings, name)) for name in changed)
+        started = ", ".join(flag_text(TrainingSettings, name, getattr(recorded, name)) for name in changed)
+        asked = ", ".join(flag_text(TrainingSettings, name, getattr(settings, name)) for name in changed)
         raise CovnetError(folder.path, f"holds a training started with {started}; it cannot be continued with "
                                        f"{asked} (continue it with its own settings, or delete the folder to start "
                                        "again)")
@@ -213,7 +206,8 @@ def run_training(job: TrainingJob, settings: TrainingSettings, *, resume: bool, 
     if context.is_main:
         write_json(folder.settings_file, {"settings": settings.to_json(), "world_size": context.world_size,
                                           "device": str(device), "train": job.train_cases,
-                                          "validation": job.validation_cases, "case_weights": job.case_weights})
+                                          "validation": job.validation_cases, "pseudo_cases": job.pseudo_cases,
+                                          "expert_share": job.expert_share, "strong_noise": job.strong_noise})
     session = TrainingSession(job, settings, context, device)
     if start is not None:
         session.restore(start)

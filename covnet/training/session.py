@@ -118,10 +118,12 @@ class TrainingSession:
             self.checkpoint().save(self.folder.checkpoint(name))
 
     # ------------------------------------------------------------------------------------------ data
-    def _loader(self, cases: list[str], transforms, read_size, workers: int, seed_offset: int, weighted: bool):
+    def _loader(self, cases: list[str], transforms, read_size, workers: int, seed_offset: int, mixed: bool):
         batch = self.context.share_of_batch(self.plan.batch_size)
-        weights = self.job.case_weights if weighted else None
-        sampler = PatchSampler(self.job.case_folders, cases, self.plan.patch_size, batch, case_weights=weights,
+        pseudo = set(self.job.pseudo_cases) if mixed else set()
+        experts = [case for case in cases if case not in pseudo] if pseudo else []
+        sampler = PatchSampler(self.job.case_folders, cases, self.plan.patch_size, batch, anchor_cases=experts,
+                               anchor_share=self.job.expert_share,
                                oversample_foreground=self.settings.oversample_foreground,
                                seed=_stream_seed(self.settings.seed, self.context.rank, self.epoch, seed_offset),
                                pre_augmentation_patch_size=read_size, ignore_label=self.plan.ignore_label,
@@ -137,12 +139,12 @@ class TrainingSession:
         augmentation = self.settings.augmentation
         train = self._loader(self.train_cases, training_transforms(
             self.plan.patch_size, scales, MIRROR_AXES, [tuple(p) for p in self.plan.lateral_pairs],
-            self.plan.ignore_label, augmentation), training_read_size(self.plan.patch_size, augmentation), workers,
-            0, weighted=True)
+            self.plan.ignore_label, augmentation, noised_cases=self.job.pseudo_cases if self.job.strong_noise else ()),
+            training_read_size(self.plan.patch_size, augmentation), workers, 0, mixed=True)
         # Fold 'all' has no validation cases: its patch validation watches the training cases.
         validation = self._loader(self.validation_cases or self.train_cases,
                                   validation_transforms(scales, self.plan.ignore_label), None,
-                                  min(workers, max(1, workers // 2)), 1, weighted=False)
+                                  min(workers, max(1, workers // 2)), 1, mixed=False)
         return train, validation
 
     # ------------------------------------------------------------------------------------------ loop

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from covnet.planning.plans import Plan
@@ -105,4 +105,8 @@ class TrainingJob:
     train_cases: list[str]
     validation_cases: list[str]
     case_folders: dict[str, Path]               # case -> folder of its preprocessed arrays
-    case_weights: dict[str, float] | None = None   # relative draw probabilities (default uniform)
+    # A self-training student: its pseudo-labelled cases (the others in train_cases are expert cases), the
+    # share of each batch drawn from the expert cases, and whether pseudo-labelled patches get strong noise.
+    pseudo_cases: list[str] = field(default_factory=list)
+    expert_share: float = 0.5
+    strong_noise: bool = False
