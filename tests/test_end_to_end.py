@@ -70,11 +70,12 @@ def test_phantoms_import_plan_preprocess_evaluate(tmp_path):
     splits = json.loads((workspace / "preprocessed" / "splits.json").read_text())
     assert sorted(case["case"] for case in validation["per_case"]) == sorted(splits[0]["val"])
 
-    # Self-train on the pool (one round uses it up), then segment the test CT with the self-trained model.
-    printed = run("covnet_selftrain", "--workspace", workspace, "--cases-per-round", 2, "--epochs-per-round", 1,
-                  "--iters-per-epoch", 1, "--val-iters", 1, "--num-workers", 0, "--disable-tta")
+    # Self-train on the pool (one round: the better half of it), then segment the test CT with the self-trained
+    # model.
+    printed = run("covnet_selftrain", "--workspace", workspace, "--max-rounds", 1, "--iters-per-epoch", 1,
+                  "--val-iters", 1, "--num-workers", 0, "--no-teacher-mirroring", "--no-val-mirroring")
     selftrain = json.loads((workspace / "results" / "selftrain" / "summary.json").read_text())
-    assert len(selftrain["rounds"]) == 1 and len(selftrain["rounds"][0]["cases_added"]) == 2
+    assert len(selftrain["rounds"]) == 1 and len(selftrain["rounds"][0]["cases_added"]) == 1
     assert (workspace / "results" / "selftrain" / "final" / "checkpoint_final.pth").is_file()
     predictions = tmp_path / "predictions"
     printed = run("covnet_predict", "--workspace", workspace, "-i", phantoms / "raw" / "imagesTs", "-o", predictions,

@@ -34,6 +34,15 @@ def _selection(workspace, round_index: int) -> dict:
     return json.loads((workspace.selftrain_round(round_index) / "selection.json").read_text())
 
 
+def _scores(selection: dict, name: str) -> dict:
+    return {case: scores[name] for case, scores in selection["scores"].items()}
+
+
+def _same_scores(merged: dict, expected: dict) -> bool:
+    return all(_scores(merged, name) == pytest.approx(_scores(expected, name), abs=1e-6)
+               for name in ("agreement", "confidence"))
+
+
 def test_parts_then_merge_select_what_one_run_selects(trained, uninterrupted, tmp_path, capsys):
     workspace = copy_workspace(trained, tmp_path / "ws")
     assert run_selftrain(workspace, "--num-parts", "2", "--part-id", "2") == 2
@@ -52,17 +61,17 @@ def test_parts_then_merge_select_what_one_run_selects(trained, uninterrupted, tm
     expected = _selection(uninterrupted, 1)
     merged = _selection(workspace, 1)
     assert merged["cases_added"] == expected["cases_added"]
-    assert merged["candidates_confidence"] == pytest.approx(expected["candidates_confidence"], abs=1e-6)
+    assert _same_scores(merged, expected)
     assert (workspace.selftrain_round(1) / "checkpoint_final.pth").is_file()
     # round 2: parts again, now taught by round 1's student; the merge finishes the self-training
     assert run_selftrain(workspace, "--num-parts", "2", "--part-id", "1") == 0
     capsys.readouterr()
     assert run_selftrain(workspace, "--continue") == 0
     log = capsys.readouterr().out
-    assert log.count("pseudo-label [") == 1        # part 0's one remaining case, predicted by the merge itself
+    assert log.count("pseudo-label [") == 2        # part 0's two cases of the refreshed pool, by the merge itself
     assert sorted(_selection(workspace, 2)["cases_added"]) == sorted(_selection(uninterrupted, 2)["cases_added"])
     summary = json.loads((workspace.selftrain / "summary.json").read_text())
-    assert [entry["pool_size"] for entry in summary["rounds"]] == [2, 0]
+    assert [entry["training_cases"] for entry in summary["rounds"]] == [2, 4]
     assert summary["final"]["round"] == 2
     assert not list(workspace.root.rglob(".tmp-*"))
 
@@ -73,7 +82,7 @@ def test_a_part_waits_for_the_previous_round_student(trained, tmp_path, capsys):
     round_1 = workspace.selftrain_round(1)
     round_1.path.mkdir(parents=True, exist_ok=True)
     # round 1 selected but its student not trained: a part of round 2 has no teacher yet
-    (round_1 / "selection.json").write_text(json.dumps({"cases_added": ["x"]}))
+    (round_1 / "selection.json").write_text(json.dumps({"cases_added": ["x"], "training_cases": {}}))
     capsys.readouterr()
     assert run_selftrain(workspace, "--num-parts", "2", "--part-id", "0") == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -93,10 +102,10 @@ def test_torchrun_shares_the_pseudo_labelling_and_fine_tunes_with_ddp(trained, u
     # rank 0 (the one that logs) predicted half of the pool, rank 1 the other half
     assert result.stdout.count("pseudo-label [") == 2 and "pseudo-label [2/2]" in result.stdout
     merged = _selection(workspace, 1)
-    assert len(merged["candidates_confidence"]) == 4
+    assert len(merged["scores"]) == 4
     expected = _selection(uninterrupted, 1)
     assert merged["cases_added"] == expected["cases_added"]
-    assert merged["candidates_confidence"] == pytest.approx(expected["candidates_confidence"], abs=1e-6)
+    assert _same_scores(merged, expected)
     round_dir = workspace.selftrain_round(1)
     assert json.loads((round_dir / "settings.json").read_text())["world_size"] == 2
     assert Checkpoint.load(round_dir / "checkpoint_final.pth").fold == "selftrain_round_01"

@@ -1,7 +1,8 @@
 """Iterative student–teacher self-training on the unlabelled pool (``covnet_selftrain``).
 
-``teacher``: which trained fold(s) start it and how a model's validation is scored; ``pseudo_labels``: the
-teacher's predictions of the pool, their confidence, and the pseudo-labelled cases (stored like expert cases);
-``rounds``: the loop (pseudo-label, fine-tune a student with the trainer, measure it on held-out expert cases);
-``report``: ``summary.json``, ``progress.png`` and the validation table.
+``settings``: the recipe and the student's training settings (the flags); ``teacher``: who labels round 1 and
+which expert cases are trained on or held out; ``candidates``: a round's predictions of the pool and their
+scores; ``labels``: pseudo-label policies and scores (pure functions); ``selection``: which cases a round trains
+on, stored like expert cases; ``rounds``: the loop (``SelfTrainingRun``); ``run``: starting, resuming and
+sharding it; ``report``: ``summary.json``, ``progress.png`` and the validation table.
 """

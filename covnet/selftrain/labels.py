@@ -68,19 +68,25 @@ def _class_thresholds(largest: np.ndarray, labels: np.ndarray, classes: Sequence
 
 def make_pseudo_label(probabilities: torch.Tensor | np.ndarray, policy: PseudoLabelPolicy, *, round_index: int,
                       ignore_label: int) -> tuple[np.ndarray, dict[int, float]]:
-    """(classes, z, y, x) probabilities → (uint8 labels with ignored voxels set to ``ignore_label``, the share
-    of each class's predicted voxels that was ignored)."""
-    probabilities = torch.as_tensor(probabilities)
-    largest_tensor, labels_tensor = probabilities.max(dim=0)
-    largest, labels = largest_tensor.float().numpy(), labels_tensor.numpy().astype(np.uint8)
-    classes = list(range(probabilities.shape[0]))
+    """(classes, z, y, x) probabilities → ``apply_policy`` of their argmax and largest probability."""
+    largest, labels = torch.as_tensor(probabilities).max(dim=0)
+    return apply_policy(labels.numpy().astype(np.uint8), largest.float().numpy(), policy, round_index=round_index,
+                        num_classes=int(probabilities.shape[0]), ignore_label=ignore_label)
+
+
+def apply_policy(labels: np.ndarray, largest: np.ndarray, policy: PseudoLabelPolicy, *, round_index: int,
+                 num_classes: int, ignore_label: int) -> tuple[np.ndarray, dict[int, float]]:
+    """The teacher's argmax ``labels`` and their ``largest`` probability → (uint8 pseudo-label with ignored voxels
+    set to ``ignore_label``, the share of each class's predicted voxels that was ignored)."""
+    labels = np.array(labels, dtype=np.uint8)
+    classes = list(range(num_classes))
     if policy.name == "argmax":
         ignored = np.zeros(labels.shape, bool)
     elif policy.name == "threshold":
         ignored = largest < policy.min_confidence
     else:
         thresholds = _class_thresholds(largest, labels, classes, policy.portion_for_round(round_index))
-        cut = np.zeros(len(classes), np.float32)
+        cut = np.zeros(max(classes + [int(labels.max())]) + 1, np.float32)
         for value, threshold in thresholds.items():
             cut[value] = threshold
         ignored = largest < cut[labels]

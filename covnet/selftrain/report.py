@@ -2,36 +2,72 @@
 
 ``summary.json``::
 
-    {"teacher": {"mode": ..., "fold": ..., "folds": [...], "validation": {<structure>: {"dice": .., "nsd": ..}}},
-     "rounds": [{"round": r, "pool_size": <unused pool cases after the round>, "cases_added": [...],
-                 "confidence": {case: c}, "validation": {<structure>: {"dice": .., "nsd": ..}}}, ...],
-     "final": {"round": r, "reason": "last" | "best"}}
+    {"teacher": {"mode", "fold", "folds", "members", "train_cases", "holdout_cases",
+                 "validation": {<structure>: {"dice", "nsd"}} | null},
+     "rounds": [{"round", "pool_size", "labelled", "cases_added", "training_cases", "label_change",
+                 "mean_agreement", "validation", "worse_than_teacher"}, ...],
+     "stopped": <why the rounds ended early> | null,
+     "final": {"round", "reason", "source", "validation"}}
 
-Every validation is on the same held-out expert cases (the teacher fold's validation cases), predicted whole
-with the same inference settings.
+Every validation is on the same held-out expert cases, predicted whole with the same inference settings; with
+``--holdout none`` there are none and every ``validation`` is null. A student whose validation (mean Dice over
+lungs and infection) is below its teacher's is flagged ``worse_than_teacher`` and announced in the log.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from covnet.planning.plans import Plan
 from covnet.runtime.atomic import atomic_path, write_json
+from covnet.runtime.log import logger
+from covnet.selftrain.teacher import ranking_score
+from covnet.workspace import ModelFolder
 
+log = logger(__name__)
 METRICS = ("dice", "nsd")
 
 
-def round_entry(selection: dict, validation: dict | None) -> dict:
-    return {"round": selection["round"], "pool_size": selection["pool_size"],
-            "cases_added": list(selection["cases_added"]), "confidence": dict(selection["confidence"]),
-            "ignored_share": dict(selection.get("ignored_share", {})),
-            "validation": None if validation is None else validation.get("mean")}
+@dataclass
+class RoundReport:
+    teacher: dict
+    plan: Plan
+    rounds: list[dict] = field(default_factory=list)
+    stopped: str | None = None
+    final: dict | None = None
+
+    def stop(self, reason: str) -> None:
+        self.stopped = reason
+        log.info(f"self-training stops: {reason}")
+
+    def add_round(self, selection: dict, validation: dict | None, student: ModelFolder) -> None:
+        mean = None if validation is None else validation.get("mean")
+        agreements = [score["agreement"] for score in selection["scores"].values() if score.get("agreement") is not None]
+        entry = {"round": selection["round"], "pool_size": selection["pool_size"], "labelled": selection["labelled"],
+                 "cases_added": list(selection["cases_added"]), "training_cases": len(selection["training_cases"]),
+                 "label_change": selection.get("label_change"),
+                 "mean_agreement": sum(agreements) / len(agreements) if agreements else None,
+                 "validation": mean, "worse_than_teacher": self._worse(mean)}
+        if entry["worse_than_teacher"]:
+            log.warning(f"round {entry['round']}'s student validates worse than the teacher "
+                        f"({ranking_score(mean, self.plan):.4f} < {ranking_score(self.teacher['validation'], self.plan):.4f}"
+                        f" mean Dice over lungs and infection): {student.path}")
+        self.rounds = [kept for kept in self.rounds if kept["round"] != entry["round"]] + [entry]
+
+    def _worse(self, mean: dict | None) -> bool | None:
+        teacher = self.teacher.get("validation")
+        if mean is None or teacher is None:
+            return None
+        mine, theirs = ranking_score(mean, self.plan), ranking_score(teacher, self.plan)
+        return None if math.isnan(mine) or math.isnan(theirs) else mine < theirs
+
+    def to_json(self) -> dict:
+        return {"teacher": self.teacher, "rounds": self.rounds, "stopped": self.stopped, "final": self.final}
 
 
-def write_summary(path: Path, teacher: dict, rounds: list[dict], final: dict | None = None) -> dict:
-    summary = {"teacher": teacher, "rounds": rounds}
-    if final is not None:
-        summary["final"] = final
+def write_summary(path: Path, summary: dict) -> dict:
     write_json(path, summary)
     return summary
 
@@ -60,28 +96,34 @@ def validation_table(summary: dict) -> str:
 
 
 def plot_rounds(summary: dict, path: str | os.PathLike) -> None:
-    """Validation Dice per structure (round 0 = the teacher) and the unused pool size, per round."""
+    """Validation Dice per structure (round 0 = the teacher), and the pool's label change and agreement, per
+    round."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    models = [(0, summary["teacher"].get("validation") or {}, None)]
-    models += [(entry["round"], entry.get("validation") or {}, entry["pool_size"]) for entry in summary["rounds"]]
+    models = [(0, summary["teacher"].get("validation") or {})]
+    models += [(entry["round"], entry.get("validation") or {}) for entry in summary["rounds"]]
     structures = []
-    for _, validation, _ in models:
+    for _, validation in models:
         structures += [name for name in validation if name not in structures]
     figure, (dice, pool) = pyplot.subplots(2, 1, figsize=(8, 8), sharex=True)
     for name in structures:
-        values = [(validation.get(name) or {}).get("dice") for _, validation, _ in models]
-        dice.plot([index for index, _, _ in models], [math.nan if v is None else v for v in values], marker="o",
+        values = [(validation.get(name) or {}).get("dice") for _, validation in models]
+        dice.plot([index for index, _ in models], [math.nan if v is None else v for v in values], marker="o",
                   label=name)
-    dice.set_ylabel("validation Dice")
+    dice.set_ylabel("validation Dice (held-out expert cases)")
     dice.set_ylim(0, 1)
-    dice.legend(loc="best", fontsize="small")
-    dice.set_title("round 0 = teacher")
-    rounds = [(index, size) for index, _, size in models if size is not None]
-    pool.plot([index for index, _ in rounds], [size for _, size in rounds], marker="o", color="black")
-    pool.set_ylabel("unused pool cases")
+    if structures:
+        dice.legend(loc="best", fontsize="small")
+    dice.set_title("round 0 = teacher" if structures else "no validation (--holdout none)")
+    rounds = [entry["round"] for entry in summary["rounds"]]
+    for key, name in (("mean_agreement", "members' agreement (infection Dice)"),
+                      ("label_change", "label change from the previous round")):
+        values = [entry.get(key) for entry in summary["rounds"]]
+        pool.plot(rounds, [math.nan if v is None else v for v in values], marker="o", label=name)
+    pool.set_ylim(0, 1)
+    pool.legend(loc="best", fontsize="small")
     pool.set_xlabel("round")
     figure.tight_layout()
     with atomic_path(path) as temporary:

@@ -1,133 +1,53 @@
-"""The self-training loop: each round the teacher pseudo-labels the unused pool, a student initialised from
-the teacher is fine-tuned on the expert cases plus every pseudo-labelled case so far, and becomes the next
-teacher. Everything goes to ``results/selftrain/`` under the workspace lock scope ``selftrain``.
+"""The self-training loop. Round r: the round's teacher (the chosen teacher in round 1, then the newest student)
+labels the pool (all of it with ``refresh``, else the unused part), the most reliable cases become pseudo-labelled
+training cases, and a student is trained on the expert cases plus those: a new network on the teacher's schedule
+(``retrain``) or the latest model fine-tuned (``finetune``). It stops after ``max_rounds``, when the pool is used
+up (without refresh), or when the pseudo-labels stop changing. Everything goes to ``results/selftrain/``.
 
-Resumable per round: a round with ``selection.json`` keeps its pseudo-labels; its student resumes from
-``checkpoint_latest.pth`` through ``run_training`` (or is skipped once finished and validated). Each round
-seeds the global random generators from (seed, round), so a student retrained after a kill sees the same
-patches and augmentations as in an uninterrupted run (on a CPU with ``--num-workers 0``, bit for bit).
+Resumable per step: a round with ``selection.json`` keeps its selection, pool predictions already made are kept
+(``candidates/``, one per case), and a student resumes from its ``checkpoint_latest.pth``. Each round seeds the
+global random generators from (seed, round), so a student retrained after a kill sees the same draws.
 
-Scale. Under torchrun every rank pseudo-labels its share of the unused pool (case i goes to rank i mod N), rank 0
-selects, and the student is fine-tuned with DistributedDataParallel like ``covnet_train``; only rank 0 writes
-summaries and validates. Across independent machines, ``run_pseudo_label_part`` (``--num-parts P --part-id I``)
-predicts one part of the current round's candidates and stops; the ordinary run (``--continue``) is the merge:
-it finds those candidates, predicts any that are missing, selects and fine-tunes.
+Scale. Under torchrun every rank labels its share of the pool (case i goes to rank i mod N), rank 0 selects, and
+the student trains with DistributedDataParallel like ``covnet_train``. Across machines, ``run_pseudo_label_part``
+(``--num-parts P --part-id I``) labels one part of the current round's pool and stops; the ordinary
+``--continue`` is the merge.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from covnet.checkpoint import Checkpoint
+from covnet.dataset import INFECTION
 from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.planning.plans import Plan
-from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, write_json
-from covnet.runtime.devices import resolve_device
+from covnet.runtime.atomic import atomic_path, read_json, write_json
 from covnet.runtime.errors import CovnetError
-from covnet.runtime.locking import exclusive
-from covnet.runtime.log import logger, setup_logging
+from covnet.runtime.log import logger
 from covnet.runtime.sharding import shard
-from covnet.selftrain.pseudo_labels import (
-    CANDIDATES,
-    PSEUDO_LABELS,
-    check_pool_names,
-    pool_cases,
-    predict_candidates,
-    pseudo_label_round,
-    read_selection,
-    self_training_plan,
-)
-from covnet.selftrain.report import plot_rounds, round_entry, validation_table, write_summary
-from covnet.selftrain.teacher import Teacher, choose_teacher, ranking_score
-from covnet.training.distributed import DistributedContext, context_from_environment, device_for, initialise, shutdown
+from covnet.selftrain.candidates import PoolLabeller, predict_candidates
+from covnet.selftrain.report import RoundReport, plot_rounds, validation_table, write_summary
+from covnet.selftrain.selection import choose_cases, store_pseudo_case
+from covnet.selftrain.settings import SelfTrainingSettings
+from covnet.selftrain.teacher import Teacher, ranking_score
+from covnet.training.distributed import DistributedContext
 from covnet.training.run import run_training
-from covnet.training.settings import TrainingJob, TrainingSettings
+from covnet.training.settings import TrainingJob
 from covnet.training.validation import validate_fold
-from covnet.workspace import Workspace
+from covnet.workspace import ModelFolder, Workspace
 
 log = logger(__name__)
 LOCK_SCOPE = "selftrain"
 COMMAND = "covnet_selftrain"
-# Settings that define the experiment: a --continue with other values would mix two experiments.
-FIXED_SETTINGS = ("teacher", "cases_per_round", "epochs_per_round", "iterations_per_epoch", "validation_iterations",
-                  "min_confidence", "pseudo_weight", "seed", "tta", "initial_lr")
-
-
-@dataclass
-class SelfTrainingSettings:
-    teacher: str = "best"
-    cases_per_round: int = 2
-    epochs_per_round: int = 50
-    iterations_per_epoch: int = 250
-    validation_iterations: int = 50
-    min_confidence: float = 0.9
-    pseudo_weight: float = 0.5
-    max_rounds: int | None = None            # None: until the pool is used up
-    keep_best: bool = False
-    device: str = "auto"
-    num_workers: int | None = None
-    seed: int = 0
-    tta: bool = True                         # mirroring for the pseudo-labels and every validation
-    initial_lr: float = 1e-3
-    checkpoint_every: int = 10
-
-    def __post_init__(self):
-        for name in ("cases_per_round", "epochs_per_round", "iterations_per_epoch", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise CovnetError(None, f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.max_rounds is not None and self.max_rounds < 1:
-            raise CovnetError(None, f"--max-rounds must be at least 1, not {self.max_rounds}")
-        if not 0 <= self.min_confidence <= 1.01:
-            raise CovnetError(None, f"--min-confidence must lie in [0, 1] (above 1: ignore every voxel), "
-                                    f"not {self.min_confidence}")
-        if not (self.pseudo_weight > 0 and math.isfinite(self.pseudo_weight)):
-            raise CovnetError(None, f"--pseudo-weight must be > 0, not {self.pseudo_weight}")
-        if self.initial_lr <= 0:
-            raise CovnetError(None, f"--lr must be > 0, not {self.initial_lr}")
-
-
-def _relative(workspace: Workspace, path: Path) -> str:
-    path = Path(path)
-    return str(path.relative_to(workspace.root)) if path.is_relative_to(workspace.root) else str(path)
-
-
-def _absolute(workspace: Workspace, path: str) -> Path:
-    return workspace.root / path if not Path(path).is_absolute() else Path(path)
-
-
-def _teacher_json(workspace: Workspace, teacher: Teacher) -> dict:
-    data = asdict(teacher)
-    data["checkpoints"] = [_relative(workspace, path) for path in teacher.checkpoints]
-    data["pretrained"] = _relative(workspace, teacher.pretrained)
-    return data
-
-
-def _teacher_from_json(workspace: Workspace, data: dict) -> Teacher:
-    return Teacher(**{**data, "checkpoints": [_absolute(workspace, path) for path in data["checkpoints"]],
-                      "pretrained": _absolute(workspace, data["pretrained"])})
-
-
-def _start_or_resume(workspace: Workspace, settings: SelfTrainingSettings, teacher: Teacher | None) -> Teacher:
-    """The teacher of this self-training: recorded in ``settings.json`` at the start, read back on --continue."""
-    path = workspace.selftrain / "settings.json"
-    if path.is_file():
-        stored = read_json(path, "")
-        changed = [name for name in FIXED_SETTINGS if stored["settings"].get(name) != getattr(settings, name)]
-        if changed:
-            flags = ", ".join(f"--{name.replace('_', '-')} {stored['settings'].get(name)}" for name in changed)
-            raise CovnetError(path, f"this self-training was started with {flags}; continue it with the same "
-                                    "settings, or delete results/selftrain to start another")
-        return _teacher_from_json(workspace, stored["teacher"])
-    teacher = teacher or choose_teacher(workspace, settings.teacher)
-    write_json(path, {"settings": asdict(settings), "teacher": _teacher_json(workspace, teacher)})
-    return teacher
+PREPROCESSED_SCOPE = "preprocessed"
+CANDIDATES, PSEUDO_LABELS, SELECTION = "candidates", "pseudo_labels", "selection.json"
 
 
 def seed_round(seed: int, round_index: int) -> None:
@@ -138,251 +58,232 @@ def seed_round(seed: int, round_index: int) -> None:
     torch.manual_seed(value)
 
 
-def run_selftraining(workspace: Workspace, settings: SelfTrainingSettings, resume: bool = False,
-                     teacher: Teacher | None = None) -> dict | None:
-    """Self-train into ``results/selftrain/`` and return its summary (None on the ranks other than 0 under
-    torchrun). ``teacher`` overrides ``settings.teacher`` (e.g. a model trained on a custom split); on --continue
-    the recorded teacher is used."""
-    context = context_from_environment()
-    device = device_for(context, resolve_device(settings.device))
-    initialise(context, device)
-    root = workspace.selftrain
-    try:
-        with _holding(workspace, context):
-            if context.is_main:
-                if root.exists() and not resume:
-                    raise CovnetError(root, "already holds a self-training; pass --continue to resume it, or "
-                                            "delete the folder to start again")
-                root.mkdir(parents=True, exist_ok=True)
-                sweep_dead_temporaries(root)
-                teacher = _start_or_resume(workspace, settings, teacher)
-            setup_logging(root / "selftrain_log.txt" if context.is_main else None, rank=context.rank)
-            context.barrier()                 # rank 0 has recorded the teacher: the others read it back
-            if not context.is_main:
-                teacher = _start_or_resume(workspace, settings, None)
-            return _run_rounds(workspace, settings, teacher, device, context)
-    finally:
-        shutdown(context)
+@dataclass
+class SelfTrainingRun:
+    """One self-training: where it writes, who teaches, what it trains, on which device and processes."""
+    workspace: Workspace
+    settings: SelfTrainingSettings
+    teacher: Teacher
+    plan: Plan                                   # the workspace's plan with an ignore label
+    device: torch.device
+    context: DistributedContext
+    oracle_folder: Path | None = None            # the pool's true labels instead of a teacher (experiments)
+
+    # ------------------------------------------------------------------------------------------ places
+    def round_dir(self, round_index: int) -> Path:
+        return self.workspace.selftrain_round(round_index).path
+
+    def candidates(self, round_index: int) -> Path:
+        return self.round_dir(round_index) / CANDIDATES
+
+    def student(self, round_index: int) -> ModelFolder:
+        return self.workspace.selftrain_round(round_index)
+
+    def relative(self, path: Path) -> str:
+        path = Path(path)
+        return str(path.relative_to(self.workspace.root)) if path.is_relative_to(self.workspace.root) else str(path)
+
+    def selection(self, round_index: int) -> dict | None:
+        path = self.round_dir(round_index) / SELECTION
+        return read_json(path, "") if path.is_file() else None
+
+    # ------------------------------------------------------------------------------------------ labelling
+    def round_models(self, round_index: int) -> list[Path]:
+        """Who labels round ``round_index``: the teacher's models, then the previous round's student."""
+        if round_index == 1:
+            return list(self.teacher.members)
+        previous = self.student(round_index - 1).checkpoint("final")
+        if not previous.is_file():
+            raise CovnetError(previous, f"not found: round {round_index - 1}'s student is not trained yet; run "
+                                        "covnet_selftrain --continue first")
+        return [previous]
+
+    def labeller(self, round_index: int) -> PoolLabeller:
+        scoring = [self.plan.labels[INFECTION]] if INFECTION in self.plan.labels else \
+            list(self.plan.foreground_labels.values())
+        foreground = list(self.plan.foreground_labels.values())
+        if self.oracle_folder is not None:
+            return PoolLabeller(self.plan, {"oracle": self.relative(self.oracle_folder)}, scoring, foreground,
+                                oracle_folder=self.oracle_folder)
+        models, mirroring = self.round_models(round_index), self.settings.teacher_mirroring
+        key = {"models": [self.relative(model) for model in models], "mirroring": mirroring}
+        predictor = Predictor.from_files(models, self.device, InferenceSettings(use_mirroring=mirroring))
+        second = Predictor.from_files(models, self.device, InferenceSettings(use_mirroring=False)) \
+            if len(models) == 1 and mirroring else None
+        return PoolLabeller(self.plan, key, scoring, foreground, predictor=predictor, second_opinion=second)
+
+    def to_label(self, round_index: int, pool: list[str]) -> list[str]:
+        """The pool cases round ``round_index`` labels: all of them with refresh, else those not yet taken."""
+        if self.settings.refresh or round_index == 1:
+            return list(pool)
+        taken = self.selection(round_index - 1)["training_cases"]
+        return [case for case in pool if case not in taken]
+
+    def label_pool(self, round_index: int, cases: list[str], labeller: PoolLabeller | None = None) -> dict:
+        labeller = labeller or self.labeller(round_index)
+        previous = self.candidates(round_index - 1) if round_index > 1 else None
+        mine = shard(cases, self.context.world_size, self.context.rank, key=lambda case: case)
+        predict_candidates(self.workspace, labeller, mine, self.candidates(round_index), previous)
+        self.context.barrier()
+        return predict_candidates(self.workspace, labeller, cases, self.candidates(round_index), previous)
+
+    # ------------------------------------------------------------------------------------------ selection
+    def select(self, round_index: int, records: dict[str, dict], pool_size: int) -> dict:
+        """Choose the round's cases, store them as pseudo-labelled cases, write ``selection.json`` (last)."""
+        settings, round_dir = self.settings, self.round_dir(round_index)
+        earlier = {} if round_index == 1 or settings.refresh else \
+            dict(self.selection(round_index - 1)["training_cases"])
+        chosen = choose_cases(records, settings, round_index=round_index, pool_size=pool_size, kept=list(earlier),
+                              seed=settings_seed(settings))
+        folder = round_dir / PSEUDO_LABELS
+        shutil.rmtree(folder, ignore_errors=True)       # what an interrupted selection left: redone
+        provenance = {"round": round_index, "teacher": records[chosen[0]]["key"] if chosen else None,
+                      "policy": settings.pseudo_labels}
+        ignored = {case: store_pseudo_case(self.workspace.preprocessed_pool, self.candidates(round_index), folder,
+                                           case, self.plan, settings.label_policy, round_index=round_index,
+                                           seed=settings_seed(settings), provenance=provenance) for case in chosen}
+        changes = [record["change"] for record in records.values() if record.get("change") is not None]
+        selection = {"round": round_index, "teacher": provenance["teacher"], "pool_size": pool_size,
+                     "labelled": len(records), "cases_added": chosen,
+                     "training_cases": {**earlier, **{case: self.relative(folder) for case in chosen}},
+                     "scores": {case: {name: record.get(name) for name in ("agreement", "confidence", "change")}
+                                for case, record in records.items()},
+                     "ignored_share": {case: {str(k): v for k, v in shares.items()} for case, shares in ignored.items()},
+                     "label_change": float(np.mean(changes)) if changes else None}
+        write_json(round_dir / SELECTION, selection)
+        if round_index > 1 and not settings.keep_candidates:
+            shutil.rmtree(self.candidates(round_index - 1), ignore_errors=True)
+        return selection
+
+    # ------------------------------------------------------------------------------------------ students
+    def student_job(self, round_index: int, selection: dict) -> TrainingJob:
+        pseudo = {case: self.workspace.root / folder for case, folder in selection["training_cases"].items()}
+        experts = list(self.teacher.train_cases)
+        leaked = sorted(set(pseudo) & set(self.teacher.holdout_cases) | set(experts) & set(self.teacher.holdout_cases))
+        if leaked:
+            raise CovnetError(None, f"held-out case(s) {', '.join(leaked)} would be trained on")
+        folders = {case: self.workspace.preprocessed_cases for case in experts + list(self.teacher.holdout_cases)}
+        folders.update(pseudo)
+        return TrainingJob(name=f"selftrain_round_{round_index:02d}", plan=self.plan, workspace=self.workspace,
+                           folder=self.student(round_index), train_cases=experts + sorted(pseudo),
+                           validation_cases=list(self.teacher.holdout_cases), case_folders=folders,
+                           pseudo_cases=sorted(pseudo), expert_share=self.settings.expert_share,
+                           strong_noise=self.settings.strong_noise)
+
+    def train_student(self, round_index: int, selection: dict) -> dict | None:
+        previous = self.teacher.pretrained if round_index == 1 else self.student(round_index - 1).checkpoint("final")
+        training = self.settings.student_training(self.teacher.training, round_index=round_index,
+                                                  pretrained=str(previous))
+        job = self.student_job(round_index, selection)
+        seed_round(training.seed, round_index)
+        log.info(f"round {round_index}: {self.settings.student} student on {len(self.teacher.train_cases)} expert + "
+                 f"{len(job.pseudo_cases)} pseudo-labelled cases, {training.epochs} x "
+                 f"{training.iterations_per_epoch} iterations, lr {training.initial_lr:g}"
+                 + (f", from {self.relative(previous)}" if training.pretrained else ", new weights"))
+        run_training(job, training, resume=True, validate_only=False, context=self.context, device=self.device)
+        return job.folder.validation_summary()
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def teacher_validation(self) -> dict | None:
+        """The teacher's validation on the held-out cases with the students' inference settings."""
+        if not self.teacher.holdout_cases:
+            return None
+        folder = self.workspace.selftrain / "teacher_validation"
+        summary = read_json(folder / "summary.json", "") if (folder / "summary.json").is_file() else \
+            validate_fold(self.workspace, Checkpoint.load(self.teacher.pretrained), self.teacher.holdout_cases,
+                          folder, self.device, self.validation_inference(), resume=True)
+        return None if summary is None else summary["mean"]
+
+    def validation_inference(self) -> InferenceSettings:
+        training = self.settings.student_training(self.teacher.training, round_index=1, pretrained=None)
+        return InferenceSettings(step_size=training.validation_step_size, use_mirroring=training.validation_mirroring)
+
+    def run(self) -> dict | None:
+        pool = checked_pool(self.workspace, self.teacher)
+        log.info(f"teacher: {self.teacher.describe()}; held-out cases: "
+                 f"{', '.join(self.teacher.holdout_cases) or 'none (--holdout none)'}")
+        report = RoundReport(teacher=self.teacher.summary(self.relative), plan=self.plan)
+        if self.context.is_main:
+            report.teacher["validation"] = self.teacher_validation()
+        for round_index in range(1, self.settings.max_rounds + 1):
+            selection = self.selection(round_index)
+            if selection is None:
+                cases = self.to_label(round_index, pool)
+                if not cases:
+                    report.stop("the pool is used up")
+                    break
+                records = self.label_pool(round_index, cases)
+                change = mean_change(records)
+                if self.settings.refresh and change is not None and change < self.settings.stable_change:
+                    report.stop(f"the pseudo-labels changed by {change:.4f} < {self.settings.stable_change:g}")
+                    break
+                selection = self.select(round_index, records, len(pool)) if self.context.is_main else None
+                self.context.barrier()
+                selection = selection or self.selection(round_index)
+            validation = self.train_student(round_index, selection)
+            if self.context.is_main:
+                report.add_round(selection, validation, self.student(round_index))
+                self.publish(report)
+        if not self.context.is_main:
+            return None
+        if not report.rounds:
+            raise CovnetError(self.workspace.selftrain, f"no round was run ({report.stopped or 'nothing to do'})")
+        report.final = self.write_final(report)
+        summary = self.publish(report)
+        if not self.settings.keep_candidates:
+            for entry in report.rounds:
+                shutil.rmtree(self.candidates(entry["round"]), ignore_errors=True)
+        if summary["teacher"].get("validation"):
+            log.info("validation on the held-out cases (teacher vs each round's student):\n" + validation_table(summary))
+        log.info(f"final model: round {report.final['round']} ({report.final['reason']}): "
+                 f"{self.workspace.selftrain_final / 'checkpoint_final.pth'}")
+        return summary
+
+    def publish(self, report: RoundReport) -> dict:
+        summary = write_summary(self.workspace.selftrain / "summary.json", report.to_json())
+        plot_rounds(summary, self.workspace.selftrain / "progress.png")
+        return summary
+
+    def write_final(self, report: RoundReport) -> dict:
+        """``final/checkpoint_final.pth``: a copy of the last student, or of the best one with ``keep_best``."""
+        chosen, reason = report.rounds[-1], "last"
+        if self.settings.keep_best:
+            def score(entry):
+                value = ranking_score(entry["validation"] or {}, self.plan)
+                return -math.inf if math.isnan(value) else value
+            chosen, reason = max(report.rounds, key=score), "best validation"
+        source = self.student(chosen["round"]).checkpoint("final")
+        final = self.workspace.selftrain_final
+        with atomic_path(final.checkpoint("final")) as temporary:
+            shutil.copyfile(source, temporary)
+        entry = {"round": chosen["round"], "reason": reason, "source": self.relative(source),
+                 "validation": chosen["validation"]}
+        write_json(final / "model.json", entry)
+        return entry
 
 
-@contextlib.contextmanager
-def _holding(workspace: Workspace, context: DistributedContext):
-    """Rank 0 holds the self-training lock for every rank."""
-    if not context.is_main:
-        yield
-        return
-    with exclusive(workspace.root, LOCK_SCOPE, COMMAND):
-        yield
+def settings_seed(settings: SelfTrainingSettings) -> int:
+    return int(settings.training_overrides.get("seed", 0))
 
 
-def run_pseudo_label_part(workspace: Workspace, settings: SelfTrainingSettings, num_parts: int, part_id: int,
-                          teacher: Teacher | None = None) -> list[str]:
-    """Predict part ``part_id`` of ``num_parts`` of the current round's pseudo-label candidates (the first
-    round without ``selection.json``) and stop; return the cases of this part. Parts run at the same time on
-    other machines sharing the workspace; ``run_selftraining(..., resume=True)`` afterwards is the merge."""
-    if context_from_environment().enabled:
-        raise CovnetError(None, "--num-parts/--part-id split the pool across separate runs; under torchrun the "
-                                "ranks share it without them")
-    shard([], num_parts, part_id)                       # a bad part is refused before any work
-    device = resolve_device(settings.device)
-    root = workspace.selftrain
-    with exclusive(workspace.root, f"{LOCK_SCOPE}_part_{part_id}_of_{num_parts}", COMMAND):
-        root.mkdir(parents=True, exist_ok=True)
-        setup_logging(root / f"pseudo_label_part_{part_id}_of_{num_parts}_log.txt")
-        teacher = _start_or_resume(workspace, settings, teacher)
-        plan = self_training_plan(Plan.load(workspace.plans_json))
-        pool = _checked_pool(workspace, teacher)
-        round_index, used = 1, []
-        while (selection := read_selection(workspace.selftrain_round(round_index))) is not None:
-            used += selection["cases_added"]
-            round_index += 1
-        if settings.max_rounds is not None and round_index > settings.max_rounds:
-            raise CovnetError(root, f"--max-rounds {settings.max_rounds} rounds are already selected; nothing to do")
-        models = _round_teacher_models(workspace, teacher, round_index)
-        mine = shard([case for case in pool if case not in used], num_parts, part_id, key=lambda case: case)
-        log.info(f"round {round_index}, part {part_id} of {num_parts}: the teacher pseudo-labels {len(mine)} "
-                 f"of the unused pool case(s)")
-        predictor = Predictor.from_files(models, device, InferenceSettings(use_mirroring=settings.tta))
-        predict_candidates(workspace, predictor, plan, mine, workspace.selftrain_round(round_index) / CANDIDATES,
-                           settings.min_confidence, _candidate_key(workspace, models, settings))
-        log.info(f"round {round_index}, part {part_id} of {num_parts} done; when every part is done, "
-                 f"covnet_selftrain --continue selects and fine-tunes")
-        return mine
+def mean_change(records: dict[str, dict]) -> float | None:
+    changes = [record["change"] for record in records.values() if record.get("change") is not None]
+    return float(np.mean(changes)) if changes else None
 
 
-def _checked_pool(workspace: Workspace, teacher: Teacher) -> list[str]:
+def pool_cases(workspace: Workspace) -> list[str]:
+    """The preprocessed pool: cases whose properties (written last) exist."""
+    folder = workspace.preprocessed_pool
+    return sorted(path.stem for path in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def checked_pool(workspace: Workspace, teacher: Teacher) -> list[str]:
     pool = pool_cases(workspace)
     if not pool:
         raise CovnetError(workspace.preprocessed_pool, "holds no preprocessed unlabelled CTs; import a pool "
                                                        "(covnet_import_unlabelled) and run covnet_plan_and_preprocess")
-    check_pool_names(pool, teacher.train_cases + teacher.validation_cases)
+    clash = sorted(set(pool) & set(teacher.train_cases + teacher.holdout_cases))
+    if clash:
+        raise CovnetError(None, f"unlabelled case(s) {', '.join(clash[:5])} have the name of labelled cases; "
+                                "rename them in raw/imagesUnlabelled and preprocess again")
     return pool
-
-
-def _student_checkpoint(workspace: Workspace, round_index: int) -> Path:
-    return workspace.selftrain_round(round_index).checkpoint("final")
-
-
-def _round_teacher_models(workspace: Workspace, teacher: Teacher, round_index: int) -> list[Path]:
-    """Who pseudo-labels round ``round_index``: the teacher's models, then each round's student."""
-    if round_index == 1:
-        return list(teacher.checkpoints)
-    previous = _student_checkpoint(workspace, round_index - 1)
-    if not previous.is_file():
-        raise CovnetError(previous, f"not found: round {round_index - 1}'s student is not trained yet; run "
-                                    "covnet_selftrain --continue first")
-    return [previous]
-
-
-def _candidate_key(workspace: Workspace, models: list[Path], settings: SelfTrainingSettings) -> dict:
-    """What a stored candidate was predicted with: a candidate of another teacher or setting is redone."""
-    return {"teacher": [_relative(workspace, model) for model in models], "tta": settings.tta,
-            "min_confidence": settings.min_confidence}
-
-
-def _fold_validation(workspace: Workspace, teacher: Teacher, inference: InferenceSettings) -> Path | None:
-    """The teacher fold's own ``validation/summary.json`` when it measured the same model on the same cases
-    with the same inference settings (so it need not be redone), else None."""
-    folder = workspace.fold(teacher.fold)
-    summary, stored = folder.validation_summary_file, folder.settings()
-    if teacher.pretrained != folder.checkpoint("final") or not summary.is_file() or stored is None:
-        return None
-    same = (stored["settings"].get("validation_mirroring") == inference.use_mirroring
-            and stored["settings"].get("validation_step_size") == inference.step_size
-            and sorted(stored.get("validation", [])) == sorted(teacher.validation_cases))
-    return summary if same else None
-
-
-def _teacher_entry(workspace: Workspace, teacher: Teacher, device, inference: InferenceSettings) -> dict:
-    """The teacher's validation on the held-out cases, predicted with the students' inference settings (for
-    an ensemble: its fold ``teacher.fold`` alone, the only member that never trained on those cases)."""
-    folder = workspace.selftrain / "teacher_validation"
-    source = _fold_validation(workspace, teacher, inference) or folder / "summary.json"
-    summary = read_json(source, "") if source.is_file() else \
-        validate_fold(workspace, Checkpoint.load(teacher.pretrained), teacher.validation_cases, folder, device,
-                      inference, resume=True)
-    return {"mode": teacher.mode, "fold": teacher.fold, "folds": teacher.folds,
-            "validated_model": _relative(workspace, teacher.pretrained),
-            "validation_summary": _relative(workspace, source),
-            "validation": None if summary is None else summary["mean"]}
-
-
-def _train_student(workspace: Workspace, settings: SelfTrainingSettings, plan: Plan, teacher: Teacher,
-                   round_index: int, pseudo_folders: dict[str, Path], pretrained: Path, device,
-                   context: DistributedContext) -> dict | None:
-    round_folder = workspace.selftrain_round(round_index)
-    pseudo = list(pseudo_folders)
-    train = list(teacher.train_cases) + pseudo
-    leaked = sorted(set(train) & set(teacher.validation_cases))
-    if leaked:
-        raise CovnetError(None, f"held-out case(s) {', '.join(leaked)} would be trained on")
-    folders = {case: workspace.preprocessed_cases for case in teacher.train_cases + teacher.validation_cases}
-    folders.update(pseudo_folders)
-    weights = {**{case: 1.0 for case in teacher.train_cases}, **{case: settings.pseudo_weight for case in pseudo}}
-    job = TrainingJob(name=f"selftrain_round_{round_index:02d}", plan=plan, workspace=workspace, folder=round_folder,
-                      train_cases=train, validation_cases=list(teacher.validation_cases), case_folders=folders,
-                      case_weights=weights)
-    training = TrainingSettings(epochs=settings.epochs_per_round,
-                                iterations_per_epoch=settings.iterations_per_epoch,
-                                validation_iterations=settings.validation_iterations, device=settings.device,
-                                num_workers=settings.num_workers, seed=settings.seed + round_index,
-                                checkpoint_every=settings.checkpoint_every, pretrained=str(pretrained),
-                                initial_lr=settings.initial_lr, validation_mirroring=settings.tta)
-    seed_round(settings.seed, round_index)
-    log.info(f"round {round_index}: student fine-tuned from {_relative(workspace, pretrained)} on "
-             f"{len(teacher.train_cases)} expert + {len(pseudo)} pseudo-labelled cases (weight "
-             f"{settings.pseudo_weight:g}), {settings.epochs_per_round} x {settings.iterations_per_epoch} iterations")
-    started = any(round_folder.checkpoint(name).is_file() for name in ("latest", "final"))
-    run_training(job, training, resume=started, validate_only=False, context=context, device=device)
-    return round_folder.validation_summary()
-
-
-def _pseudo_label(workspace: Workspace, settings: SelfTrainingSettings, plan: Plan, round_index: int,
-                  models: list[Path], unused: list[str], device, context: DistributedContext) -> dict:
-    """Round ``round_index``'s selection: every rank predicts its share of the unused pool, rank 0 selects."""
-    round_dir = workspace.selftrain_round(round_index)
-    log.info(f"round {round_index}: the teacher ({', '.join(_relative(workspace, m) for m in models)}) "
-             f"pseudo-labels {len(unused)} unused pool case(s)")
-    key = _candidate_key(workspace, models, settings)
-    predictor = Predictor.from_files(models, device, InferenceSettings(use_mirroring=settings.tta))
-    if context.enabled:
-        predict_candidates(workspace, predictor, plan, shard(unused, context.world_size, context.rank,
-                                                             key=lambda case: case),
-                           round_dir / CANDIDATES, settings.min_confidence, key)
-        context.barrier()
-    if context.is_main:               # every candidate is there by now (the ranks' or an earlier part's)
-        pseudo_label_round(workspace, round_index, round_dir, predictor, plan, unused, settings.cases_per_round,
-                           settings.min_confidence, key, settings.seed)
-    context.barrier()
-    return read_selection(round_dir)
-
-
-def _run_rounds(workspace: Workspace, settings: SelfTrainingSettings, teacher: Teacher, device,
-                context: DistributedContext) -> dict | None:
-    plan = self_training_plan(Plan.load(workspace.plans_json))
-    pool = _checked_pool(workspace, teacher)
-    inference = InferenceSettings(use_mirroring=settings.tta)
-    log.info(f"teacher: {teacher.describe()}; held-out validation cases: {', '.join(teacher.validation_cases)}")
-    teacher_entry = _teacher_entry(workspace, teacher, device, inference) if context.is_main else None
-    used: list[str] = []
-    pseudo_folders: dict[str, Path] = {}
-    rounds: list[dict] = []
-    round_index = 1
-    while settings.max_rounds is None or round_index <= settings.max_rounds:
-        round_dir = workspace.selftrain_round(round_index)
-        selection = read_selection(round_dir)
-        if selection is None:
-            unused = [case for case in pool if case not in used]
-            if not unused:
-                break
-            models = _round_teacher_models(workspace, teacher, round_index)
-            selection = _pseudo_label(workspace, settings, plan, round_index, models, unused, device, context)
-        taken = ", ".join(f"{case} ({'n/a' if c is None else f'{c:.4f}'})"
-                          for case, c in selection["confidence"].items())
-        log.info(f"round {round_index}: pool {selection['pool_size_before']} -> {selection['pool_size']} case(s); "
-                 f"taken (confidence): {taken}")
-        for case in selection["cases_added"]:
-            used.append(case)
-            pseudo_folders[case] = round_dir / PSEUDO_LABELS
-        pretrained = teacher.pretrained if round_index == 1 else _student_checkpoint(workspace, round_index - 1)
-        validation = _train_student(workspace, settings, plan, teacher, round_index, pseudo_folders, pretrained,
-                                    device, context)
-        if context.is_main:
-            rounds.append(round_entry(selection, validation))
-            _publish(workspace, teacher_entry, rounds)
-        round_index += 1
-    if round_index == 1:
-        raise CovnetError(workspace.selftrain, "no round was run (the pool is empty or already used)")
-    if not context.is_main:
-        return None
-    final = _write_final(workspace, settings, rounds, plan)
-    summary = _publish(workspace, teacher_entry, rounds, final)
-    log.info("validation on the held-out cases (teacher vs each round's student):\n" + validation_table(summary))
-    log.info(f"final model: round {final['round']} ({final['reason']}): "
-             f"{workspace.selftrain_final / 'checkpoint_final.pth'}")
-    return summary
-
-
-def _publish(workspace: Workspace, teacher_entry: dict | None, rounds: list[dict], final: dict | None = None
-             ) -> dict:
-    """Rewrite ``summary.json`` and ``progress.png`` from the rounds so far; return the summary."""
-    summary = write_summary(workspace.selftrain / "summary.json", teacher_entry, rounds, final)
-    plot_rounds(summary, workspace.selftrain / "progress.png")
-    return summary
-
-
-def _write_final(workspace: Workspace, settings: SelfTrainingSettings, rounds: list[dict], plan: Plan) -> dict:
-    """``final/checkpoint_final.pth``: a copy of the last student, or of the best one with ``keep_best``."""
-    chosen, reason = rounds[-1], "last"
-    if settings.keep_best:
-        def score(entry):
-            value = ranking_score(entry["validation"] or {}, plan)
-            return -math.inf if math.isnan(value) else value
-        chosen, reason = max(rounds, key=score), "best"
-    source = _student_checkpoint(workspace, chosen["round"])
-    with atomic_path(workspace.selftrain_final / "checkpoint_final.pth") as temporary:
-        shutil.copyfile(source, temporary)
-    final = {"round": chosen["round"], "reason": reason, "source": _relative(workspace, source),
-             "validation": chosen["validation"]}
-    write_json(workspace.selftrain_final / "model.json", final)
-    return final

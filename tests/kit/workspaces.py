@@ -50,8 +50,10 @@ TRAIN_FLAGS = ("--epochs", "3", "--iters-per-epoch", "2", "--val-iters", "1", "-
 # One iteration of training: enough for a model that predicts, in about a second.
 TINY_TRAIN = ("--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--num-workers", "0",
               "--no-val-mirroring")
-SELFTRAIN_FLAGS = ("--cases-per-round", "2", "--epochs-per-round", "1", "--iters-per-epoch", "1", "--val-iters", "1",
-                   "--num-workers", "0", "--disable-tta")
+# The default recipe (ensemble teacher, 2 rounds: half the pool, then all of it relabelled) at the teacher folds'
+# own one-iteration schedule, without test-time mirroring.
+SELFTRAIN_FLAGS = ("--iters-per-epoch", "1", "--val-iters", "1", "--num-workers", "0", "--no-teacher-mirroring",
+                   "--no-val-mirroring")
 
 
 def command(name: str, *args) -> int:
