@@ -34,7 +34,7 @@ from covnet.runtime.log import logger
 from covnet.runtime.sharding import shard
 from covnet.selftrain.candidates import PoolLabeller, predict_candidates
 from covnet.selftrain.report import RoundReport, plot_rounds, validation_table, write_summary
-from covnet.selftrain.selection import choose_cases, store_pseudo_case
+from covnet.selftrain.selection import choose_cases, store_pseudo_case, target_count
 from covnet.selftrain.settings import SelfTrainingSettings
 from covnet.selftrain.teacher import Teacher, ranking_score
 from covnet.training.distributed import DistributedContext
@@ -214,8 +214,11 @@ class SelfTrainingRun:
                     break
                 records = self.label_pool(round_index, cases)
                 change = mean_change(records)
-                if self.settings.refresh and change is not None and change < self.settings.stable_change:
-                    report.stop(f"the pseudo-labels changed by {change:.4f} < {self.settings.stable_change:g}")
+                grows = target_count(self.settings, round_index, len(pool)) > \
+                    target_count(self.settings, round_index - 1, len(pool))
+                if self.settings.refresh and not grows and change is not None and change < self.settings.stable_change:
+                    report.stop(f"the pseudo-labels changed by {change:.4f} < {self.settings.stable_change:g} and "
+                                "no cases would be added")
                     break
                 selection = self.select(round_index, records, len(pool)) if self.context.is_main else None
                 self.context.barrier()
