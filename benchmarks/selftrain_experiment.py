@@ -1,206 +1,335 @@
-"""Does self-training on unlabelled CTs help when only a few CTs are labelled? Phantoms, several seeds.
+"""Does self-training on unlabelled CTs beat a supervised control? A paired, multi-arm experiment on phantoms.
 
-    python benchmarks/selftrain_experiment.py --root /tmp/covnet_selftrain_experiment        (~30-40 min, 2 cores)
-    python benchmarks/selftrain_experiment.py --root /tmp/st_tiny --tiny                     (a minute or two)
+    python benchmarks/selftrain_experiment.py --root /tmp/st --regime scarcity --seeds 0 1 2 3 4 5 --workers 2
+    python benchmarks/selftrain_experiment.py --root /tmp/st --regime shift    --seeds 0 1 2 3 4 5 --workers 2
+    python benchmarks/selftrain_analysis.py --root /tmp/st --output benchmarks/results/selftrain   # tables, figure
+    python benchmarks/selftrain_experiment.py --root /tmp/st_tiny --regime shift --seeds 0 --tiny  # a few minutes
 
-Data: phantom CTs, ``--train`` expert-labelled cases for training (default 4), ``--held-out`` labelled cases
-(default 6) used only for measurement, and ``--unlabelled`` pool CTs (default 16). Cross-validation folds need
-at least five patients and would put some of the few expert cases into validation, so the experiment uses its
-own split instead of ``splits.json``: the first ``--train`` labelled cases train, the others are held out, the
-same for every model and seed.
+Regimes (phantoms, ``covnet_make_phantoms``' acquisition profiles):
 
-For each seed, three models on the same plan (``covnet_plan_and_preprocess --device cpu``):
+* ``scarcity``: 4 expert cases, 16 pool cases and 24 held-out cases, all from one scanner (``standard``);
+* ``shift``: 4 expert cases from the ``standard`` scanner, pool and held-out cases from another
+  (``low_dose_soft``: thick slices, soft kernel, grainy noise, +50 HU, fainter and more numerous lesions).
 
-* **base**: trained from scratch on the expert cases (``--base-epochs``), in ``results/fold_base``;
-* **self-trained**: ``covnet_selftrain`` with base as the teacher: ``--rounds`` rounds, each pseudo-labelling
-  the unused pool, adding the ``--cases-per-round`` most confident cases and fine-tuning a student
-  (``--epochs-per-round``) on expert + pseudo-labelled cases;
-* **control**: the same fine-tuning schedule (same rounds, epochs, learning rate, seeds, plan with an ignore
-  label) on the expert cases alone. Self-trained minus control is the effect of the pseudo-labels, not of the
-  extra iterations.
+Per seed, a fresh draw of every case (the data seed is the seed), one plan for the regime (made once from seed 0's
+expert cases), and these arms, every one measured on the same held-out cases without test-time mirroring:
 
-Every model is validated whole on the held-out cases (no test-time mirroring, for speed), and a Markdown table
-gives Dice (and NSD) of lungs and infection per seed and their mean over seeds. A rerun with the same
-``--root`` resumes: finished models are not retrained.
+* ``base``: the 4-fold (leave-one-out) ensemble trained on the expert cases: what a user has before
+  self-training, and the teacher of every self-training arm;
+* ``control``: one model trained on the expert cases alone for as many iterations as the base's folds and the
+  full recipe's students together;
+* ``full``: ``covnet_selftrain`` with its defaults, ``--holdout none`` (students train on all 4 expert cases);
+* ``seed recipe``: covnet's first recipe (best fold, threshold 0.9, most confident cases, fine-tuned student,
+  standard augmentation, labels kept, 4 cases a round);
+* ``-<element>``: the full recipe with one element changed to its alternative (leave-one-out);
+* ``oracle``: the full recipe with the pool's true labels instead of a teacher's: the ceiling.
+
+Every job (a fold, the control, an arm, an evaluation) runs in its own single-threaded process, ``--workers``
+at a time, and is resumable: a rerun with the same ``--root`` skips finished jobs and continues unfinished ones.
+Per-case scores go to ``<root>/<regime>/seed_<s>/<arm>/test_summary.json``; ``selftrain_analysis.py`` makes
+the tables and figure.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import json
+import os
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from covnet.network.topology import Topology
-from covnet.phantoms.generate import make_phantom_dataset
-from covnet.planning.planner import plan_dataset
-from covnet.planning.plans import Plan
-from covnet.preprocessing.run import preprocess_dataset
-from covnet.runtime.devices import resolve_device
-from covnet.runtime.log import setup_logging
-from covnet.selftrain.pseudo_labels import self_training_plan
-from covnet.selftrain.rounds import SelfTrainingSettings, run_selftraining, seed_round
-from covnet.selftrain.teacher import Teacher, ranking_score
-from covnet.training.distributed import DistributedContext
-from covnet.training.run import run_training
-from covnet.training.settings import TrainingJob, TrainingSettings
-from covnet.workspace import ModelFolder, Workspace
-
-STRUCTURES = ("lungs", "infection")
-
-
-def tiny_plan(plan: Plan) -> Plan:
-    """A very small network and patch (seconds per model): only to prove the script runs end to end."""
-    topology = Topology(in_channels=plan.in_channels, num_classes=plan.num_classes, features_per_stage=(4, 8, 16),
-                        kernel_sizes=((3, 3, 3),) * 3, strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
-                        n_blocks_per_stage=(1, 1, 1), n_conv_per_stage_decoder=(1, 1), deep_supervision=True)
-    return dataclasses.replace(plan, patch_size=[32, 48, 64], batch_size=2, network=topology)
+REGIMES = {"scarcity": ("standard", "standard"), "shift": ("standard", "low_dose_soft")}
+EXPERTS, POOL, HELD_OUT, FOLDS = 4, 16, 24, 4
+# The elements of the full recipe and what each is replaced by in its leave-one-out arm.
+ARMS = {
+    "full": {},
+    "seed recipe": {"teacher": "best", "pseudo_labels": "threshold", "selection": "confidence", "cases_per_round": 4,
+                    "student": "finetune", "strong_noise": False, "refresh": False, "max_rounds": 4},
+    "-ensemble teacher": {"teacher": "best", "teacher_mirroring": False},
+    "-argmax labels": {"pseudo_labels": "class_balanced"},
+    "-agreement selection": {"selection": "random"},
+    "-retrained student": {"student": "finetune"},
+    "-strong noise": {"strong_noise": False},
+    "-refreshed labels": {"refresh": False},
+    "oracle": {},
+}
+SUPERVISED = ("base", "control")
 
 
-def prepare_data(root: Path, args) -> Workspace:
-    workspace = Workspace(root / "data")
-    if not workspace.plans_json.is_file():
-        make_phantom_dataset(workspace, num_labelled=args.train + args.held_out, num_unlabelled=args.unlabelled,
-                             num_test=0, seed=args.data_seed)
-        plan = plan_dataset(workspace, device="cpu")
-        if args.tiny:
-            plan = tiny_plan(plan)
-            plan.save(workspace.plans_json)
-        preprocess_dataset(workspace, plan, num_processes=2)
+@dataclass(frozen=True)
+class Schedule:
+    """The experiment's training budget and network: small enough for a 2-core CPU."""
+    epochs: int = 24
+    iterations_per_epoch: int = 25
+    features: tuple[int, ...] = (8, 16, 32, 64)
+    patch: tuple[int, int, int] = (32, 48, 48)
+    rounds: int = 2
+    # Two thirds of each batch centred on a foreground class (nnU-Net: one third): with 600 iterations the
+    # base learns infection only then (measured: infection Dice 0.00 at 0.33, 0.51 at 0.66 on 12 test phantoms).
+    oversample_foreground: float = 0.66
+
+    @property
+    def base_iterations(self) -> int:
+        return self.epochs * self.iterations_per_epoch
+
+
+TINY = Schedule(epochs=2, iterations_per_epoch=3, features=(4, 8, 16), patch=(16, 32, 32))
+
+
+def slug(arm: str) -> str:
+    return arm.replace(" ", "_").replace("-", "minus_")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def regime_root(root: Path, regime: str) -> Path:
+    return root / regime
+
+
+def data_workspace(root: Path, regime: str, seed: int):
+    from covnet.workspace import Workspace
+    return Workspace(regime_root(root, regime) / f"seed_{seed}" / "data")
+
+
+def experiment_plan(root: Path, regime: str, schedule: Schedule):
+    """The regime's plan, made once from seed 0's expert cases, with the experiment's network and patch."""
+    from covnet.network.topology import Topology
+    from covnet.planning.planner import plan_dataset
+    from covnet.planning.plans import Plan
+    path = regime_root(root, regime) / "plans.json"
+    if path.is_file():
+        return Plan.load(path)
+    workspace = data_workspace(root, regime, 0)
+    make_data(workspace, regime, 0, tiny=schedule == TINY)
+    plan = plan_dataset(workspace, device="cpu", measure_cpu_time=False)
+    stages = len(schedule.features)
+    network = Topology(in_channels=plan.in_channels, num_classes=plan.num_classes,
+                       features_per_stage=schedule.features, kernel_sizes=((3, 3, 3),) * stages,
+                       strides=((1, 1, 1),) + ((2, 2, 2),) * (stages - 1), n_blocks_per_stage=(1,) + (2,) * (stages - 1),
+                       n_conv_per_stage_decoder=(1,) * (stages - 1), deep_supervision=True)
+    plan = dataclasses.replace(plan, patch_size=list(schedule.patch), batch_size=2, network=network)
+    plan.save(path)
+    return plan
+
+
+def make_data(workspace, regime: str, seed: int, *, tiny: bool) -> None:
+    from covnet.phantoms.acquisition import profile_named
+    from covnet.phantoms.generate import make_phantom_dataset
+    if workspace.dataset_json.is_file():
+        return
+    expert, target = REGIMES[regime]
+    scale = 4 if tiny else 1
+    make_phantom_dataset(workspace, num_labelled=EXPERTS, num_unlabelled=POOL // scale, num_test=HELD_OUT // scale,
+                         seed=1000 + seed, spacing_mode="isotropic", overwrite=True,
+                         profile=profile_named(expert), unlabelled_profile=profile_named(target),
+                         test_profile=profile_named(target), pool_truth=True,
+                         distinct_patients=True)
+
+
+def prepare_seed(root: Path, regime: str, seed: int, schedule: Schedule) -> None:
+    """Phantoms, the regime's plan, preprocessed expert and pool cases, and the pool's truth on the plan's grid."""
+    from covnet.preprocessing.run import CaseJob, preprocess_dataset, run_case_job
+    plan = experiment_plan(root, regime, schedule)
+    workspace = data_workspace(root, regime, seed)
+    make_data(workspace, regime, seed, tiny=schedule == TINY)
+    plan.save(workspace.plans_json)
+    preprocess_dataset(workspace, plan, num_processes=1)
+    truth = oracle_folder(root, regime, seed)
+    for index, image in enumerate(sorted(workspace.images_unlabelled.glob("*_0000.nii.gz"))):
+        case = image.name[: -len("_0000.nii.gz")]
+        if not (truth / f"{case}.json").is_file():
+            run_case_job(CaseJob(case, image, workspace.labels_unlabelled / f"{case}.nii.gz", truth, index), plan)
+
+
+def oracle_folder(root: Path, regime: str, seed: int) -> Path:
+    return regime_root(root, regime) / f"seed_{seed}" / "pool_truth"
+
+
+# ------------------------------------------------------------------------------------------------ models
+def arm_workspace(root: Path, regime: str, seed: int, arm: str):
+    """An arm's own workspace: raw/, preprocessed/ and the trained folds shared with the data workspace."""
+    from covnet.workspace import Workspace
+    data = data_workspace(root, regime, seed)
+    workspace = Workspace(regime_root(root, regime) / f"seed_{seed}" / slug(arm))
+    (workspace.results).mkdir(parents=True, exist_ok=True)
+    for link, target in [(workspace.root / "raw", data.raw), (workspace.root / "preprocessed", data.preprocessed)] + \
+            [(workspace.results / f"fold_{k}", data.results / f"fold_{k}") for k in range(FOLDS)]:
+        if not link.is_symlink():
+            link.symlink_to(target)
     return workspace
 
 
-def seed_workspace(data: Workspace, root: Path, seed: int) -> Workspace:
-    """Per seed: raw/ and preprocessed/ shared through symlinks, results/ of its own."""
-    workspace = Workspace(root / f"seed_{seed}")
-    workspace.root.mkdir(parents=True, exist_ok=True)
-    for name in ("raw", "preprocessed"):
-        link = workspace.root / name
-        if not link.exists():
-            link.symlink_to(data.root / name)
-    return workspace
+def training_settings(schedule: Schedule, seed: int, epochs: int | None = None):
+    from covnet.training.settings import TrainingSettings
+    return TrainingSettings(epochs=epochs or schedule.epochs, iterations_per_epoch=schedule.iterations_per_epoch,
+                            validation_iterations=0, seed=seed, device="cpu", num_workers=0,
+                            checkpoint_every=max(1, (epochs or schedule.epochs) // 4), validation_mirroring=False,
+                            oversample_foreground=schedule.oversample_foreground)
 
 
-def training_settings(name: str, args, seed: int, epochs: int, pretrained: Path | None, lr: float
-                      ) -> TrainingSettings:
-    return TrainingSettings(epochs=epochs, iterations_per_epoch=args.iters_per_epoch,
-                            validation_iterations=args.val_iters, device=args.device, num_workers=args.num_workers,
-                            seed=seed, checkpoint_every=max(1, epochs), initial_lr=lr,
-                            pretrained=None if pretrained is None else str(pretrained), validation_mirroring=False)
+def train_fold_job(root: Path, regime: str, seed: int, fold: int, schedule: Schedule) -> None:
+    from covnet.training.run import train_fold
+    workspace = data_workspace(root, regime, seed)
+    train_fold(workspace, str(fold), training_settings(schedule, seed), resume=True, num_folds=FOLDS)
 
 
-def train(workspace: Workspace, job: TrainingJob, settings: TrainingSettings) -> dict:
-    device = resolve_device(settings.device)
-    run_training(job, settings, resume=True, validate_only=False, context=DistributedContext(), device=device)
-    return job.folder.validation_summary()["mean"]
+def train_control(root: Path, regime: str, seed: int, schedule: Schedule) -> None:
+    from covnet.training.run import train_fold
+    workspace = arm_workspace(root, regime, seed, "control")
+    epochs = schedule.epochs * (FOLDS + schedule.rounds)
+    train_fold(workspace, "all", training_settings(schedule, seed, epochs), resume=True)
 
 
-def run_seed(data: Workspace, root: Path, seed: int, train_cases, held_out, args) -> dict:
-    workspace = seed_workspace(data, root, seed)
-    plan = Plan.load(workspace.plans_json)
-    folders = {case: workspace.preprocessed_cases for case in train_cases + held_out}
-    base_folder = workspace.fold("base")
-    seed_round(seed, 0)
-    base = train(workspace, TrainingJob(name="base", plan=plan, workspace=workspace, folder=base_folder,
-                                        train_cases=train_cases, validation_cases=held_out, case_folders=folders),
-                 training_settings("base", args, seed, args.base_epochs, None, 1e-2))
-    base_checkpoint = base_folder.checkpoint("final")
-    teacher = Teacher(mode="base", fold="base", checkpoints=[base_checkpoint], pretrained=base_checkpoint,
-                      train_cases=train_cases, validation_cases=held_out, folds=["base"])
-    settings = SelfTrainingSettings(teacher="base", cases_per_round=args.cases_per_round,
-                                    epochs_per_round=args.epochs_per_round, iterations_per_epoch=args.iters_per_epoch,
-                                    validation_iterations=args.val_iters, min_confidence=args.min_confidence,
-                                    pseudo_weight=args.pseudo_weight, max_rounds=args.rounds, device=args.device,
-                                    num_workers=args.num_workers, seed=seed, tta=False, initial_lr=args.lr,
-                                    checkpoint_every=max(1, args.epochs_per_round))
-    summary = run_selftraining(workspace, settings, resume=True, teacher=teacher)
-    selftrained = summary["rounds"][-1]["validation"]
-    control_plan = self_training_plan(plan)
-    previous, control = base_checkpoint, None
-    for round_index in range(1, len(summary["rounds"]) + 1):     # the same schedule, expert cases only
-        name = f"control_round_{round_index:02d}"
-        output = ModelFolder(workspace.results / "control" / f"round_{round_index:02d}")
-        seed_round(seed, round_index)
-        control = train(workspace, TrainingJob(name=name, plan=control_plan, workspace=workspace, folder=output,
-                                               train_cases=train_cases, validation_cases=held_out,
-                                               case_folders=folders),
-                        dataclasses.replace(training_settings(name, args, seed + round_index, args.epochs_per_round,
-                                                              previous, args.lr),
-                                            checkpoint_every=settings.checkpoint_every))
-        previous = output.checkpoint("final")
-    return {"base": base, "control": control, "self-trained": selftrained, "plan": plan,
-            "pool_used": sum(len(entry["cases_added"]) for entry in summary["rounds"])}
+def selftrain_arm(root: Path, regime: str, seed: int, arm: str, schedule: Schedule) -> None:
+    from covnet.selftrain.run import run_selftraining
+    from covnet.selftrain.settings import SelfTrainingSettings
+    workspace = arm_workspace(root, regime, seed, arm)
+    overrides = {"device": "cpu", "num_workers": 0, "seed": seed, "validation_mirroring": False,
+                 "validation_iterations": 0}
+    recipe = {"holdout": "none", "max_rounds": schedule.rounds, "keep_candidates": True, **ARMS[arm]}
+    settings = SelfTrainingSettings(**recipe, training_overrides=overrides)
+    run_selftraining(workspace, settings, resume=True,
+                     oracle_folder=oracle_folder(root, regime, seed) if arm == "oracle" else None)
 
 
-def _cell(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+# ------------------------------------------------------------------------------------------------ evaluation
+def models_of(root: Path, regime: str, seed: int, arm: str) -> dict[str, list[Path]]:
+    """The model(s) to score for an arm: name -> checkpoints (self-training arms: every round's student)."""
+    data = data_workspace(root, regime, seed)
+    if arm == "base":
+        return {"base": [data.fold(k).checkpoint("final") for k in range(FOLDS)]}
+    workspace = arm_workspace(root, regime, seed, arm)
+    if arm == "control":
+        return {"control": [workspace.fold("all").checkpoint("final")]}
+    rounds = sorted(workspace.selftrain.glob("round_*/checkpoint_final.pth"))
+    return {f"round_{path.parent.name[-2:]}": [path] for path in rounds}
 
 
-def markdown_table(results: dict[int, dict]) -> str:
-    lines = ["| seed | model | lungs Dice | infection Dice | mean Dice | lungs NSD | infection NSD |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    models = ("base", "control", "self-trained")
-    totals = {model: [] for model in models}
-    for seed, result in results.items():
-        for model in models:
-            mean = result[model]
-            score = ranking_score(mean, result["plan"])
-            totals[model].append((mean, score))
-            lines.append(f"| {seed} | {model} | " + " | ".join(
-                [_cell(mean[s]["dice"]) for s in STRUCTURES] + [_cell(score)] +
-                [_cell(mean[s]["nsd"]) for s in STRUCTURES]) + " |")
-    for model in models:
-        def average(pick):
-            values = [v for v in (pick(mean, score) for mean, score in totals[model]) if v is not None]
-            return sum(values) / len(values) if values else None
-        cells = [average(lambda m, _, s=s: m[s]["dice"]) for s in STRUCTURES] + [average(lambda _, score: score)]
-        cells += [average(lambda m, _, s=s: m[s]["nsd"]) for s in STRUCTURES]
-        lines.append(f"| mean | **{model}** | " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines)
+def evaluate_arm(root: Path, regime: str, seed: int, arm: str) -> None:
+    import torch
+
+    from covnet.dataset import DatasetDescription
+    from covnet.evaluation.folders import evaluate_folders
+    from covnet.image.io import read_image
+    from covnet.inference.predictor import InferenceSettings, Predictor
+    data = data_workspace(root, regime, seed)
+    description = DatasetDescription.load(data.dataset_json)
+    folder = regime_root(root, regime) / f"seed_{seed}" / slug(arm)
+    for name, checkpoints in models_of(root, regime, seed, arm).items():
+        summary_file = folder / "test" / name / "summary.json"
+        if summary_file.is_file():
+            continue
+        predictor = Predictor.from_files(checkpoints, torch.device("cpu"), InferenceSettings(use_mirroring=False))
+        for image_file in sorted(data.images_ts.glob("*_0000.nii.gz")):
+            output = folder / "test" / name / image_file.name.replace("_0000", "")
+            if not output.is_file():
+                image, geometry = read_image(image_file)
+                predictor.predict_image(image, geometry, output_file=output)
+        evaluate_folders(data.labels_ts, summary_file.parent, description, output_json=summary_file)
+
+
+# ------------------------------------------------------------------------------------------------ scheduling
+@dataclass
+class Job:
+    name: str
+    command: list[str]
+    needs: list[str]
+
+
+def jobs_for(regime: str, seeds: list[int], arms: list[str]) -> list[Job]:
+    jobs = []
+    for seed in seeds:
+        prefix = f"{regime}/seed_{seed}"
+        jobs.append(Job(f"{prefix}/data", ["data", regime, str(seed)], [] if seed == 0 else [f"{regime}/seed_0/data"]))
+        folds = [f"{prefix}/fold_{k}" for k in range(FOLDS)]
+        jobs += [Job(name, ["fold", regime, str(seed), str(k)], [f"{prefix}/data"]) for k, name in enumerate(folds)]
+        jobs.append(Job(f"{prefix}/control", ["control", regime, str(seed)], [f"{prefix}/data"]))
+        for arm in arms:
+            jobs.append(Job(f"{prefix}/{slug(arm)}", ["arm", regime, str(seed), arm], folds))
+        for arm in list(SUPERVISED) + arms:
+            trained = folds if arm == "base" else [f"{prefix}/{slug(arm)}"]
+            jobs.append(Job(f"{prefix}/{slug(arm)}/test", ["evaluate", regime, str(seed), arm], trained))
+    return jobs
+
+
+def run_jobs(root: Path, jobs: list[Job], workers: int, extra: list[str]) -> None:
+    """Run the jobs, ``workers`` at a time, each in its own single-threaded process, dependencies first."""
+    done_dir = root / ".done"
+    done_dir.mkdir(parents=True, exist_ok=True)
+
+    def done(name):
+        return (done_dir / slug(name).replace("/", "__")).is_file()
+    running: dict[str, subprocess.Popen] = {}
+    failed: set[str] = set()
+    pending = [job for job in jobs if not done(job.name)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    while pending or running:
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                if process.returncode == 0:
+                    (done_dir / slug(name).replace("/", "__")).touch()
+                else:
+                    failed.add(name)
+                    print(f"FAILED {name} (exit {process.returncode}); see {root / 'logs'}", flush=True)
+        blocked = [job for job in pending if any(need in failed for need in job.needs)]
+        for job in blocked:
+            failed.add(job.name)
+            pending.remove(job)
+        ready = [job for job in pending if all(done(need) for need in job.needs)]
+        while ready and len(running) < workers:
+            job = ready.pop(0)
+            pending.remove(job)
+            log = root / "logs" / (slug(job.name).replace("/", "__") + ".log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as handle:
+                running[job.name] = subprocess.Popen([sys.executable, __file__, "--root", str(root), *extra, "--job",
+                                                      *job.command], stdout=handle, stderr=subprocess.STDOUT,
+                                                     env=environment)
+            print(f"{time.strftime('%H:%M:%S')} started {job.name}", flush=True)
+        time.sleep(2)
+    if failed:
+        raise SystemExit(f"{len(failed)} job(s) failed or were blocked: {', '.join(sorted(failed))}")
+
+
+def run_job(root: Path, command: list[str], schedule: Schedule) -> None:
+    import torch
+    torch.set_num_threads(1)
+    kind, regime, seed = command[0], command[1], int(command[2])
+    if kind == "data":
+        prepare_seed(root, regime, seed, schedule)
+    elif kind == "fold":
+        train_fold_job(root, regime, seed, int(command[3]), schedule)
+    elif kind == "control":
+        train_control(root, regime, seed, schedule)
+    elif kind == "arm":
+        selftrain_arm(root, regime, seed, command[3], schedule)
+    elif kind == "evaluate":
+        evaluate_arm(root, regime, seed, command[3])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="experiment folder (resumable)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=4, help="expert-labelled training cases")
-    parser.add_argument("--held-out", type=int, default=6, help="labelled cases held out for measurement")
-    parser.add_argument("--unlabelled", type=int, default=16)
-    parser.add_argument("--base-epochs", type=int, default=12)
-    parser.add_argument("--iters-per-epoch", type=int, default=25)
-    parser.add_argument("--val-iters", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs-per-round", type=int, default=3)
-    parser.add_argument("--cases-per-round", type=int, default=4)
-    parser.add_argument("--min-confidence", type=float, default=SelfTrainingSettings.min_confidence)
-    parser.add_argument("--pseudo-weight", type=float, default=SelfTrainingSettings.pseudo_weight)
-    parser.add_argument("--lr", type=float, default=SelfTrainingSettings.initial_lr, help="fine-tuning learning rate")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--tiny", action="store_true",
-                        help="a tiny network and a few iterations: proves the script works, measures nothing")
+    parser.add_argument("--regime", choices=tuple(REGIMES), default="scarcity")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--workers", type=int, default=2, help="jobs at a time (one core each)")
+    parser.add_argument("--tiny", action="store_true", help="tiny network and data: proves the script, measures nothing")
+    parser.add_argument("--job", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.tiny:
-        args.unlabelled, args.held_out, args.base_epochs, args.iters_per_epoch = 4, 2, 1, 2
-        args.rounds, args.epochs_per_round, args.cases_per_round, args.val_iters, args.num_workers = 2, 1, 2, 1, 0
-    setup_logging(args.root / "experiment_log.txt")
+    schedule = TINY if args.tiny else Schedule()
+    if args.job:
+        run_job(args.root, args.job, schedule)
+        return
+    args.root.mkdir(parents=True, exist_ok=True)
+    (args.root / "schedule.json").write_text(json.dumps(dataclasses.asdict(schedule)))
     started = time.monotonic()
-    data = prepare_data(args.root, args)
-    labelled = sorted(path.stem for path in data.preprocessed_cases.glob("*.json"))
-    train_cases, held_out = labelled[:args.train], labelled[args.train:]
-    results = {seed: run_seed(data, args.root, seed, train_cases, held_out, args) for seed in args.seeds}
-    print(f"\n### Self-training on phantoms: {args.train} expert cases, {len(held_out)} held out, "
-          f"{args.unlabelled} unlabelled\n")
-    print(f"base {args.base_epochs}x{args.iters_per_epoch} iterations from scratch; then {args.rounds} rounds x "
-          f"{args.epochs_per_round}x{args.iters_per_epoch} iterations of fine-tuning (lr {args.lr:g}), "
-          f"{args.cases_per_round} pool cases per round, min confidence {args.min_confidence:g}, pseudo weight "
-          f"{args.pseudo_weight:g}; control = same fine-tuning on the expert cases only. Held-out validation, "
-          f"no TTA. {'TINY SETTINGS: measures nothing. ' if args.tiny else ''}"
-          f"{time.monotonic() - started:.0f} s on this machine.\n")
-    print(markdown_table(results))
+    run_jobs(args.root, jobs_for(args.regime, args.seeds, args.arms), args.workers, ["--tiny"] if args.tiny else [])
+    print(f"{args.regime}: all jobs done in {time.monotonic() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
