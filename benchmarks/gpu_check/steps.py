@@ -196,7 +196,7 @@ class Check:
             env[TESTS_DEVICE_VARIABLE] = "cpu"
         completed = self.report.command(python_command(
             "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--basetemp", self.work / "pytest", "-m", "cuda",
-            CUDA_TESTS, "--junitxml", results), env=env, check=False)
+            CUDA_TESTS, "--junitxml", results, "-o", "junit_family=legacy"), env=env, check=False)
         record["figures"].update(_junit_summary(results))
         failed = [test["name"] for test in record["figures"]["tests"] if test["outcome"] in ("failed", "error")]
         if failed or completed.returncode != 0:
