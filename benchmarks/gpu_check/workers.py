@@ -236,11 +236,11 @@ def predict(device_name: str, arguments: list[str]) -> dict:
     network_seconds = []
     predict_probabilities = Predictor.predict_probabilities
 
-    def timed(self, image):
+    def timed(self, *args, **kwargs):
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        probabilities = predict_probabilities(self, image)
+        probabilities = predict_probabilities(self, *args, **kwargs)
         if cuda:
             torch.cuda.synchronize()
         network_seconds.append(time.perf_counter() - started)
