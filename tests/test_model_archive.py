@@ -17,7 +17,7 @@ from kit.workspaces import copy_workspace, trained_workspace_once
 from covnet.checkpoint import Checkpoint
 from covnet.cli import export_model, install_model
 from covnet.cli.common import run_command
-from covnet.inference.cohort import select_checkpoints
+from covnet.inference.model_choice import select_checkpoints
 from covnet.model_archive.install import install_model_archive, model_cache_dir, resolve_model_archive
 from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest
 from covnet.runtime.atomic import read_json

@@ -11,9 +11,10 @@ from kit.images import write_dicom_series
 from kit.workspaces import phantom_image, run_predict, trained_workspace_once
 
 from covnet.checkpoint import Checkpoint
+from covnet.export.dicom_seg import segment_volumes_ml
 from covnet.image.io import Geometry, read_image, write_image
-from covnet.inference.cohort import select_checkpoints
 from covnet.inference.inputs import find_cohort
+from covnet.inference.model_choice import select_checkpoints
 from covnet.inference.predictor import lungs_by_midline
 from covnet.inference.report import case_report
 from covnet.preprocessing.case import preprocess_case
@@ -36,7 +37,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cohort(trained, tmp_path_factory):
-    """One run over an oblique NIfTI with a _0000 suffix, a flipped .mha and a DICOM series in a subfolder."""
+    """One run over an oblique NIfTI with a _0000 suffix, a flipped .mha and a DICOM series in a subfolder, each
+    written as its own kind (the default output type): label maps for the files, a DICOM-SEG for the series."""
     base = tmp_path_factory.mktemp("cohort")
     inputs, outputs = base / "in", base / "out"
     image, geometry = phantom_image(trained, 0)
@@ -55,10 +57,9 @@ def cohort(trained, tmp_path_factory):
 
 def test_label_maps_keep_the_input_grid_and_format(cohort):
     inputs, outputs = cohort
-    pairs = {"oblique.nii.gz": inputs / "oblique_0000.nii.gz", "flipped.mha": inputs / "flipped.mha",
-             "series_a.nii.gz": inputs / "patient_7" / "series_a"}
+    pairs = {"oblique.nii.gz": inputs / "oblique_0000.nii.gz", "flipped.mha": inputs / "flipped.mha"}
     assert sorted(p.name for p in outputs.iterdir() if p.suffix not in (".npz", ".png", ".csv", ".json")
-                  and not p.name.startswith(".")) == sorted(pairs)
+                  and not p.name.startswith(".")) == sorted([*pairs, "series_a.seg.dcm"])
     for name, source in pairs.items():
         image, geometry = read_image(source)
         labels, written = read_image(outputs / name)
@@ -82,7 +83,10 @@ def test_report_matches_the_written_label_maps(cohort):
                       "infection_percent_lungs", "confidence"]
     csv_rows = (outputs / "report.csv").read_text().splitlines()[1:]
     assert [line.split(",")[0] for line in csv_rows] == ["flipped", "oblique", "series_a"]
-    for row in rows:
+    seg_volumes = segment_volumes_ml(outputs / "series_a.seg.dcm")
+    assert rows[2]["infection_ml"] == pytest.approx(seg_volumes["infection"], rel=1e-6, abs=1e-9)
+    assert rows[2]["left_lung_ml"] + rows[2]["right_lung_ml"] == pytest.approx(sum(seg_volumes.values()), rel=1e-6)
+    for row in rows[:2]:
         name = "flipped.mha" if row["case"] == "flipped" else f"{row['case']}.nii.gz"
         labels, geometry = read_image(outputs / name)
         voxel_ml = float(np.prod(geometry.spacing)) / 1000
@@ -99,13 +103,12 @@ def test_report_matches_the_written_label_maps(cohort):
 
 
 def test_probabilities_and_previews(cohort):
-    _, outputs = cohort
-    for case, label_file in {"flipped": "flipped.mha", "oblique": "oblique.nii.gz",
-                             "series_a": "series_a.nii.gz"}.items():
+    inputs, outputs = cohort
+    for case, source in {"flipped": "flipped.mha", "oblique": "oblique_0000.nii.gz",
+                         "series_a": "patient_7/series_a"}.items():
         saved = np.load(outputs / f"{case}.npz")
         probabilities = saved["probabilities"]
-        labels = read_image(outputs / label_file)[0]
-        assert probabilities.dtype == np.float16 and probabilities.shape == (4, *labels.shape)
+        assert probabilities.dtype == np.float16 and probabilities.shape == (4, *read_image(inputs / source)[1].shape)
         assert np.allclose(probabilities.astype(np.float32).sum(axis=0), 1, atol=5e-3)
         assert list(saved["class_names"]) == ["background", "left_lung", "right_lung", "infection"]
         assert (outputs / f"{case}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

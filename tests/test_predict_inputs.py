@@ -219,14 +219,14 @@ def two_series_folder(trained, folder):
 def test_a_dicom_folder_with_two_series_says_which_was_taken_and_a_file_picks_the_other(trained, tmp_path, capsys):
     folder = tmp_path / "in" / "study"
     two_series_folder(trained, folder)
-    assert predict(trained, tmp_path / "in", tmp_path / "out") == 0
+    assert predict(trained, tmp_path / "in", tmp_path / "out", "--output-type", "nifti") == 0
     warnings = warnings_in(capsys.readouterr().err)
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {folder}: holds 2 DICOM series; took "
                                                          f"1.2.826.0.1.3680043.2.1125.7 (20 slices)")
     assert f"1.2.826.0.1.3680043.2.1125.8 (10 slices), e.g. {folder}/b_slice_00" in warnings[0]
     assert "give one of its files as the input" in warnings[0]
     assert read_image(tmp_path / "out" / "study.nii.gz")[0].shape[0] == 20
-    assert predict(trained, folder / "b_slice_0003.dcm", tmp_path / "picked") == 0
+    assert predict(trained, folder / "b_slice_0003.dcm", tmp_path / "picked", "--output-type", "nifti") == 0
     assert warnings_in(capsys.readouterr().err) == []
     assert read_image(tmp_path / "picked" / "study_b_slice_0003.nii.gz")[0].shape[0] == 10
 

@@ -13,7 +13,7 @@ from covnet.checkpoint import Checkpoint
 from covnet.cli.settings_flags import add_settings_flags, settings_from_args
 from covnet.dataset import DatasetDescription
 from covnet.image.io import write_image
-from covnet.inference.cohort import select_checkpoints
+from covnet.inference.model_choice import select_checkpoints
 from covnet.runtime.errors import CovnetError
 from covnet.training.distributed import DistributedContext
 from covnet.training.run import fold_job

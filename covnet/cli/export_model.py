@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
-from covnet.inference.cohort import CHECKPOINT_CHOICES
+from covnet.inference.model_choice import CHECKPOINT_CHOICES
 from covnet.model_archive.export import export_model
 
 

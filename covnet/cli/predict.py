@@ -1,22 +1,21 @@
-"""``covnet_predict -i IN -o OUT``: segment every CT of a folder with the trained model(s), and report."""
+"""``covnet_predict -i IN -o OUT``: segment every CT of a folder with the trained model(s), and report.
+
+The model is loaded once with the Python API (``covnet.load_model``) and every case is segmented with its
+``Model.segment`` (:mod:`covnet.inference.cohort`): there is no second inference path.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from covnet.api import PREDICT_SETTINGS, load_model
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
-from covnet.inference.cohort import (
-    CHECKPOINT_CHOICES,
-    CohortSettings,
-    predict_cohort,
-    prepare_output_folder,
-    select_checkpoints,
-)
-from covnet.inference.inputs import check_output_folder, find_cohort
-from covnet.inference.predictor import InferenceSettings, Predictor
-from covnet.runtime.devices import resolve_device
+from covnet.inference.cohort import CohortSettings, predict_cohort, prepare_output_folder
+from covnet.inference.inputs import DICOM_SEG, NIFTI, OUTPUT_TYPES, SEG_SUFFIX, check_output_folder, find_cohort
+from covnet.inference.model_choice import CHECKPOINT_CHOICES
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.sharding import shard
 
@@ -28,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROGRAM,
         description="Segment lungs and COVID-19 infection in every CT under a folder (NIfTI/MHA/NRRD files, "
                     "with or without the _0000 suffix, and DICOM series folders, at any depth). Each label map "
-                    "has its CT's grid and format (DICOM series: <folder>.nii.gz); OUT/report.csv and "
+                    "has its CT's grid and format; a DICOM series gets a DICOM-SEG of itself (<folder>"
+                    f"{SEG_SUFFIX}) unless --output-type says otherwise; OUT/report.csv and "
                     "report.json hold each case's lung and infection volumes. Label maps among the inputs are "
                     "skipped with a warning; images that are not CTs in HU, or whose grid is degenerate or "
                     "implausible, fail with one line each (exit 2 at the end).")
@@ -40,14 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "read as inputs)")
     add_workspace_argument(parser)
     parser.add_argument("--model", type=Path, default=None,
-                        help="a results folder copied from another machine (holding fold_*/checkpoint_*.pth or "
+                        help="a model zip (covnet_export_model: checked and installed once into the model cache), "
+                             "a results folder copied from another machine (holding fold_*/checkpoint_*.pth or "
                              "selftrain/final/), one model's folder, or a checkpoint file (default: the "
                              "workspace's results/)")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
-                        help="predict with these folds (0-4, all); default: the self-trained model if there is "
-                             "one, else every trained fold, else fold_all")
-    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="final",
-                        help="checkpoint_final.pth (default) or checkpoint_best.pth of each model")
+                        help="predict with these folds (0-4, all); default: a model zip's own folds, else the "
+                             "self-trained model if there is one, else every trained fold, else fold_all")
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default=None,
+                        help="checkpoint_final.pth or checkpoint_best.pth of each model (default: a model zip's "
+                             "own, else final)")
+    parser.add_argument("--output-type", choices=OUTPUT_TYPES, default=None,
+                        help=f"{NIFTI}: a label map in the input's format (a DICOM series: <case>.nii.gz); "
+                             f"{DICOM_SEG}: a DICOM-SEG of the DICOM series (<case>{SEG_SUFFIX}; DICOM input "
+                             "only); both (DICOM input only). Default: the input's own kind, a DICOM-SEG for a "
+                             "DICOM series and a label map for a file")
     parser.add_argument("--step-size", type=float, default=0.5,
                         help="sliding-window step as a fraction of the patch (default 0.5; larger is faster)")
     parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (8x faster, less exact)")
@@ -92,18 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     settings = CohortSettings(save_probabilities=args.save_probabilities, preview=args.preview,
                               resume=args.resume, num_parts=args.num_parts, part_id=args.part_id)
-    cases = find_cohort(args.input, args.output)
+    cases = find_cohort(args.input, args.output, args.output_type)
     shard(cases, settings.num_parts, settings.part_id)      # refused before the models load: a bad part,
     prepare_output_folder(args.output)                      # an output folder that cannot be written
-    model = args.model if args.model is not None else workspace_from(args).results
-    checkpoints, description = select_checkpoints(model, args.folds, args.checkpoint)
-    device = resolve_device(args.device)
-    inference = InferenceSettings(step_size=args.step_size, use_mirroring=not args.disable_tta,
-                                  postprocess=not args.no_postprocessing, lateral_fix=not args.no_lateral_fix,
-                                  use_amp=not args.fp32)
-    predictor = Predictor.from_files(checkpoints, device, inference)
-    print(f"{len(cases)} case(s) in {args.input}; model: {description}; device: {device}")
-    summary = predict_cohort(predictor, cases, args.output, settings)
+    inference = dataclasses.replace(PREDICT_SETTINGS, step_size=args.step_size, use_mirroring=not args.disable_tta,
+                                    postprocess=not args.no_postprocessing, lateral_fix=not args.no_lateral_fix,
+                                    use_amp=not args.fp32)
+    model = load_model(args.model if args.model is not None else workspace_from(args).results, folds=args.folds,
+                       checkpoint=args.checkpoint, device=args.device, settings=inference)
+    print(f"{len(cases)} case(s) in {args.input}; model: {model.description}; device: {model.device}")
+    summary = predict_cohort(model, cases, args.output, settings)
     line = f"{len(summary.written)} case(s) written"
     if summary.skipped:
         line += f", {len(summary.skipped)} already done"

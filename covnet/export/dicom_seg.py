@@ -83,11 +83,13 @@ def _is_image_slice(dataset: pydicom.Dataset) -> bool:
                                                   "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"))
 
 
-def read_source_series(series_dir: str | os.PathLike) -> list[pydicom.Dataset]:
-    """The headers of the image slices in ``series_dir`` (not its subfolders); when it holds several series, the
-    one with the most slices, which is the one ``covnet.image.io`` reads. Identifiers that de-identification
-    blanked are filled in (:func:`_fill_blank_identifiers`)."""
-    series_dir = Path(series_dir)
+def read_source_series(source: str | os.PathLike) -> list[pydicom.Dataset]:
+    """The headers of the image slices of a series: ``source`` is its folder (not its subfolders; of several
+    series there, the one with the most slices, which is the one ``covnet.image.io`` reads) or one of its files
+    (that file's series in its folder). Identifiers that de-identification blanked are filled in
+    (:func:`_fill_blank_identifiers`)."""
+    source = Path(source)
+    series_dir, member = (source.parent, source) if source.is_file() else (source, None)
     by_series: dict[str, list[pydicom.Dataset]] = {}
     for path in sorted(series_dir.iterdir()) if series_dir.is_dir() else []:
         if not path.is_file():
@@ -100,7 +102,13 @@ def read_source_series(series_dir: str | os.PathLike) -> list[pydicom.Dataset]:
             by_series.setdefault(str(dataset.SeriesInstanceUID), []).append(dataset)
     if not by_series:
         raise CovnetError(series_dir, "holds no DICOM image slices to reference in a DICOM-SEG")
-    datasets = max(by_series.values(), key=len)
+    if member is None:
+        datasets = max(by_series.values(), key=len)
+    else:
+        datasets = next((series for series in by_series.values()
+                         if any(Path(dataset.filename).resolve() == member.resolve() for dataset in series)), None)
+        if datasets is None:
+            raise CovnetError(member, "is no DICOM image slice to reference in a DICOM-SEG")
     _fill_blank_identifiers(datasets, series_dir)
     return datasets
 
@@ -216,9 +224,10 @@ class SourceStack:
     slice_spacing_mm: float
 
 
-def source_stack(labels_zyx: np.ndarray, geometry: Geometry, datasets: Sequence[pydicom.Dataset]) -> SourceStack:
-    """Place every source image on the grid and read its frame; every slice of the label map must come from
-    exactly one source image."""
+def _placed(geometry: Geometry, datasets: Sequence[pydicom.Dataset]
+            ) -> tuple[list[pydicom.Dataset], list[FramePlacement]]:
+    """The source images sorted along their slice normal, and where each lies on the grid; every slice of the grid
+    must come from exactly one source image (else ``CovnetError`` naming one)."""
     ordered = sorted(datasets, key=_along_normal)
     placements = [place_on_grid(dataset, geometry) for dataset in ordered]
     slice_axes = {placement.slice_axis for placement in placements}
@@ -235,6 +244,22 @@ def source_stack(labels_zyx: np.ndarray, geometry: Geometry, datasets: Sequence[
     if len(covered) != expected:
         raise CovnetError(_source_name(ordered[0]), f"its series has {len(covered)} slices for a label map of "
                                                     f"{expected}: the label map was not predicted from this series")
+    return ordered, placements
+
+
+def series_on_grid(source: str | os.PathLike, geometry: Geometry) -> list[pydicom.Dataset]:
+    """The headers of the series ``source`` (:func:`read_source_series`), once each of its images is known to lie on
+    ``geometry``'s grid: a SEG of a label map on that grid can then be written (``CovnetError`` naming the image that
+    cannot). Cheap, headers only: a caller checks before it spends time on the labels."""
+    datasets = read_source_series(source)
+    _placed(geometry, datasets)
+    return datasets
+
+
+def source_stack(labels_zyx: np.ndarray, geometry: Geometry, datasets: Sequence[pydicom.Dataset]) -> SourceStack:
+    """Place every source image on the grid and read its frame."""
+    ordered, placements = _placed(geometry, datasets)
+    slice_axis = placements[0].slice_axis
     frames = np.stack([placement.frame(labels_zyx, int(dataset.Rows), int(dataset.Columns))
                        for dataset, placement in zip(ordered, placements)])
     return SourceStack(ordered, frames, float(geometry.spacing[::-1][slice_axis]))

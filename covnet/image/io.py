@@ -269,6 +269,12 @@ def read_image(path: str | os.PathLike, dtype=None, check_finite: bool = True) -
     return array, _geometry_of(image)
 
 
+def from_sitk(image: sitk.Image, name: str) -> tuple[np.ndarray, Geometry]:
+    """A 3D scalar SimpleITK image as a (z, y, x) array and its geometry; ``name`` names it in the error."""
+    _check_3d(image, Path(name))
+    return sitk.GetArrayFromImage(image), _geometry_of(image)
+
+
 def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     if tuple(array.shape) != tuple(geometry.shape):
         raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")

@@ -12,9 +12,12 @@ a CT it can segment, before any time is spent on it.
 * **Not a CT** (:func:`check_input`): an image not in HU (preprocessing's rule, ``not_hu_reason``), a
   degenerate volume, an implausible spacing or a grid too large on the model's spacing fails its case with one
   line; ``-o`` naming a file is refused first (:func:`check_output_folder`).
+* **Outputs** (``--output-type``, :data:`OUTPUT_TYPES`): each case's label map in its input's format (``nifti``),
+  a DICOM-SEG of its series (``dicom-seg``, only for DICOM input), or both; by default the input's own kind.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,10 @@ log = logger(__name__)
 
 REPORTS_FOLDER = ".reports"
 DICOM_OUTPUT_SUFFIX = ".nii.gz"
+SEG_SUFFIX = ".seg.dcm"
+# nifti: the label map in the input's format (a DICOM series: .nii.gz); dicom-seg: a DICOM-SEG of the series.
+NIFTI, DICOM_SEG, BOTH = "nifti", "dicom-seg", "both"
+OUTPUT_TYPES = (NIFTI, DICOM_SEG, BOTH)
 # The output format of each input format: header + data pairs become their one-file variants.
 OUTPUT_SUFFIXES = {".nii.gz": ".nii.gz", ".nii": ".nii", ".mha": ".mha", ".mhd": ".mha", ".nrrd": ".nrrd",
                    ".nhdr": ".nrrd"}
@@ -49,8 +56,31 @@ OUTPUT_SUFFIXES = {".nii.gz": ".nii.gz", ".nii": ".nii", ".mha": ".mha", ".mhd":
 @dataclass(frozen=True)
 class CohortCase:
     case: str
-    source: Path                    # an image file or a DICOM series folder
-    output: Path                    # the label map
+    source: Path                    # an image file or a DICOM series folder (or one file of the series)
+    output: Path                    # the label map, written unless the output type is dicom-seg
+    output_type: str = NIFTI
+
+    @property
+    def writes_label_map(self) -> bool:
+        return self.output_type != DICOM_SEG
+
+    @property
+    def writes_seg(self) -> bool:
+        return self.output_type != NIFTI
+
+    @property
+    def seg_file(self) -> Path:
+        return self.output.with_name(f"{self.case}{SEG_SUFFIX}")
+
+    @property
+    def final_file(self) -> Path:
+        """The output written last: its presence means the case is complete."""
+        return self.output if self.writes_label_map else self.seg_file
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [path for path, wanted in ((self.seg_file, self.writes_seg), (self.output, self.writes_label_map))
+                if wanted]
 
     @property
     def probabilities_file(self) -> Path:
@@ -65,8 +95,12 @@ class CohortCase:
         return self.output.parent / REPORTS_FOLDER / f"{self.case}.json"
 
 
+def is_dicom_source(source: Path) -> bool:
+    return source.is_dir() or is_dicom_file(source)
+
+
 def output_suffix(source: Path) -> str:
-    if source.is_dir() or is_dicom_file(source):
+    if is_dicom_source(source):
         return DICOM_OUTPUT_SUFFIX
     name = source.name.lower()
     return next(OUTPUT_SUFFIXES[suffix] for suffix in IMAGE_SUFFIXES if name.endswith(suffix))
@@ -116,13 +150,30 @@ def _without_label_maps(sources: list[Path], source_dir: Path) -> list[Path]:
     return kept
 
 
-def find_cohort(input_path: str | os.PathLike, output_dir: str | os.PathLike) -> list[CohortCase]:
+def find_cohort(input_path: str | os.PathLike, output_dir: str | os.PathLike, output_type: str | None = None
+                ) -> list[CohortCase]:
     """The cases under ``input_path`` (a folder, one image file, or one file of a DICOM series), sorted by case id.
 
     Label maps are left out (see ``_without_label_maps``), and so is everything inside ``output_dir`` when it lies
     inside ``input_path``: the outputs of this and earlier runs are never inputs. Two inputs that would give one
-    case name are an error naming both (``propose_case_ids``)."""
-    input_path, output_dir = Path(input_path), Path(output_dir)
+    case name are an error naming both (``propose_case_ids``). ``output_type`` (one of :data:`OUTPUT_TYPES`; None:
+    each input's own kind) says what each case writes; a DICOM-SEG asked of an image file is an error naming it."""
+    if output_type is not None and output_type not in OUTPUT_TYPES:
+        raise CovnetError(None, f"--output-type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+    return [_with_output_type(case, output_type) for case in _find_cases(Path(input_path), Path(output_dir))]
+
+
+def _with_output_type(case: CohortCase, output_type: str | None) -> CohortCase:
+    dicom = is_dicom_source(case.source)
+    if output_type is None:
+        output_type = DICOM_SEG if dicom else NIFTI
+    elif output_type != NIFTI and not dicom:
+        raise CovnetError(case.source, f"is not a DICOM series: --output-type {output_type} writes a DICOM-SEG, "
+                                       f"which needs the series it segments; use --output-type {NIFTI}")
+    return dataclasses.replace(case, output_type=output_type)
+
+
+def _find_cases(input_path: Path, output_dir: Path) -> list[CohortCase]:
     if not input_path.exists():
         raise CovnetError(input_path, "not found")
     if input_path.is_file():
@@ -157,18 +208,18 @@ def check_output_folder(output_dir: Path) -> None:
             return
 
 
-def check_input(case: CohortCase, image: np.ndarray, geometry: Geometry, plan: Plan) -> None:
+def check_input(source: str | os.PathLike, image: np.ndarray, geometry: Geometry, plan: Plan) -> None:
     """Refuse what is not a CT before any time is spent on it: a label map (``LabelMapInput``: skipped with a
     warning), an image not in HU, a degenerate grid or one whose spacing is implausible (``CovnetError``: the case
-    fails). The HU check is preprocessing's, ``covnet.image.ct.not_hu_reason``."""
+    fails). ``source`` names the input in the error. The HU check is preprocessing's, ``not_hu_reason``."""
     reason = label_map_reason(image)
     if reason:
-        raise LabelMapInput(case.source, f"{reason}; skipped")
+        raise LabelMapInput(source, f"{reason}; skipped")
     reason = not_hu_reason(image) if is_ct_channel(plan.channel_names.get("0", "")) else None
     if reason:
-        raise CovnetError(case.source, f"{reason}; not segmented")
+        raise CovnetError(source, f"{reason}; not segmented")
     reorientation = canonical_reorientation(geometry.direction)
     reason = grid_problem(reorientation.shape(geometry.shape), reorientation.spacing(geometry.spacing),
                           plan.target_spacing)
     if reason:
-        raise CovnetError(case.source, f"{reason}; not segmented")
+        raise CovnetError(source, f"{reason}; not segmented")

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from covnet import __version__
 from covnet.checkpoint import CHECKPOINT_FORMAT, Checkpoint
-from covnet.inference.cohort import CHECKPOINT_CHOICES, select_checkpoints
+from covnet.inference.model_choice import CHECKPOINT_CHOICES, select_checkpoints
 from covnet.model_archive.manifest import (
     DATASET_NAME,
     MANIFEST_NAME,
