@@ -145,6 +145,7 @@ def _child(timings_file: Path, predict_args: list[str]) -> int:
     process_start = time.perf_counter()
     import threading
 
+    import covnet.api as api
     import covnet.inference.cohort as cohort
     import covnet.inference.predictor as predictor
     import covnet.network.unet as unet
@@ -199,9 +200,9 @@ def _child(timings_file: Path, predict_args: list[str]) -> int:
     predictor.postprocess_segmentation = timed("postprocessing", predictor.postprocess_segmentation)
     predictor.Predictor.to_original = timed("to_original (export + argmax + postprocessing)",
                                             predictor.Predictor.to_original)
-    cohort.read_image = timed("read image", cohort.read_image)
-    cohort.preprocess_case = timed("preprocess (reorient, crop, normalize, resample)", cohort.preprocess_case)
-    cohort.case_report = timed("report row", cohort.case_report)
+    api.read_image = timed("read image", api.read_image)
+    api.preprocess_case = timed("preprocess (reorient, crop, normalize, resample)", api.preprocess_case)
+    api.case_report = timed("report row", api.case_report)
     cohort.write_image = timed("write label map", cohort.write_image)
     cohort.write_json = timed("write report row", cohort.write_json)
     cohort.rebuild_report = timed("rebuild report", cohort.rebuild_report)
