@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from kit.images import write_dicom_series
+from kit.seg import source_pixel_points
 
 import covnet
 from covnet.dataset import COVID_LABELS
@@ -52,15 +53,6 @@ def grid_points(geometry: Geometry) -> np.ndarray:
 def grid_centre(geometry: Geometry) -> np.ndarray:
     points = grid_points(geometry)
     return (points.reshape(-1, 3).min(axis=0) + points.reshape(-1, 3).max(axis=0)) / 2
-
-
-def source_pixel_points(dataset: pydicom.Dataset) -> np.ndarray:
-    """The LPS position of every pixel of a source image, (rows, columns, 3), from its own header."""
-    orientation = np.asarray(dataset.ImageOrientationPatient, float)
-    row_spacing, column_spacing = (float(value) for value in dataset.PixelSpacing)
-    rows, columns = np.meshgrid(np.arange(int(dataset.Rows)), np.arange(int(dataset.Columns)), indexing="ij")
-    return (np.asarray(dataset.ImagePositionPatient, float) + columns[..., None] * column_spacing * orientation[:3]
-            + rows[..., None] * row_spacing * orientation[3:])
 
 
 def flipped(geometry: Geometry, labels_zyx: np.ndarray, axis_xyz: int) -> tuple[Geometry, np.ndarray]:
