@@ -65,6 +65,7 @@ class Check:
         self._set_python_path(REPOSITORY)
         self.small = work / "small"
         self.clinical = work / "clinical"
+        self.cannot_run = ""            # why the environment cannot run any step
 
     def _set_python_path(self, *folders: Path) -> None:
         existing = [part for part in self.env.get("PYTHONPATH", "").split(os.pathsep) if part]
@@ -94,8 +95,9 @@ class Check:
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> None:
-        if not self.step("environment", self.environment):
-            self.report.log("stopping: the environment cannot run the check")
+        self.step("environment", self.environment)
+        if self.cannot_run:
+            self.report.log(f"stopping: {self.cannot_run}")
             return
         background = None if "clinical_data" in self.skip else self.start_clinical_data()
         try:
@@ -123,9 +125,16 @@ class Check:
         self.report.set("machine", {key: figures.get(key) for key in (
             "gpu", "gpu_memory_gib", "capability", "cuda", "cudnn", "torch", "python", "cpu_count", "load_average")})
         if figures["missing"]:
-            raise RuntimeError(f"cannot import {', '.join(figures['missing'])}")
-        if self.device == "cuda" and not figures["cuda_available"]:
-            raise RuntimeError("torch sees no CUDA device")
+            self.cannot_run = f"cannot import {', '.join(figures['missing'])}"
+        elif self.device == "cuda" and not figures["cuda_available"]:
+            self.cannot_run = "torch sees no CUDA device"
+        if self.cannot_run:
+            raise RuntimeError(self.cannot_run)
+        broken = [f"{module} ({problem})" for module, problem in figures["commands"].items() if problem != "ok"]
+        if figures["imports_not_carried"] or broken:    # the steps that need them fail on their own; others run
+            raise RuntimeError(f"covnet's commands import {', '.join(figures['imports_not_carried']) or 'nothing'} "
+                               f"that the GPU machine lacks and the check does not carry (import it where it is "
+                               f"used); commands that cannot start: {', '.join(broken) or 'none'}")
 
     def _install_wheels(self, site: Path) -> dict:
         wheels = sorted(self.wheels.glob("*.whl"))

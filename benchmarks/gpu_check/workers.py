@@ -36,6 +36,13 @@ MODULES = {"SimpleITK": "simpleitk", "batchgenerators": "batchgenerators", "batc
            "matplotlib": "matplotlib", "tqdm": "tqdm", "torch": "torch", "pytest": "pytest"}
 
 
+# covnet's commands the check runs, and covnet's dependencies that do not travel to the GPU machine (only
+# covnet/export needs them): a command that imports one of those cannot run there.
+COMMAND_MODULES = ("covnet.cli.make_phantoms", "covnet.cli.plan_and_preprocess", "covnet.cli.train",
+                   "covnet.cli.predict")
+NOT_CARRIED = ("highdicom", "pydicom", "pyjpegls")
+
+
 def write(path: str | os.PathLike, figures: dict) -> None:
     Path(path).write_text(json.dumps(figures, indent=1) + "\n")
 
@@ -50,9 +57,18 @@ def environment() -> dict:
             modules[module] = {"version": importlib.metadata.version(distribution), "path": str(folder)}
         except Exception as error:  # noqa: BLE001 - report every missing module, not the first
             modules[module] = {"error": f"{type(error).__name__}: {error}"[:200]}
+    commands = {}
+    for module in COMMAND_MODULES:
+        try:
+            importlib.import_module(module)
+            commands[module] = "ok"
+        except Exception as error:  # noqa: BLE001 - report every command that cannot start
+            commands[module] = f"{type(error).__name__}: {error}"[:200]
     import torch
 
-    figures = {"python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
+    figures = {"commands": commands,
+               "imports_not_carried": sorted({name.split(".")[0] for name in sys.modules} & set(NOT_CARRIED)),
+               "python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
                "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
                "cuda_available": torch.cuda.is_available(),
                "modules": modules, "missing": sorted(name for name, found in modules.items() if "error" in found)}
