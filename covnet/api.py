@@ -205,7 +205,7 @@ def load_model(path: str | os.PathLike, *, folds: Sequence[str] | None = None, c
         checkpoint = checkpoint or manifest.checkpoint
     checkpoints, description = select_checkpoints(folder, folds, checkpoint or "final")
     if archive_id is not None:
-        description = f"model {archive_id[:12]} ({description})"
+        description = f"model {archive_id[:12]}: {description}"
     device = device if isinstance(device, torch.device) else resolve_device(device)
     predictor = Predictor.from_files(checkpoints, device, settings)
     return Model(predictor, checkpoints, description, archive_id=archive_id)

@@ -159,7 +159,8 @@ def test_a_model_zip_is_installed_once_and_its_own_folds_and_checkpoint_are_used
     model = covnet.load_model(archive, settings=SETTINGS, device="cpu")
     (installed,) = (tmp_path / "cache" / "covnet" / "models").iterdir()
     assert model.checkpoints == [installed / "fold_1" / "checkpoint_best.pth"]
-    assert model.model_id == installed.name and model.description.startswith(f"model {installed.name[:12]} (")
+    assert model.model_id == installed.name
+    assert model.description == f"model {installed.name[:12]}: fold 1 (checkpoint_best)"
     with zipfile.ZipFile(archive) as opened:
         assert "fold_1/checkpoint_best.pth" in opened.namelist()
     reference = covnet.load_model(trained.root, folds=["1"], checkpoint="best", settings=SETTINGS, device="cpu")

@@ -10,13 +10,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from kit.workspaces import copy_workspace, trained_workspace_once
+from kit.workspaces import copy_workspace, phantom_image, run_predict, trained_workspace_once
 
 from covnet.checkpoint import Checkpoint
 from covnet.cli import export_model, install_model
 from covnet.cli.common import run_command
+from covnet.image.io import read_image, write_image
 from covnet.inference.model_choice import select_checkpoints
 from covnet.model_archive.install import install_model_archive, model_cache_dir, resolve_model_archive
 from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest
@@ -260,3 +262,36 @@ def test_a_kill_during_install_leaves_no_model_and_the_next_install_completes(ar
     assert cache_entries(cache) == [installed.folder] and installed.newly_installed
     with pytest.raises(CovnetError, match="not found"):
         install_model_archive(tmp_path / "absent.zip")
+
+
+# ---------------------------------------------------------------------------------------------- covnet_predict --model
+def test_predict_with_a_model_zip_gives_the_workspaces_labels(trained, archive, cache, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    write_image(*phantom_image(trained, 3), inputs / "case.nii.gz")
+    assert run_predict("-i", inputs, "-o", tmp_path / "ws", "--workspace", trained.root, "--disable-tta") == 0
+    assert run_predict("-i", inputs, "-o", tmp_path / "zip", "--model", archive, "--workspace", tmp_path / "none",
+                       "--disable-tta") == 0
+    (installed,) = cache_entries(cache)
+    assert f"; model: model {installed.name[:12]}: folds 0, 1 (checkpoint_final); " in capsys.readouterr().out
+    labels = read_image(tmp_path / "ws" / "case.nii.gz")[0]
+    np.testing.assert_array_equal(read_image(tmp_path / "zip" / "case.nii.gz")[0], labels)
+    assert len(np.unique(labels)) > 1
+    # An archive of fold 1's best checkpoint is used as it was exported, without -f or --checkpoint.
+    assert export(trained.root, tmp_path / "best.zip", "-f", "1", "--checkpoint", "best") == 0
+    assert run_predict("-i", inputs, "-o", tmp_path / "best_zip", "--model", tmp_path / "best.zip",
+                       "--disable-tta") == 0
+    assert run_predict("-i", inputs, "-o", tmp_path / "best_ws", "--workspace", trained.root, "-f", "1",
+                       "--checkpoint", "best", "--disable-tta") == 0
+    np.testing.assert_array_equal(read_image(tmp_path / "best_zip" / "case.nii.gz")[0],
+                                  read_image(tmp_path / "best_ws" / "case.nii.gz")[0])
+
+
+def test_predict_with_a_tampered_zip_is_one_line_and_writes_nothing(trained, archive, cache, tmp_path, capsys):
+    tampered = rewritten(archive, tmp_path / "tampered.zip", change={CHECKPOINT: flip_byte})
+    inputs = tmp_path / "in"
+    write_image(*phantom_image(trained, 3), inputs / "case.nii.gz")
+    assert run_predict("-i", inputs, "-o", tmp_path / "out", "--model", tampered) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"covnet_predict: error: {tampered}: {CHECKPOINT} does not match the SHA-256 and size in its manifest "
+        f"(altered or damaged); nothing was installed"]
+    assert not (tmp_path / "out").exists() and cache_entries(cache) == []
