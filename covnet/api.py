@@ -23,10 +23,9 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 import torch
 
@@ -42,6 +41,9 @@ from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, hash_fil
 from covnet.preprocessing.case import CaseProperties, preprocess_case
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
+
+if TYPE_CHECKING:
+    import pydicom
 
 # covnet_predict's defaults: postprocessing and the lateral fix on (validation and self-training keep the
 # network's own labels, InferenceSettings' defaults).
@@ -175,7 +177,7 @@ class Model:
                         source: str | os.PathLike | Sequence[pydicom.Dataset] | None = None) -> Path:
         """Write ``result`` as a DICOM-SEG of the DICOM series it was segmented from (``source``: that series'
         folder or headers; by default the input ``result`` came from), with this model's id."""
-        from covnet.export.dicom_seg import write_dicom_seg
+        from covnet.export.dicom_seg import write_dicom_seg  # highdicom only where a SEG is written
 
         source = result.source if source is None else source
         if source is None:

@@ -28,14 +28,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pydicom
 from tqdm import tqdm
 
 from covnet.api import Model, PreparedImage, Segmentation, read_input
-from covnet.export.dicom_seg import series_on_grid
 from covnet.image.io import write_image
 from covnet.inference.inputs import REPORTS_FOLDER, CohortCase, LabelMapInput, check_output_folder
 from covnet.inference.preview import write_preview
@@ -44,6 +42,9 @@ from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 from covnet.runtime.sharding import shard
+
+if TYPE_CHECKING:
+    import pydicom
 
 log = logger(__name__)
 # Reading an image redirects the process's stdout/stderr for a moment (covnet.image.io keeps ITK's console messages
@@ -110,9 +111,13 @@ def remove_empty_reports_folder(output_dir: Path) -> None:
 def _read(case: CohortCase, model: Model) -> _ReadCase:
     """The reader thread's work: read, check and preprocess the case and, when it writes a SEG, check that its
     series lies on the grid (so that a SEG that cannot be written fails the case before the network runs)."""
+    seg_sources = None
     with _CONSOLE:
         image = read_input(case.source, name=case.case)
-        seg_sources = series_on_grid(case.source, image.geometry) if case.writes_seg else None
+        if case.writes_seg:
+            from covnet.export.dicom_seg import series_on_grid  # highdicom only where a SEG is written
+
+            seg_sources = series_on_grid(case.source, image.geometry)
     return _ReadCase(model.prepare(image), seg_sources)
 
 
