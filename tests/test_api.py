@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from covnet.image.io import Geometry, read_image, write_image
 from covnet.inference.inputs import LabelMapInput
 from covnet.runtime.errors import CovnetError
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 SETTINGS = dataclasses.replace(covnet.api.PREDICT_SETTINGS, use_mirroring=False)
 # name in the report, input, covnet_predict's label map
@@ -123,8 +125,13 @@ def test_covnet_predict_loads_once_and_segments_each_case_through_the_api(traine
     assert weight_reads == {"Checkpoint.load": 2, "torch.load": 2}
 
 
-def test_import_covnet_is_cheap_and_names_the_api():
+def test_imports_are_cheap_and_covnet_names_the_api():
     probe = "import sys, covnet; print(sorted(name for name in ('torch', 'SimpleITK') if name in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    # covnet_predict starts without the DICOM libraries (the GPU check's machine has none): only a SEG needs them
+    probe = ("import sys, covnet.cli.predict; "
+             "print(sorted(name for name in ('highdicom', 'pydicom') if name in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
     assert covnet.load_model is covnet.api.load_model and covnet.Model is covnet.api.Model
@@ -168,3 +175,32 @@ def test_a_model_zip_is_installed_once_and_its_own_folds_and_checkpoint_are_used
     np.testing.assert_array_equal(model.segment(image).labels, reference.segment(image).labels)
     with pytest.raises(CovnetError, match="fold_1/checkpoint_final.pth: not found, but checkpoint_best.pth is"):
         covnet.load_model(archive, checkpoint="final", device="cpu")
+
+
+def readme_python_example() -> str:
+    text = (REPOSITORY / "README.md").read_text()
+    section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_example_runs(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert run_command("covnet_export_model", export_model.main,
+                       ["--workspace", str(trained.root), "-o", "lungs_covid.zip"]) == 0
+    for index in (0, 1):
+        write_image(*phantom_image(trained, index), tmp_path / "scans" / f"scan_{index}.nii.gz")
+    capsys.readouterr()
+    exec(compile(readme_python_example(), "README.md", "exec"), {})
+    # what the example prints (the log's "installed model ..." line aside, which run_command's logging set up)
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("installed model ")]
+    assert len(printed) == 3 and printed[0].startswith("model ")
+    for index, line in zip((0, 1), printed[1:]):
+        scan = tmp_path / "scans" / f"scan_{index}.nii.gz"
+        labels, geometry = read_image(tmp_path / "labels" / scan.name)
+        assert geometry.matches(read_image(scan)[1]) and labels.dtype == np.uint8
+        assert line.startswith(f"scan_{index}: lungs ")
+    # The written labels are the model's (the workspace's own folds, with covnet_predict's settings).
+    result = covnet.load_model(trained.root, device="cpu").segment(tmp_path / "scans" / "scan_1.nii.gz")
+    np.testing.assert_array_equal(read_image(tmp_path / "labels" / "scan_1.nii.gz")[0], result.labels)
+    assert printed[2].endswith(f"infection {result.report['infection_ml']:.1f} mL")
