@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from kit.images import write_dicom_series
-from kit.seg import source_pixel_points
+from kit.seg import check_seg_frames, source_pixel_points
 
 import covnet
 from covnet.dataset import COVID_LABELS
@@ -75,27 +75,8 @@ def write_series(folder: Path, orientation, descending: bool) -> tuple[np.ndarra
 def check_seg_against_sources(seg_path: Path, series_dir: Path, centre_xyz: np.ndarray) -> int:
     """Every frame equals the physical labels at its source image's pixels, and no non-empty (label, slice) pair
     is missing; returns the number of frames checked."""
-    sources = {str(dataset.SOPInstanceUID): dataset
-               for dataset in (pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(series_dir.iterdir()))}
-    masks = read_segment_masks(seg_path)
-    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
-    positions = {str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID):
-                 [float(value) for value in frame.PlanePositionSequence[0].ImagePositionPatient]
-                 for frame in seg.PerFrameFunctionalGroupsSequence}
-    assert set(masks) == {"left_lung", "right_lung", "infection"}
-    checked = 0
-    for uid, source in sources.items():
-        expected_labels = physical_labels(source_pixel_points(source), centre_xyz)
-        for name, frames in masks.items():
-            expected = expected_labels == COVID_LABELS[name]
-            if not expected.any():
-                assert uid not in frames, f"{name}: a frame on {uid}, which holds none of it"
-                continue
-            assert uid in frames, f"{name}: no frame for source image {uid}"
-            np.testing.assert_array_equal(frames[uid], expected, err_msg=f"{name} on source image {uid}")
-            np.testing.assert_allclose(positions[uid], [float(v) for v in source.ImagePositionPatient], atol=1e-3)
-            checked += 1
-    return checked
+    return check_seg_frames(seg_path, series_dir, lambda source: physical_labels(source_pixel_points(source),
+                                                                                 centre_xyz), COVID_LABELS)
 
 
 @pytest.mark.parametrize("orientation", [AXIAL, FLIPPED_ROWS_AND_COLUMNS], ids=["axial", "flipped_rows_columns"])

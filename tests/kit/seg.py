@@ -3,7 +3,7 @@ frame comparison of the SEG's segments with a label map on any grid (e.g. covnet
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pydicom
@@ -32,19 +32,20 @@ def labels_at_points(labels_zyx: np.ndarray, geometry: Geometry, points_xyz: np.
     return labels_zyx[rounded[..., 2], rounded[..., 1], rounded[..., 0]]
 
 
-def check_seg_against_label_map(seg_path: Path, series_dir: Path, labels_zyx: np.ndarray, geometry: Geometry,
-                                label_names: Mapping[str, int]) -> int:
-    """Every frame of the SEG equals, pixel for pixel, the label map at its source image's pixels (placed by the
-    source's own header), a frame sits at its source's position, and no (segment, source image) pair the label map
-    holds is missing; every image the SEG references must be in ``series_dir``. Returns the number of
-    non-empty (segment, source image) pairs checked."""
+def check_seg_frames(seg_path: Path, series_dir: Path, expected_labels: Callable[[pydicom.Dataset], np.ndarray],
+                     label_names: Mapping[str, int]) -> int:
+    """Every frame of the SEG equals, pixel for pixel, ``expected_labels(source)`` (the labels of its source
+    image's (rows, columns) pixels) == its segment's label, a frame sits at its source's position, no empty frame
+    is stored and no (segment, source image) pair that holds labels is missing; every image the SEG references
+    must be in ``series_dir`` (which may hold other series). Returns the number of non-empty pairs checked."""
     seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
-    referenced = {str(item.ReferencedSOPInstanceUID) for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    referenced = {str(item.ReferencedSOPInstanceUID)
+                  for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     sources = {}
     for path in sorted(series_dir.iterdir()):
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
         uid = str(dataset.get("SOPInstanceUID") or dataset.file_meta.MediaStorageSOPInstanceUID)
-        if uid in referenced:            # the series the SEG was made of (a folder may hold others)
+        if uid in referenced:
             sources[uid] = dataset
     assert len(sources) == len(referenced), "the SEG references images that are not in the folder"
     masks = read_segment_masks(seg_path)
@@ -53,17 +54,24 @@ def check_seg_against_label_map(seg_path: Path, series_dir: Path, labels_zyx: np
                  for frame in seg.PerFrameFunctionalGroupsSequence}
     foreground = {name: value for name, value in label_names.items() if value != 0}
     assert set(masks) == set(foreground)
-    assert set(positions) <= set(sources)
     checked = 0
     for uid, source in sources.items():
-        expected_labels = labels_at_points(labels_zyx, geometry, source_pixel_points(source))
+        labels = expected_labels(source)
         for name, frames in masks.items():
-            expected = expected_labels == foreground[name]
+            expected = labels == foreground[name]
             if not expected.any():
-                assert uid not in frames or not frames[uid].any(), f"{name}: labels on {uid}, which holds none"
+                assert uid not in frames, f"{name}: a frame on {uid}, which holds none of it"
                 continue
             assert uid in frames, f"{name}: no frame for source image {uid}"
             np.testing.assert_array_equal(frames[uid], expected, err_msg=f"{name} on source image {uid}")
             np.testing.assert_allclose(positions[uid], [float(v) for v in source.ImagePositionPatient], atol=1e-3)
             checked += 1
     return checked
+
+
+def check_seg_against_label_map(seg_path: Path, series_dir: Path, labels_zyx: np.ndarray, geometry: Geometry,
+                                label_names: Mapping[str, int]) -> int:
+    """:func:`check_seg_frames` against a label map on any grid (e.g. covnet_predict's NIfTI of the series)."""
+    return check_seg_frames(seg_path, series_dir,
+                            lambda source: labels_at_points(labels_zyx, geometry, source_pixel_points(source)),
+                            label_names)
