@@ -1,7 +1,7 @@
 """covnet_predict's DICOM-SEG output: read back frame by frame against covnet_predict's own NIfTI of the same
 case, for a series whose rows and columns are flipped, one stored in reverse order, one file's series in a folder
 of two, and the real DICOM series; the report's volumes against the SEG's; the default output type and --continue;
-a SEG asked of an image file."""
+a SEG asked of an image file; a kill before a case's last file, then --continue."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
+from kit.faults import run_crashing, run_ok, temporaries
 from kit.images import write_dicom_series
 from kit.seg import check_seg_against_label_map
 from kit.workspaces import phantom_image, run_predict, trained_workspace_once
@@ -95,11 +96,7 @@ def test_a_dicom_series_gets_a_seg_by_default_and_continue_knows_it(trained, bot
     assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, *FOLD_0) == 0
     assert visible_files(outputs) == ["flipped.seg.dcm", "report.csv", "report.json", "reversed.seg.dcm"]
     for case in SERIES:
-        alone, beside = (read_segment_masks(folder / f"{case}.seg.dcm") for folder in (outputs, with_nifti))
-        assert alone.keys() == beside.keys()
-        for name in alone:
-            assert alone[name].keys() == beside[name].keys()
-            assert all(np.array_equal(alone[name][uid], beside[name][uid]) for uid in alone[name])
+            assert same_seg_frames(outputs / f"{case}.seg.dcm", with_nifti / f"{case}.seg.dcm")
     report = (outputs / "report.json").read_text()
     kept = (outputs / "flipped.seg.dcm").stat().st_mtime_ns
     (outputs / "reversed.seg.dcm").unlink()
@@ -158,3 +155,34 @@ def test_the_real_dicom_series_gets_a_seg_whose_segments_lie_on_the_right_slices
     volumes = segment_volumes_ml(seg_path)
     assert row["infection_ml"] == pytest.approx(volumes["infection"], rel=1e-6, abs=1e-9)
     assert row["left_lung_ml"] + row["right_lung_ml"] == pytest.approx(sum(volumes.values()), rel=1e-6)
+
+
+def same_seg_frames(first, second) -> bool:
+    masks, others = read_segment_masks(first), read_segment_masks(second)
+    return masks.keys() == others.keys() and all(
+        masks[name].keys() == others[name].keys()
+        and all(np.array_equal(masks[name][uid], others[name][uid]) for uid in masks[name]) for name in masks)
+
+
+@pytest.mark.parametrize("output_type, killed_at", [("dicom-seg", ".seg.dcm#2"), ("both", ".nii.gz#2")],
+                         ids=["seg_only", "both"])
+def test_a_kill_before_a_cases_last_file_then_continue_completes_the_run(trained, both_run, tmp_path, output_type,
+                                                                          killed_at):
+    """Killed as the second case's last file (its SEG alone, or its label map after its SEG) is renamed into
+    place: that case is not complete, and --continue redoes it and only it."""
+    inputs, reference = both_run
+    output = tmp_path / "out"
+    arguments = ["-i", inputs, "-o", output, "--workspace", trained.root, *FOLD_0, "--output-type", output_type]
+    run_crashing(f"self@{killed_at}", "covnet_predict", *arguments)
+    last = "reversed.seg.dcm" if output_type == "dicom-seg" else "reversed.nii.gz"
+    assert not (output / last).exists() and [path.name.endswith(f"-{last}") for path in temporaries(output)] == [True]
+    first_case = {path.name: path.stat().st_mtime_ns for path in output.glob("flipped.*")}
+    run_ok("covnet_predict", *arguments, "--continue")
+    assert temporaries(output) == []
+    assert {path.name: path.stat().st_mtime_ns for path in output.glob("flipped.*")} == first_case
+    assert (output / "report.json").read_text() == (reference / "report.json").read_text()
+    for case in SERIES:
+        assert same_seg_frames(output / f"{case}.seg.dcm", reference / f"{case}.seg.dcm")
+        if output_type == "both":
+            np.testing.assert_array_equal(read_image(output / f"{case}.nii.gz")[0],
+                                          read_image(reference / f"{case}.nii.gz")[0])
