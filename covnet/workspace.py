@@ -213,6 +213,11 @@ class Workspace:
         return self.preprocessed / "plans.json"
 
     @property
+    def planned_plans_json(self) -> Path:
+        """What the planner chose, beside plans.json: anything that differs between the two is a hand edit."""
+        return self.preprocessed / "plans.planned.json"
+
+    @property
     def preprocessed_cases(self) -> Path:
         """The labelled cases on the plan's grid (``<case>.npy``, ``<case>_seg.npy``, ``<case>.json``)."""
         return self.preprocessed / "cases"

@@ -10,7 +10,6 @@ import pytest
 from kit.workspaces import command
 
 from covnet.phantoms.generate import make_phantom_dataset
-from covnet.planning.planner import planned_copy_path
 from covnet.planning.plans import Plan
 from covnet.preprocessing.run import stale_cases
 from covnet.workspace import Workspace
@@ -76,7 +75,7 @@ def test_a_normalisation_edit_is_kept_and_its_stale_cases_redone_while_training_
     assert "preprocessed 4 cases (0 already done)" in printed
     plan = Plan.load(workspace.plans_json)
     assert plan.normalization["0"].mean == planned_mean + 100                       # the edit stands
-    assert Plan.load(planned_copy_path(workspace)).normalization["0"].mean == planned_mean
+    assert Plan.load(workspace.planned_plans_json).normalization["0"].mean == planned_mean
     assert all(key["normalization"]["0"]["mean"] == planned_mean + 100 for key in stamps(workspace).values())
     # the arrays really are normalised with the edited mean: x' = x - 100 / std for the same raw voxels
     image_after = np.load(workspace.preprocessed_cases / "phantom_000.npy")
@@ -97,7 +96,7 @@ def test_replan_reverts_the_edit_and_says_so(workspace, capsys):
     assert command(PLAN, "--workspace", workspace.root, "-np", "1", "--replan") == 0
     printed = capsys.readouterr().out
     assert "--replan: discarding the hand edits of plans.json" in printed and "normalization.0.mean" in printed
-    assert json.loads(workspace.plans_json.read_text()) == json.loads(planned_copy_path(workspace).read_text())
+    assert json.loads(workspace.plans_json.read_text()) == json.loads(workspace.planned_plans_json.read_text())
     assert Plan.load(workspace.plans_json).normalization["0"].mean == planned_mean
     assert "preprocessed 0 cases (4 already done)" in printed    # the cases were never redone under the edit
 
@@ -139,7 +138,7 @@ def test_invalid_json_is_one_line_and_replan_recovers(workspace, capsys):
     assert command(PLAN, "--workspace", workspace.root, "-np", "1", "--plan-only") == 2
     assert "is not valid JSON" in one_error_line(capsys.readouterr().err)
     assert command(PLAN, "--workspace", workspace.root, "-np", "1", "--plan-only", "--replan") == 0
-    assert Plan.load(workspace.plans_json).to_json() == Plan.load(planned_copy_path(workspace)).to_json()
+    assert Plan.load(workspace.plans_json).to_json() == Plan.load(workspace.planned_plans_json).to_json()
 
 
 def test_labels_are_changed_in_dataset_json_not_in_plans_json(workspace, capsys):

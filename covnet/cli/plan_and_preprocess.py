@@ -14,7 +14,6 @@ from covnet.planning.planner import (
     PlanOutcome,
     PlanRequest,
     plan_workspace,
-    planned_copy_path,
 )
 from covnet.planning.plans import DEVICES
 from covnet.preprocessing.run import preprocess_dataset
@@ -80,7 +79,7 @@ def _report_plan(workspace, outcome: PlanOutcome, args: argparse.Namespace) -> N
     if not outcome.replanned:
         if outcome.edits:
             print(f"{plans_json} was edited by hand: keeping it. It differs from the planner's choice "
-                  f"({planned_copy_path(workspace).name}) in (planned → plans.json):\n" + "\n".join(changes)
+                  f"({workspace.planned_plans_json.name}) in (planned → plans.json):\n" + "\n".join(changes)
                   + "\nCases preprocessed under other values are redone; --replan plans afresh and discards the "
                     "edits.\n")
         else:

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +40,6 @@ log = logger(__name__)
 DEFAULT_DEVICE = "cuda"
 DEFAULT_GPU_MEMORY_GB = 8.0
 DEFAULT_SECONDS_PER_ITERATION = 1.0
-PLANNED_COPY_NAME = "plans.planned.json"
 # Entries of plans.json copied from raw/dataset.json: they are changed there (then --replan), not in plans.json.
 FROM_DATASET_JSON = ("dataset_name", "labels", "regions", "channel_names", "lateral_pairs")
 # Measure, rescale the model, plan again: until the plan stands still, at most this often.
@@ -238,11 +236,6 @@ class PlanOutcome:
     why: str = ""             # why it planned afresh
 
 
-def planned_copy_path(workspace: Workspace) -> Path:
-    """The planner's own copy of its last plan, beside the ``plans.json`` that may be edited."""
-    return workspace.plans_json.with_name(PLANNED_COPY_NAME)
-
-
 def _as_json(plan: Plan) -> dict:
     return json.loads(json.dumps(plan.to_json()))
 
@@ -282,7 +275,7 @@ def _load_plans(workspace: Workspace, strict: bool) -> tuple[Plan | None, Plan |
                 raise
             why = "plans.json does not load"
     try:
-        planned = Plan.load(planned_copy_path(workspace)) if planned_copy_path(workspace).is_file() else None
+        planned = Plan.load(workspace.planned_plans_json) if workspace.planned_plans_json.is_file() else None
     except CovnetError:
         planned = None
     return current, planned, why
@@ -326,7 +319,7 @@ def plan_workspace(workspace: Workspace, request: PlanRequest = PlanRequest(), *
                          request.seconds_per_iteration or DEFAULT_SECONDS_PER_ITERATION,
                          this_machine() if request.device == "cpu" else cpu_time.CALIBRATION_MACHINE)
     plan.save(workspace.plans_json)
-    plan.save(planned_copy_path(workspace))
+    plan.save(workspace.planned_plans_json)
     if fingerprinted:    # last: a kill before it leaves no fingerprint, so the rerun plans afresh
         fingerprint.save(workspace.fingerprint_json)
     return PlanOutcome(plan, replanned=True, edits=edits, why=why)

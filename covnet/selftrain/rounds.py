@@ -28,6 +28,7 @@ from covnet.checkpoint import Checkpoint
 from covnet.dataset import INFECTION
 from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.planning.plans import Plan
+from covnet.preprocessing.run import require_current_cases
 from covnet.runtime.atomic import atomic_path, read_json, write_json
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
@@ -281,10 +282,12 @@ def pool_cases(workspace: Workspace) -> list[str]:
 
 
 def checked_pool(workspace: Workspace, teacher: Teacher) -> list[str]:
+    """The preprocessed pool, each case made under the current plan and named unlike every expert case."""
     pool = pool_cases(workspace)
     if not pool:
         raise CovnetError(workspace.preprocessed_pool, "holds no preprocessed unlabelled CTs; import a pool "
                                                        "(covnet_import_unlabelled) and run covnet_plan_and_preprocess")
+    require_current_cases(workspace.preprocessed_pool, pool, Plan.load(workspace.plans_json))
     clash = sorted(set(pool) & set(teacher.train_cases + teacher.holdout_cases))
     if clash:
         raise CovnetError(None, f"unlabelled case(s) {', '.join(clash[:5])} have the name of labelled cases; "
