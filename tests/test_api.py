@@ -178,7 +178,7 @@ def test_a_model_zip_is_installed_once_and_its_own_folds_and_checkpoint_are_used
 
 
 def readme_python_example() -> str:
-    text = (REPOSITORY / "README.md").read_text()
+    text = (REPOSITORY / "README.md").read_text(encoding="utf-8")
     section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
