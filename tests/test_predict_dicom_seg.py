@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pydicom
@@ -186,3 +187,17 @@ def test_a_kill_before_a_cases_last_file_then_continue_completes_the_run(trained
         if output_type == "both":
             np.testing.assert_array_equal(read_image(output / f"{case}.nii.gz")[0],
                                           read_image(reference / f"{case}.nii.gz")[0])
+
+
+def test_a_folder_of_covnets_own_segs_among_the_inputs_is_skipped(trained, both_run, tmp_path, capsys):
+    """An earlier run's output folder holds SEGs, which DICOM discovery sees as a series: it is no CT."""
+    inputs, _ = both_run
+    folder = tmp_path / "in"
+    shutil.copytree(inputs / "flipped", folder / "ct")
+    assert run_predict("-i", folder / "ct", "-o", folder / "old", "--workspace", trained.root, *FOLD_0) == 0
+    capsys.readouterr()
+    assert run_predict("-i", folder, "-o", tmp_path / "out", "--workspace", trained.root, *FOLD_0) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert f"warning: {folder / 'old'}: holds only DICOM-SEGs covnet_predict wrote (their rows are in .reports/), " \
+           f"not a CT; skipped" in warnings
+    assert visible_files(tmp_path / "out") == ["ct.seg.dcm", "report.csv", "report.json"]

@@ -114,11 +114,21 @@ class LabelMapInput(CovnetError):
     """An input that is a label map, not a CT: skipped with a warning, not a failure."""
 
 
+def _has_report_row(folder: Path, case: str) -> bool:
+    return (folder / REPORTS_FOLDER / f"{case}.json").is_file()
+
+
 def written_by_covnet_reason(source: Path) -> str | None:
-    """Why ``source`` is a label map an earlier ``covnet_predict`` wrote (its folder holds the case's report row,
-    ``.reports/<name>.json``), or None. Cheap: no image is read."""
-    if source.is_file() and (source.parent / REPORTS_FOLDER / f"{strip_image_suffix(source.name)}.json").is_file():
+    """Why ``source`` is an output of an earlier ``covnet_predict`` (its folder holds the case's report row,
+    ``.reports/<name>.json``): a label map, or a folder whose DICOM files are all such DICOM-SEGs (which DICOM
+    discovery would take for a series); None otherwise. Cheap: no image is read."""
+    if source.is_file() and _has_report_row(source.parent, strip_image_suffix(source.name)):
         return f"is a label map covnet_predict wrote (its row is {REPORTS_FOLDER}/), not a CT"
+    if source.is_dir():
+        dicom_files = [path for path in source.iterdir() if is_dicom_file(path)]
+        if dicom_files and all(path.name.endswith(SEG_SUFFIX) and
+                               _has_report_row(source, path.name[: -len(SEG_SUFFIX)]) for path in dicom_files):
+            return f"holds only DICOM-SEGs covnet_predict wrote (their rows are in {REPORTS_FOLDER}/), not a CT"
     return None
 
 
