@@ -21,6 +21,13 @@ FOLD_PREFIX = "fold_"
 ALL_FOLDS = "all"                        # the model trained on every labelled case, validated on none
 CHECKPOINT_NAMES = ("final", "best", "latest")
 VALIDATION_SUMMARY = "summary.json"      # in a validation folder, beside the predicted cases
+# The parts of a workspace a command locks (covnet.runtime.locking): one writer at a time, readers shared. Each
+# training fold is its own part (``fold_scope``).
+RAW_SCOPE, PREPROCESSED_SCOPE, SELFTRAIN_SCOPE = "raw", "preprocessed", "selftrain"
+
+
+def fold_scope(fold: int | str) -> str:
+    return f"{FOLD_PREFIX}{fold}"
 
 
 @dataclass(frozen=True)

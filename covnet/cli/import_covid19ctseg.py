@@ -9,6 +9,7 @@ from typing import Sequence
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
 from covnet.importers.covid19ctseg import import_covid19ctseg
 from covnet.importers.download import download_covid19ctseg
+from covnet.workspace import RAW_SCOPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.download:
         download_covid19ctseg(args.source)
     workspace = workspace_from(args)
-    with writing(workspace, "raw", "covnet_import_covid19ctseg", workspace.raw):
+    with writing(workspace, RAW_SCOPE, "covnet_import_covid19ctseg", workspace.raw):
         import_covid19ctseg(args.source, workspace, overwrite=args.overwrite)
     return 0
 

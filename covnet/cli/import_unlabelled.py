@@ -8,6 +8,7 @@ from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
 from covnet.importers.unlabelled import import_unlabelled
+from covnet.workspace import RAW_SCOPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workspace = workspace_from(args)
-    with writing(workspace, "raw", "covnet_import_unlabelled", workspace.raw):
+    with writing(workspace, RAW_SCOPE, "covnet_import_unlabelled", workspace.raw):
         import_unlabelled(args.source, workspace)
     return 0
 

@@ -8,6 +8,7 @@ from typing import Sequence
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
 from covnet.phantoms.acquisition import PROFILES, profile_named
 from covnet.phantoms.generate import SIZES, SPACING_MODES, make_phantom_dataset
+from covnet.workspace import RAW_SCOPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workspace = workspace_from(args)
-    with writing(workspace, "raw", "covnet_make_phantoms", workspace.raw):
+    with writing(workspace, RAW_SCOPE, "covnet_make_phantoms", workspace.raw):
         make_phantom_dataset(workspace, num_labelled=args.num_labelled, num_unlabelled=args.num_unlabelled,
                              num_test=args.num_test, seed=args.seed, size=args.size, spacing_mode=args.spacing,
                              overwrite=args.overwrite, report=print, profile=profile_named(args.profile),

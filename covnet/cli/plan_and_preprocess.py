@@ -17,6 +17,7 @@ from covnet.planning.planner import (
 )
 from covnet.planning.plans import DEVICES
 from covnet.preprocessing.run import preprocess_dataset
+from covnet.workspace import PREPROCESSED_SCOPE
 
 
 def positive_float(text: str) -> float:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     workspace = workspace_from(args)
-    with writing(workspace, "preprocessed", "covnet_plan_and_preprocess", workspace.preprocessed):
+    with writing(workspace, PREPROCESSED_SCOPE, "covnet_plan_and_preprocess", workspace.preprocessed):
         return _plan_then_preprocess(workspace, args)
 
 

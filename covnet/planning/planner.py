@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from covnet.dataset import DatasetDescription, validate_raw_dataset
+from covnet.image.ct import is_ct_channel
 from covnet.planning import cpu_time, rules
 from covnet.planning.fingerprint import DatasetFingerprint, case_source, extract_fingerprint
 from covnet.planning.memory import estimate_training_memory_bytes
@@ -47,7 +48,7 @@ MAX_MEASUREMENTS = 3
 
 
 def normalization_for_channel(channel_name: str, fingerprint: DatasetFingerprint) -> rules.Decision:
-    if channel_name.strip().upper() == "CT":
+    if is_ct_channel(channel_name):
         return rules.ct_normalization(fingerprint.foreground_intensity)
     return rules.Decision(NormalizationScheme(ZSCORE_SCHEME), "not CT: z-score each image with its own mean and std")
 

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from covnet.dataset import DatasetDescription, find_cases, image_path, label_path
-from covnet.image.ct import not_hu_reason
+from covnet.image.ct import is_ct_channel, not_hu_reason
 from covnet.image.io import read_image
 from covnet.planning.plans import Plan
 from covnet.preprocessing.case import PREPROCESSING_VERSION, preprocess_case
@@ -57,7 +57,7 @@ def run_case_job(job: CaseJob, plan: Plan) -> str | None:
 
 def _intensity_problem(image, plan: Plan) -> str | None:
     # CT normalization clips to the foreground's HU percentiles: a 0-255 image would become a constant.
-    if plan.channel_names.get("0", "").strip().upper() == "CT":
+    if is_ct_channel(plan.channel_names.get("0", "")):
         return not_hu_reason(image)
     return None
 

@@ -45,9 +45,7 @@ from covnet.training.validation import validate_fold
 from covnet.workspace import ModelFolder, Workspace
 
 log = logger(__name__)
-LOCK_SCOPE = "selftrain"
 COMMAND = "covnet_selftrain"
-PREPROCESSED_SCOPE = "preprocessed"
 CANDIDATES, PSEUDO_LABELS, SELECTION = "candidates", "pseudo_labels", "selection.json"
 
 

@@ -18,12 +18,12 @@ from covnet.runtime.log import logger, setup_logging
 from covnet.runtime.settings import flag_text
 from covnet.runtime.sharding import shard
 from covnet.selftrain.candidates import predict_candidates
-from covnet.selftrain.rounds import COMMAND, LOCK_SCOPE, PREPROCESSED_SCOPE, SelfTrainingRun, checked_pool
+from covnet.selftrain.rounds import COMMAND, SelfTrainingRun, checked_pool
 from covnet.selftrain.settings import SelfTrainingSettings
 from covnet.selftrain.teacher import Teacher, choose_teacher, self_training_plan, teacher_from_json, teacher_to_json
 from covnet.training.distributed import DistributedContext, context_from_environment, device_for, initialise, shutdown
 from covnet.training.settings import TrainingSettings
-from covnet.workspace import Workspace
+from covnet.workspace import PREPROCESSED_SCOPE, SELFTRAIN_SCOPE, Workspace
 
 log = logger(__name__)
 
@@ -90,7 +90,7 @@ def run_selftraining(workspace: Workspace, settings: SelfTrainingSettings, *, re
     device = device_for(context, resolve_device(_device_name(settings)))
     initialise(context, device)
     try:
-        with holding(workspace.root, LOCK_SCOPE, COMMAND, reading=(PREPROCESSED_SCOPE,), main_process=context.is_main):
+        with holding(workspace.root, SELFTRAIN_SCOPE, COMMAND, reading=(PREPROCESSED_SCOPE,), main_process=context.is_main):
             if context.is_main:
                 teacher = start_or_resume(workspace, settings, teacher, resume=resume)
                 sweep_dead_temporaries(workspace.selftrain)
@@ -120,7 +120,7 @@ def run_pseudo_label_part(workspace: Workspace, settings: SelfTrainingSettings, 
                                 "ranks share it without them")
     shard([], num_parts, part_id)                       # a bad part is refused before any work
     device = resolve_device(_device_name(settings))
-    scope = f"{LOCK_SCOPE}_part_{part_id}_of_{num_parts}"
+    scope = f"{SELFTRAIN_SCOPE}_part_{part_id}_of_{num_parts}"
     with holding(workspace.root, scope, COMMAND, reading=(PREPROCESSED_SCOPE,)):
         teacher = start_or_resume(workspace, settings, teacher, resume=True)
         setup_logging(workspace.selftrain / f"pseudo_label_part_{part_id}_of_{num_parts}_log.txt")

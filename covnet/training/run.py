@@ -40,11 +40,10 @@ from covnet.training.session import TrainingSession
 from covnet.training.settings import TrainingJob, TrainingSettings
 from covnet.training.splits import cases_for_fold, fold_names, load_or_make_splits, save_splits
 from covnet.training.validation import validate_fold
-from covnet.workspace import ALL_FOLDS, ModelFolder, Workspace, check_fold
+from covnet.workspace import ALL_FOLDS, PREPROCESSED_SCOPE, ModelFolder, Workspace, check_fold, fold_scope
 
 log = logger(__name__)
 COMMAND = "covnet_train"
-PREPROCESSED_SCOPE = "preprocessed"     # the lock scope covnet_plan_and_preprocess writes the cases under
 
 
 def preprocessed_cases(workspace: Workspace, description: DatasetDescription) -> list[str]:
@@ -97,7 +96,7 @@ def train_fold(workspace: Workspace, fold: int | str, settings: TrainingSettings
         job = fold_job(workspace, fold, num_folds=num_folds, context=context)
         # Rank 0 holds, for every rank, the fold's folder for writing and the preprocessed cases for reading (so
         # that covnet_plan_and_preprocess cannot rewrite them under the training).
-        with holding(workspace.root, f"fold_{job.name}", COMMAND, reading=(PREPROCESSED_SCOPE,),
+        with holding(workspace.root, fold_scope(job.name), COMMAND, reading=(PREPROCESSED_SCOPE,),
                      main_process=context.is_main):
             return run_training(job, settings, resume=resume, validate_only=validate_only, context=context,
                                 device=device, log_to_folder=True)
