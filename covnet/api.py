@@ -34,7 +34,7 @@ from covnet.image.discovery import propose_case_ids
 from covnet.image.io import Geometry, from_sitk, read_image, to_sitk
 from covnet.inference.inputs import check_input
 from covnet.inference.model_choice import select_checkpoints
-from covnet.inference.predictor import InferenceSettings, Predictor
+from covnet.inference.predictor import InferenceSettings, Predictor, default_speed_mode, speed_mode_settings
 from covnet.inference.report import REQUIRED_LABELS, case_report
 from covnet.model_archive.install import resolve_model_archive
 from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, hash_file, model_id
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import pydicom
 
 # covnet_predict's defaults: postprocessing and the lateral fix on (validation and self-training keep the
-# network's own labels, InferenceSettings' defaults).
+# network's own labels, InferenceSettings' defaults); the speed mode (speed_mode_settings) goes by the device.
 PREDICT_SETTINGS = InferenceSettings(postprocess=True, lateral_fix=True)
 IN_MEMORY_NAME = "image"
 
@@ -186,7 +186,7 @@ class Model:
 
 
 def load_model(path: str | os.PathLike, *, folds: Sequence[str] | None = None, checkpoint: str | None = None,
-               device: str | torch.device = "auto", settings: InferenceSettings = PREDICT_SETTINGS) -> Model:
+               device: str | torch.device = "auto", settings: InferenceSettings | None = None) -> Model:
     """Load a trained model once, to segment many CTs with :meth:`Model.segment`.
 
     ``path``: a workspace, its ``results/`` folder (or a copy), one model's folder, a checkpoint file, or a model
@@ -195,7 +195,9 @@ def load_model(path: str | os.PathLike, *, folds: Sequence[str] | None = None, c
     or ``best``); by default an installed archive's own folds and checkpoint, otherwise the self-trained model,
     else every trained fold, else ``fold_all``, with ``checkpoint_final.pth``. ``device``: ``auto``, ``cpu``,
     ``cuda``, ``cuda:N`` or a ``torch.device``. ``settings``: the inference settings (default: covnet_predict's,
-    :data:`PREDICT_SETTINGS`; e.g. ``dataclasses.replace(PREDICT_SETTINGS, use_mirroring=False)``)."""
+    :data:`PREDICT_SETTINGS` in the device's speed mode: fast on a CPU, accurate on a GPU; e.g.
+    ``speed_mode_settings("accurate", PREDICT_SETTINGS)`` or ``dataclasses.replace(PREDICT_SETTINGS,
+    use_mirroring=False)``)."""
     folder = resolve_model_archive(path)
     manifest_file = folder / MANIFEST_NAME
     archive_id = None
@@ -209,5 +211,7 @@ def load_model(path: str | os.PathLike, *, folds: Sequence[str] | None = None, c
     if archive_id is not None:
         description = f"model {archive_id[:12]}: {description}"
     device = device if isinstance(device, torch.device) else resolve_device(device)
+    if settings is None:
+        settings = speed_mode_settings(default_speed_mode(device), PREDICT_SETTINGS)
     predictor = Predictor.from_files(checkpoints, device, settings)
     return Model(predictor, checkpoints, description, archive_id=archive_id)

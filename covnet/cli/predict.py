@@ -15,7 +15,10 @@ from covnet.api import PREDICT_SETTINGS, load_model
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
 from covnet.inference.cohort import CohortSettings, predict_cohort, prepare_output_folder
 from covnet.inference.inputs import DICOM_SEG, NIFTI, OUTPUT_TYPES, SEG_SUFFIX, check_output_folder, find_cohort
+from covnet.inference.lung_box import LungBoxSettings
 from covnet.inference.model_choice import CHECKPOINT_CHOICES
+from covnet.inference.predictor import ACCURATE, FAST, InferenceSettings, default_speed_mode, speed_mode_settings
+from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.sharding import shard
 
@@ -55,9 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DICOM_SEG}: a DICOM-SEG of the DICOM series (<case>{SEG_SUFFIX}; DICOM input "
                              "only); both (DICOM input only). Default: the input's own kind, a DICOM-SEG for a "
                              "DICOM series and a label map for a file")
-    parser.add_argument("--step-size", type=float, default=0.5,
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--fast", dest="speed_mode", action="store_const", const=FAST,
+                       help="fast mode (the default on a CPU): a coarse first pass finds the lungs and the sliding "
+                            "window covers only them, without test-time mirroring")
+    speed.add_argument("--accurate", dest="speed_mode", action="store_const", const=ACCURATE,
+                       help="accurate mode (the default on a GPU): every window of the body box, mirrored along "
+                            "z, y and x (8 passes)")
+    parser.add_argument("--lung-box", action=argparse.BooleanOptionalAction, default=None,
+                        help="restrict the sliding window to the lungs found by a coarse first pass (default: on "
+                             "in fast mode, off in accurate mode)")
+    parser.add_argument("--mirror-axes", default=None, metavar="AXES",
+                        help="test-time mirroring along these axes, e.g. zyx (8 passes) or x (the left-right "
+                             "mirror, 2 passes) (default: none in fast mode, zyx in accurate mode)")
+    parser.add_argument("--step-size", type=float, default=None,
                         help="sliding-window step as a fraction of the patch (default 0.5; larger is faster)")
-    parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (8x faster, less exact)")
+    parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (in either mode)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     parser.add_argument("--fp32", action="store_true",
                         help="run the network in float32 (default: float16 autocast on CUDA, bfloat16 on CPUs "
@@ -84,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 0 < args.step_size <= 1:
+    if args.step_size is not None and not 0 < args.step_size <= 1:
         raise CovnetError(None, f"--step-size {args.step_size}: must be in (0, 1]")
+    if args.mirror_axes is not None and args.disable_tta:
+        raise CovnetError(None, "--mirror-axes and --disable-tta contradict each other: give one")
+    mirror_axes(args.mirror_axes)
     check_output_folder(args.output)
     created = not args.output.exists()
     try:
@@ -96,17 +115,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def mirror_axes(text: str | None) -> tuple[int, ...] | None:
+    """``--mirror-axes``' letters (some of z, y, x, or ``none``) as axes of (z, y, x); None when not given."""
+    if text is None:
+        return None
+    letters = "" if text.lower() == "none" else text.lower()
+    if set(letters) - set("zyx") or len(set(letters)) != len(letters):
+        raise CovnetError(None, f"--mirror-axes {text}: give some of the letters z, y, x (e.g. zyx or x), or none")
+    return tuple(sorted("zyx".index(letter) for letter in letters))
+
+
+def inference_settings(args: argparse.Namespace, mode: str) -> InferenceSettings:
+    """covnet_predict's settings: the speed mode's, then the flags that change them."""
+    settings = speed_mode_settings(mode, dataclasses.replace(
+        PREDICT_SETTINGS, postprocess=not args.no_postprocessing, lateral_fix=not args.no_lateral_fix,
+        use_amp=not args.fp32))
+    changes = {}
+    if args.step_size is not None:
+        changes["step_size"] = args.step_size
+    if args.lung_box is not None:
+        changes["lung_box"] = (settings.lung_box or LungBoxSettings()) if args.lung_box else None
+    axes = mirror_axes(args.mirror_axes)
+    if axes is not None:
+        changes.update(use_mirroring=bool(axes), mirror_axes=axes or settings.mirror_axes)
+    if args.disable_tta:
+        changes["use_mirroring"] = False
+    return dataclasses.replace(settings, **changes)
+
+
+def mode_line(args: argparse.Namespace, mode: str, settings: InferenceSettings, device) -> str:
+    """The first line: which mode, why, and what the network pass does."""
+    if args.speed_mode:
+        reason = f"--{mode}"
+    else:
+        where = "CPU" if device.type == "cpu" else "GPU"
+        other = ACCURATE if mode == FAST else FAST
+        reason = f"the default on a {where}; --{other} for the {'full prediction' if other == ACCURATE else 'fast one'}"
+    return f"{PROGRAM}: {mode} mode ({reason}): {settings.describe()}"
+
+
 def _predict(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    mode = args.speed_mode or default_speed_mode(device)
+    inference = inference_settings(args, mode)
+    print(mode_line(args, mode, inference, device), flush=True)
     settings = CohortSettings(save_probabilities=args.save_probabilities, preview=args.preview,
                               resume=args.resume, num_parts=args.num_parts, part_id=args.part_id)
     cases = find_cohort(args.input, args.output, args.output_type)
     shard(cases, settings.num_parts, settings.part_id)      # refused before the models load: a bad part,
     prepare_output_folder(args.output)                      # an output folder that cannot be written
-    inference = dataclasses.replace(PREDICT_SETTINGS, step_size=args.step_size, use_mirroring=not args.disable_tta,
-                                    postprocess=not args.no_postprocessing, lateral_fix=not args.no_lateral_fix,
-                                    use_amp=not args.fp32)
     model = load_model(args.model if args.model is not None else workspace_from(args).results, folds=args.folds,
-                       checkpoint=args.checkpoint, device=args.device, settings=inference)
+                       checkpoint=args.checkpoint, device=device, settings=inference)
     print(f"{len(cases)} case(s) in {args.input}; model: {model.description}; device: {model.device}")
     summary = predict_cohort(model, cases, args.output, settings)
     line = f"{len(summary.written)} case(s) written"

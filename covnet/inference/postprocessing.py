@@ -27,8 +27,10 @@ from typing import Sequence
 import numpy as np
 from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_sizes
 
+from covnet.dataset import INFECTION, LEFT_LUNG, RIGHT_LUNG
 from covnet.image.grid import bounding_box
 from covnet.image.orientation import LEFT_RIGHT_AXIS
+from covnet.planning.plans import Plan
 
 FULL_CONNECTIVITY = 26
 # A lung component with at least this share of its voxels on each side of the midline is two touching lungs
@@ -111,6 +113,16 @@ def postprocess(segmentation: np.ndarray, lung_labels: Sequence[int] = (1, 2), i
                                                              connectivity)
     return keep_largest_lung_components(without_stray_infection, lung_labels, infection_label,
                                         num_lung_components, min_fraction_of_largest, connectivity)
+
+
+def postprocess_segmentation(segmentation: np.ndarray, plan: Plan) -> np.ndarray:
+    """:func:`postprocess` with the plan's lung and infection labels, for datasets with COVID labels (others are
+    returned unchanged)."""
+    labels = plan.labels
+    lungs = [labels[name] for name in (LEFT_LUNG, RIGHT_LUNG) if name in labels]
+    if not lungs:
+        return segmentation
+    return postprocess(segmentation, lung_labels=lungs, infection_label=labels.get(INFECTION))
 
 
 def _voxels_per_position(component_ids: np.ndarray, num_ids: int, axis: int) -> np.ndarray:

@@ -9,19 +9,28 @@ original array. The trainer's validation and ``covnet_predict`` both call this m
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from covnet.checkpoint import Checkpoint
-from covnet.dataset import INFECTION, LEFT_LUNG, RIGHT_LUNG
+from covnet.dataset import LEFT_LUNG, RIGHT_LUNG
 from covnet.image.io import Geometry, write_image
 from covnet.image.orientation import LEFT_RIGHT_AXIS, MIRROR_AXES
-from covnet.inference.postprocessing import assign_lung_sides, postprocess
-from covnet.inference.sliding_window import predict_sliding_window
+from covnet.inference.lung_box import (
+    LungBoxSettings,
+    Region,
+    find_lung_region,
+    paste_into_background,
+    region_fraction,
+    union,
+)
+from covnet.inference.postprocessing import assign_lung_sides, postprocess_segmentation
+from covnet.inference.sliding_window import mirror_combinations, predict_sliding_window
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.planning.plans import Plan
 from covnet.preprocessing.case import CaseProperties, preprocess_case, probabilities_to_original
@@ -35,12 +44,65 @@ log = logger(__name__)
 class InferenceSettings:
     step_size: float = 0.5
     use_mirroring: bool = True
+    mirror_axes: tuple[int, ...] = MIRROR_AXES   # the axes mirroring flips; every subset is one pass (3 axes: 8)
+    # The inference window = the plan's patch × this per axis, rounded up to the network's total stride.
+    window_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    lung_box: LungBoxSettings | None = None      # a coarse first pass restricts the sliding window to the lungs
     batch_windows: int = 2
     use_amp: bool = True          # autocast where available: float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16
     postprocess: bool = False
     # Each lung component takes the side of the body's midline it lies on (covnet_predict's default; validation
     # and pseudo-labels score the network itself and keep its labels).
     lateral_fix: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.step_size <= 1:
+            raise ValueError(f"step_size must be in (0, 1], got {self.step_size}")
+        if any(axis not in MIRROR_AXES for axis in self.mirror_axes):
+            raise ValueError(f"mirror axes must be among {MIRROR_AXES} (z, y, x), got {self.mirror_axes}")
+        if len(self.window_scale) != len(MIRROR_AXES) or not all(scale >= 1 for scale in self.window_scale):
+            raise ValueError(f"window_scale needs one factor of at least 1 per axis (z, y, x), got "
+                             f"{self.window_scale}")
+
+    @property
+    def flipped_axes(self) -> tuple[int, ...]:
+        """The axes test-time mirroring flips (none without mirroring)."""
+        return tuple(self.mirror_axes) if self.use_mirroring else ()
+
+    def describe(self) -> str:
+        """What the network pass does, in a few words (e.g. for covnet_predict's first line)."""
+        flips = len(mirror_combinations(self.flipped_axes))
+        axes = "".join("zyx"[axis] for axis in sorted(self.flipped_axes))
+        parts = [f"mirroring {axes} ({flips} passes)" if flips > 1 else "no mirroring", f"step {self.step_size:g}"]
+        if any(scale != 1 for scale in self.window_scale):
+            parts.append("window " + "×".join(f"{scale:g}" for scale in self.window_scale) + " the patch")
+        parts.append(f"lung box (coarse pass, {self.lung_box.margin_mm:g} mm margin)" if self.lung_box
+                     else "whole body box")
+        return ", ".join(parts)
+
+
+FAST, ACCURATE = "fast", "accurate"
+SPEED_MODES = (FAST, ACCURATE)
+
+
+def speed_mode_settings(mode: str, base: InferenceSettings = InferenceSettings()) -> InferenceSettings:
+    """``base`` with the network pass of a speed mode (postprocessing, lateral fix, precision stay ``base``'s).
+
+    ``accurate``: the full prediction, mirroring along z, y and x (8 passes), step 0.5, every window of the body
+    box. ``fast``: a coarse first pass finds the lungs and the sliding window covers only them, without mirroring
+    (BENCHMARKS.md, "Fast prediction on the CPU": Dice within 0.005 of the full prediction on phantoms)."""
+    if mode == ACCURATE:
+        return replace(base, step_size=0.5, use_mirroring=True, mirror_axes=MIRROR_AXES, window_scale=(1.0, 1.0, 1.0),
+                       lung_box=None)
+    if mode == FAST:
+        return replace(base, step_size=0.5, use_mirroring=False, mirror_axes=MIRROR_AXES,
+                       window_scale=(1.0, 1.0, 1.0), lung_box=LungBoxSettings())
+    raise ValueError(f"speed mode must be one of {', '.join(SPEED_MODES)}, got {mode!r}")
+
+
+def default_speed_mode(device: torch.device) -> str:
+    """``fast`` on a CPU (the full prediction of a chest CT takes 20 minutes on 2 cores), ``accurate`` on a GPU."""
+    return FAST if torch.device(device).type == "cpu" else ACCURATE
 
 
 class Predictor:
@@ -67,27 +129,64 @@ class Predictor:
                    settings: InferenceSettings = InferenceSettings()) -> "Predictor":
         return cls([Checkpoint.load(path) for path in paths], device, settings, names=[str(path) for path in paths])
 
-    def predict_probabilities(self, image: np.ndarray, *, member_labels: list | None = None) -> torch.Tensor:
+    @property
+    def window_size(self) -> tuple[int, ...]:
+        """The sliding window: the plan's patch scaled by ``window_scale``, rounded up to the network's stride."""
+        stride = self.plan.network.total_stride
+        return tuple(step * math.ceil(size * scale / step)
+                     for size, scale, step in zip(self.plan.patch_size, self.settings.window_scale, stride))
+
+    def predict_probabilities(self, image: np.ndarray, *, member_labels: list | None = None,
+                              region: Region | None = None) -> torch.Tensor:
         """(C, z, y, x) preprocessed image → (classes, z, y, x) softmax probabilities averaged over the models.
-        ``member_labels``: a list that receives each model's own argmax (uint8), e.g. to measure agreement."""
+        ``member_labels``: a list that receives each model's own argmax (uint8), e.g. to measure agreement.
+        ``region``: predict only this part of the image (certain background elsewhere); by default the
+        settings' lung box (:meth:`lung_region`) or the whole image."""
         total = None
-        image = np.array(image, dtype=np.float32)   # a writable copy (memory maps are read-only)
+        image = torch.from_numpy(np.array(image, dtype=np.float32))   # a writable copy (memory maps are read-only)
         with torch.inference_mode():                 # in-place sums of the (inference) outputs
+            if region is None and self.settings.lung_box is not None:
+                region = self.lung_region(image)
+            inside = image if region is None else image[(slice(None), *region)]
             for state in self.states:
                 self.network.load_state_dict(state)
-                probabilities = predict_sliding_window(
-                    self.network, image, self.plan.patch_size, self.plan.num_classes,
-                    step_size=self.settings.step_size,
-                    mirror_axes=MIRROR_AXES if self.settings.use_mirroring else (),
-                    lateral_pairs=self.plan.lateral_pairs, left_right_axis=LEFT_RIGHT_AXIS,
-                    batch_windows=self.settings.batch_windows, device=self.device,
-                    use_amp=self.settings.use_amp)
+                probabilities = self._sliding_window(inside)
+                if region is not None:
+                    probabilities = paste_into_background(probabilities, region, image.shape[1:])
                 if member_labels is not None:
                     member_labels.append(probabilities.argmax(dim=0).numpy().astype(np.uint8))
                 total = probabilities if total is None else total.add_(probabilities)
             if len(self.states) > 1:
                 total.div_(len(self.states))
         return total
+
+    def lung_region(self, image: np.ndarray | torch.Tensor) -> Region | None:
+        """The part of a preprocessed image the lung box keeps: the union over the models of each one's coarse
+        pass (:mod:`covnet.inference.lung_box`); None (the whole image) when none finds a lung."""
+        settings = self.settings.lung_box or LungBoxSettings()
+        image = torch.as_tensor(image, dtype=torch.float32)
+        regions = []
+        for state in self.states:
+            self.network.load_state_dict(state)
+            found = find_lung_region(self.network, image, self.plan, settings, window_size=self.window_size,
+                                     batch_windows=self.settings.batch_windows, device=self.device,
+                                     use_amp=self.settings.use_amp)
+            if found is not None:
+                regions.append(found)
+        if not regions:
+            log.info("the lung box's coarse pass found no lung: predicting the whole image")
+            return None
+        region = union(regions)
+        log.debug(f"lung box {[(part.start, part.stop) for part in region]}: "
+                  f"{100 * region_fraction(region, image.shape[1:]):.0f}% of the image")
+        return region
+
+    def _sliding_window(self, image: torch.Tensor) -> torch.Tensor:
+        return predict_sliding_window(
+            self.network, image, self.window_size, self.plan.num_classes, step_size=self.settings.step_size,
+            mirror_axes=self.settings.flipped_axes, lateral_pairs=self.plan.lateral_pairs,
+            left_right_axis=LEFT_RIGHT_AXIS, batch_windows=self.settings.batch_windows, device=self.device,
+            use_amp=self.settings.use_amp)
 
     def to_original(self, probabilities: torch.Tensor, properties: CaseProperties
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -114,15 +213,6 @@ class Predictor:
         """A raw CT (z, y, x) in HU and its geometry → labels (and probabilities) in that geometry."""
         preprocessed, _, properties = preprocess_case(case, [image], geometry, self.plan)
         return self.predict_preprocessed(preprocessed, properties, output_file)
-
-
-def postprocess_segmentation(segmentation: np.ndarray, plan: Plan) -> np.ndarray:
-    """Keep the lungs' largest components and drop infection outside them, for datasets with COVID labels."""
-    labels = plan.labels
-    lungs = [labels[name] for name in (LEFT_LUNG, RIGHT_LUNG) if name in labels]
-    if not lungs:
-        return segmentation
-    return postprocess(segmentation, lung_labels=lungs, infection_label=labels.get(INFECTION))
 
 
 def lungs_by_midline(segmentation: np.ndarray, properties: CaseProperties, labels: Mapping[str, int]) -> np.ndarray:
