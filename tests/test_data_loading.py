@@ -6,7 +6,8 @@ from covnet.preprocessing.case import CaseProperties, sample_class_locations
 from covnet.preprocessing.storage import save_case, segmentation_file
 from covnet.runtime.errors import CovnetError
 from covnet.training import data as data_module
-from covnet.training.data import PatchSampler, number_of_random_samples, start_range
+from covnet.training.data import PatchSampler, number_of_random_samples, rank_composition, start_range
+from covnet.training.distributed import DistributedContext
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -184,24 +185,45 @@ def test_only_the_patch_is_read_from_the_memory_map(tmp_path, monkeypatch):
     assert max(reads) <= 2 * 6 * 8 * 8                       # never more than the read window (2 channels)
 
 
-def test_anchor_cases_fill_their_share_of_every_batch(tmp_path):
+def test_anchor_cases_fill_their_count_of_every_batch(tmp_path):
     for case in ("expert_a", "expert_b", "pseudo_a", "pseudo_b", "pseudo_c"):
         write_case(tmp_path, case, one_voxel_case((6, 8, 8), (3, 4, 4)))
     cases = ["expert_a", "expert_b", "pseudo_a", "pseudo_b", "pseudo_c"]
-    for batch_size, share, anchored in ((2, 0.5, 1), (4, 0.5, 2), (2, 0.1, 1), (3, 1.0, 3)):
+    for batch_size, anchored in ((2, 1), (4, 2), (3, 3), (1, 0), (1, 1)):
         sampler = PatchSampler(tmp_path, cases, (4, 4, 4), batch_size=batch_size, seed=6,
-                               anchor_cases=["expert_a", "expert_b"], anchor_share=share)
+                               anchor_cases=["expert_a", "expert_b"], anchor_count=anchored)
         batches = [sampler.draw_cases() for _ in range(200)]
         assert all(sum(case.startswith("expert") for case in batch) == anchored for batch in batches)
-        positions = {batch.index(next(c for c in batch if c.startswith("expert"))) for batch in batches}
-        assert positions == set(range(batch_size - anchored + 1))          # the expert slot moves
+        if 0 < anchored < batch_size:                                      # the expert slot moves
+            positions = {batch.index(next(c for c in batch if c.startswith("expert"))) for batch in batches}
+            assert positions == set(range(batch_size - anchored + 1))
         drawn = [case for batch in batches for case in batch]
-        assert {"expert_a", "expert_b"} <= set(drawn) and (anchored == batch_size or {"pseudo_a", "pseudo_c"} <= set(drawn))
+        assert not anchored or {"expert_a", "expert_b"} <= set(drawn)
+        assert anchored == batch_size or {"pseudo_a", "pseudo_c"} <= set(drawn)
     uniform = PatchSampler(tmp_path, cases, (4, 4, 4), batch_size=4, seed=6)
     drawn = [case for _ in range(200) for case in uniform.draw_cases()]
     assert all(0.13 < drawn.count(case) / len(drawn) < 0.27 for case in cases)
     with pytest.raises(ValueError, match="not sampled"):
-        PatchSampler(tmp_path, ["expert_a"], (4, 4, 4), batch_size=1, anchor_cases=["nobody"], anchor_share=0.5)
+        PatchSampler(tmp_path, ["expert_a"], (4, 4, 4), batch_size=1, anchor_cases=["nobody"], anchor_count=1)
+
+
+def test_the_batch_composition_holds_for_the_global_batch_however_it_is_split():
+    """Foreground centring and the expert share are rules of the whole batch: split over ranks, the ranks'
+    shares add up to the single process's."""
+    for batch, world, oversample, share in ((2, 1, 0.33, 0.5), (2, 2, 0.33, 0.5), (4, 2, 0.33, 0.5),
+                                            (5, 3, 1.0, 0.5), (4, 4, 0.0, 0.1), (3, 2, 0.66, None)):
+        whole = rank_composition(batch, range(batch), oversample, share)
+        parts = [rank_composition(batch, DistributedContext(rank=rank, local_rank=rank, world_size=world)
+                                  .batch_slots(batch), oversample, share) for rank in range(world)]
+        slots = [len(DistributedContext(rank=rank, local_rank=rank, world_size=world).batch_slots(batch))
+                 for rank in range(world)]
+        assert sum(slots) == batch
+        assert sum(fraction * count for (fraction, _), count in zip(parts, slots)) == \
+            pytest.approx(whole[0] * batch)
+        assert sum(experts for _, experts in parts) == whole[1]
+        assert share is None or whole[1] >= 1
+    assert rank_composition(2, range(1), 0.33, 0.5) == (0.0, 1)      # rank 0 of 2: an expert, placed at random
+    assert rank_composition(2, range(1, 2), 0.33, 0.5) == (1.0, 0)   # rank 1: a pseudo case, on foreground
 
 
 def test_seeded_samplers_repeat_and_workers_differ(tmp_path):

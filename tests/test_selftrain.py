@@ -66,14 +66,17 @@ def test_default_recipe_takes_half_the_pool_then_all_of_it_relabelled(selftraine
         assert sorted(selection["scores"]) == _pool(workspace)           # the whole pool labelled each round
         # round r's cases carry round r's labels (refreshed, not kept from round 1)
         assert set(selection["training_cases"].values()) == {f"results/selftrain/round_0{round_index}/pseudo_labels"}
-        # the cases taken are those the members agree on most (ties by name)
-        order = sorted(selection["scores"], key=lambda case: (-selection["scores"][case]["agreement"], case))
+        # the cases taken are those the members agree on most (ties by confidence)
+        scores = selection["scores"]
+        order = sorted(scores, key=lambda case: (-scores[case]["agreement"], -scores[case]["confidence"], case))
         assert selection["cases_added"] == order[:len(selection["cases_added"])]
     assert _selection(workspace, 2)["scores"][_pool(workspace)[0]]["change"] is not None
     assert summary["final"] == {**summary["final"], "round": 2, "reason": "last"}
     final = workspace.selftrain_final.checkpoint("final")
     assert final.read_bytes() == workspace.selftrain_round(2).checkpoint("final").read_bytes()
-    assert not any((workspace.selftrain_round(index) / "candidates").exists() for index in (1, 2))
+    # round 1's predictions are gone once round 2 compared with them; the last round's stay for a continuation
+    assert not (workspace.selftrain_round(1) / "candidates").exists()
+    assert len(list((workspace.selftrain_round(2) / "candidates").glob("*.json"))) == 4
     assert (workspace.selftrain / "progress.png").stat().st_size > 0
     assert not list(workspace.root.rglob(".tmp-*"))
 

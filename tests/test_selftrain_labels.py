@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from covnet.runtime.errors import CovnetError
-from covnet.selftrain.labels import PseudoLabelPolicy, agreement, confidence, label_change, make_pseudo_label
+from covnet.selftrain.labels import agreement, apply_policy, confidence, label_change
+from covnet.selftrain.settings import SelfTrainingSettings
 
 IGNORE = 4
+
+
+def make_pseudo_label(probabilities: torch.Tensor, policy, *, round_index: int, ignore_label: int):
+    largest, labels = probabilities.max(dim=0)
+    return apply_policy(labels.numpy().astype(np.uint8), largest.numpy(), policy, round_index=round_index,
+                        num_classes=probabilities.shape[0], ignore_label=ignore_label)
+
+
+def _policy(**settings):
+    return SelfTrainingSettings(**settings).label_policy
 
 
 def _probabilities(seed: int = 0) -> torch.Tensor:
@@ -31,14 +42,14 @@ def _probabilities(seed: int = 0) -> torch.Tensor:
 
 def test_argmax_keeps_every_voxel():
     probabilities, truth = _probabilities()
-    labels, ignored = make_pseudo_label(probabilities, PseudoLabelPolicy("argmax"), round_index=1, ignore_label=IGNORE)
+    labels, ignored = make_pseudo_label(probabilities, _policy(pseudo_labels="argmax"), round_index=1, ignore_label=IGNORE)
     assert np.array_equal(labels, truth) and labels.dtype == np.uint8
     assert ignored == {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}
 
 
 def test_a_global_threshold_wipes_out_the_unsure_class():
     probabilities, truth = _probabilities()
-    labels, ignored = make_pseudo_label(probabilities, PseudoLabelPolicy("threshold", min_confidence=0.9),
+    labels, ignored = make_pseudo_label(probabilities, _policy(pseudo_labels="threshold", min_confidence=0.9),
                                         round_index=1, ignore_label=IGNORE)
     assert not (labels == 3).any() and ignored[3] == 1.0           # every infection voxel ignored
     assert ignored[0] == 0.0 and 0.2 < ignored[1] < 0.9
@@ -47,7 +58,7 @@ def test_a_global_threshold_wipes_out_the_unsure_class():
 
 def test_class_balanced_keeps_the_top_portion_of_every_class_and_grows_per_round():
     probabilities, truth = _probabilities()
-    policy = PseudoLabelPolicy("class_balanced", portion=0.2, portion_step=0.1, max_portion=0.35)
+    policy = _policy(pseudo_labels="class_balanced", class_portion=0.2, class_portion_step=0.1, class_portion_max=0.35)
     for round_index, portion in ((1, 0.2), (2, 0.3), (3, 0.35), (5, 0.35)):
         labels, ignored = make_pseudo_label(probabilities, policy, round_index=round_index, ignore_label=IGNORE)
         for value in range(4):
@@ -64,9 +75,12 @@ def test_class_balanced_keeps_the_top_portion_of_every_class_and_grows_per_round
 
 def test_policy_values_are_checked():
     with pytest.raises(CovnetError, match="--pseudo-labels 'soft'"):
-        PseudoLabelPolicy("soft")
-    with pytest.raises(CovnetError, match="portion"):
-        PseudoLabelPolicy("class_balanced", portion=0.6, max_portion=0.5)
+        _policy(pseudo_labels="soft")
+    with pytest.raises(CovnetError, match="--class-portion 0.6 is above --class-portion-max 0.5"):
+        _policy(pseudo_labels="class_balanced", class_portion=0.6)
+    assert _policy(pseudo_labels="argmax", class_portion=0.6).name == "argmax"     # not its business
+    with pytest.raises(CovnetError, match="--min-confidence must be at most 1.01"):
+        _policy(min_confidence=2.0)
 
 
 def test_agreement_confidence_and_change():

@@ -26,7 +26,7 @@ import torch
 
 from covnet.inference.predictor import Predictor
 from covnet.planning.plans import Plan
-from covnet.preprocessing.storage import image_file, load_case, save_array, segmentation_file
+from covnet.preprocessing.storage import load_case, save_array, segmentation_file
 from covnet.runtime.atomic import write_json
 from covnet.runtime.log import logger
 from covnet.selftrain.labels import agreement, confidence, label_change
@@ -125,6 +125,3 @@ def predict_candidates(workspace: Workspace, labeller: PoolLabeller, cases: Sequ
         records[case] = record
     return records
 
-
-def image_of(workspace: Workspace, case: str) -> Path:
-    return image_file(workspace.preprocessed_pool, case)

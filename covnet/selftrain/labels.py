@@ -24,30 +24,18 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
-
-from covnet.runtime.errors import CovnetError
 
 POLICIES = ("argmax", "class_balanced", "threshold")
 
 
 @dataclass(frozen=True)
 class PseudoLabelPolicy:
-    name: str = "argmax"
-    min_confidence: float = 0.9     # threshold: voxels less sure than this are ignored
-    portion: float = 0.2            # class_balanced: share of each class's voxels kept in round 1
-    portion_step: float = 0.05      # ... growing by this per round
-    max_portion: float = 0.5        # ... up to this
-
-    def __post_init__(self):
-        if self.name not in POLICIES:
-            raise CovnetError(None, f"--pseudo-labels {self.name!r}: choose one of {', '.join(POLICIES)}")
-        if not 0 <= self.min_confidence <= 1.01:
-            raise CovnetError(None, f"--min-confidence must lie in [0, 1] (above 1: ignore every voxel), "
-                                    f"not {self.min_confidence}")
-        if not 0 < self.portion <= self.max_portion <= 1 or self.portion_step < 0:
-            raise CovnetError(None, f"class-balanced portions must satisfy 0 < portion {self.portion} <= "
-                                    f"max_portion {self.max_portion} <= 1 and step {self.portion_step} >= 0")
+    """How a candidate becomes a pseudo-label; the values and their limits are ``SelfTrainingSettings``'."""
+    name: str                       # one of POLICIES
+    min_confidence: float           # threshold: voxels less sure than this are ignored
+    portion: float                  # class_balanced: share of each class's voxels kept in round 1
+    portion_step: float             # ... growing by this per round
+    max_portion: float              # ... up to this
 
     def portion_for_round(self, round_index: int) -> float:
         return min(self.max_portion, self.portion + self.portion_step * (round_index - 1))
@@ -64,14 +52,6 @@ def _class_thresholds(largest: np.ndarray, labels: np.ndarray, classes: Sequence
         kept = max(1, int(np.ceil(portion * confidences.size)))
         thresholds[value] = float(np.partition(confidences, confidences.size - kept)[confidences.size - kept])
     return thresholds
-
-
-def make_pseudo_label(probabilities: torch.Tensor | np.ndarray, policy: PseudoLabelPolicy, *, round_index: int,
-                      ignore_label: int) -> tuple[np.ndarray, dict[int, float]]:
-    """(classes, z, y, x) probabilities → ``apply_policy`` of their argmax and largest probability."""
-    largest, labels = torch.as_tensor(probabilities).max(dim=0)
-    return apply_policy(labels.numpy().astype(np.uint8), largest.float().numpy(), policy, round_index=round_index,
-                        num_classes=int(probabilities.shape[0]), ignore_label=ignore_label)
 
 
 def apply_policy(labels: np.ndarray, largest: np.ndarray, policy: PseudoLabelPolicy, *, round_index: int,

@@ -18,10 +18,9 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from covnet.planning.plans import Plan
-from covnet.runtime.atomic import atomic_path, write_json
+from covnet.runtime.atomic import atomic_path
 from covnet.runtime.log import logger
 from covnet.selftrain.teacher import ranking_score
 from covnet.workspace import ModelFolder
@@ -65,11 +64,6 @@ class RoundReport:
 
     def to_json(self) -> dict:
         return {"teacher": self.teacher, "rounds": self.rounds, "stopped": self.stopped, "final": self.final}
-
-
-def write_summary(path: Path, summary: dict) -> dict:
-    write_json(path, summary)
-    return summary
 
 
 def _number(value) -> str:

@@ -16,7 +16,6 @@ the student trains with DistributedDataParallel like ``covnet_train``. Across ma
 from __future__ import annotations
 
 import math
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 from covnet.runtime.sharding import shard
 from covnet.selftrain.candidates import PoolLabeller, predict_candidates
-from covnet.selftrain.report import RoundReport, plot_rounds, validation_table, write_summary
+from covnet.selftrain.report import RoundReport, plot_rounds, validation_table
 from covnet.selftrain.selection import choose_cases, store_pseudo_case, target_count
 from covnet.selftrain.settings import SelfTrainingSettings
 from covnet.selftrain.teacher import Teacher, ranking_score
@@ -47,14 +46,6 @@ from covnet.workspace import ModelFolder, Workspace
 log = logger(__name__)
 COMMAND = "covnet_selftrain"
 CANDIDATES, PSEUDO_LABELS, SELECTION = "candidates", "pseudo_labels", "selection.json"
-
-
-def seed_round(seed: int, round_index: int) -> None:
-    """Seed python, numpy and torch from (seed, round): a retrained student repeats the same draws."""
-    value = (seed * 1_000_003 + round_index) % (2 ** 31)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
 
 
 @dataclass
@@ -77,6 +68,11 @@ class SelfTrainingRun:
 
     def student(self, round_index: int) -> ModelFolder:
         return self.workspace.selftrain_round(round_index)
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (random selection, foreground locations): the --seed given, else the teacher's."""
+        return int(self.settings.training_overrides.get("seed", self.teacher.training.seed))
 
     def relative(self, path: Path) -> str:
         path = Path(path)
@@ -133,14 +129,14 @@ class SelfTrainingRun:
         earlier = {} if round_index == 1 or settings.refresh else \
             dict(self.selection(round_index - 1)["training_cases"])
         chosen = choose_cases(records, settings, round_index=round_index, pool_size=pool_size, kept=list(earlier),
-                              seed=settings_seed(settings))
+                              seed=self.seed)
         folder = round_dir / PSEUDO_LABELS
         shutil.rmtree(folder, ignore_errors=True)       # what an interrupted selection left: redone
         provenance = {"round": round_index, "teacher": records[chosen[0]]["key"] if chosen else None,
                       "policy": settings.pseudo_labels}
         ignored = {case: store_pseudo_case(self.workspace.preprocessed_pool, self.candidates(round_index), folder,
                                            case, self.plan, settings.label_policy, round_index=round_index,
-                                           seed=settings_seed(settings), provenance=provenance) for case in chosen}
+                                           seed=self.seed, provenance=provenance) for case in chosen}
         changes = [record["change"] for record in records.values() if record.get("change") is not None]
         selection = {"round": round_index, "teacher": provenance["teacher"], "pool_size": pool_size,
                      "labelled": len(records), "cases_added": chosen,
@@ -174,7 +170,6 @@ class SelfTrainingRun:
         training = self.settings.student_training(self.teacher.training, round_index=round_index,
                                                   pretrained=str(previous))
         job = self.student_job(round_index, selection)
-        seed_round(training.seed, round_index)
         log.info(f"round {round_index}: {self.settings.student} student on {len(self.teacher.train_cases)} expert + "
                  f"{len(job.pseudo_cases)} pseudo-labelled cases, {training.epochs} x "
                  f"{training.iterations_per_epoch} iterations, lr {training.initial_lr:g}"
@@ -233,8 +228,12 @@ class SelfTrainingRun:
         report.final = self.write_final(report)
         summary = self.publish(report)
         if not self.settings.keep_candidates:
-            for entry in report.rounds:
-                shutil.rmtree(self.candidates(entry["round"]), ignore_errors=True)
+            # The last trained round's predictions stay: a later --continue (more rounds, parts then a merge)
+            # measures its label change against them. Those of a round that stopped early go.
+            last = report.rounds[-1]["round"]
+            for round_dir in self.workspace.selftrain.glob("round_*"):
+                if round_dir.name != self.round_dir(last).name:
+                    shutil.rmtree(round_dir / CANDIDATES, ignore_errors=True)
         if summary["teacher"].get("validation"):
             log.info("validation on the held-out cases (teacher vs each round's student):\n" + validation_table(summary))
         log.info(f"final model: round {report.final['round']} ({report.final['reason']}): "
@@ -242,7 +241,8 @@ class SelfTrainingRun:
         return summary
 
     def publish(self, report: RoundReport) -> dict:
-        summary = write_summary(self.workspace.selftrain / "summary.json", report.to_json())
+        summary = report.to_json()
+        write_json(self.workspace.selftrain / "summary.json", summary)
         plot_rounds(summary, self.workspace.selftrain / "progress.png")
         return summary
 
@@ -262,10 +262,6 @@ class SelfTrainingRun:
                  "validation": chosen["validation"]}
         write_json(final / "model.json", entry)
         return entry
-
-
-def settings_seed(settings: SelfTrainingSettings) -> int:
-    return int(settings.training_overrides.get("seed", 0))
 
 
 def mean_change(records: dict[str, dict]) -> float | None:

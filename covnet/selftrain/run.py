@@ -7,6 +7,7 @@ continuation may change (``--max-rounds``, ``--keep-best``, the machine), naming
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from covnet.planning.plans import Plan
@@ -42,12 +43,25 @@ def _changed_flags(settings: SelfTrainingSettings, stored: SelfTrainingSettings)
     return ", ".join(texts)
 
 
-def recorded(workspace: Workspace) -> tuple[SelfTrainingSettings, Teacher] | None:
+def recorded(workspace: Workspace) -> tuple[SelfTrainingSettings, Teacher, dict | None] | None:
+    """The recorded settings, teacher and plan key of the workspace's self-training, or None."""
     path = _settings_file(workspace)
     if not path.is_file():
         return None
     stored = read_json(path, "")
-    return SelfTrainingSettings.from_json(stored["settings"]), teacher_from_json(stored["teacher"], workspace.root)
+    try:
+        return (SelfTrainingSettings.from_json(stored["settings"]),
+                teacher_from_json(stored["teacher"], workspace.root), stored.get("plan_key"))
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CovnetError(path, f"is not a covnet self-training record ({type(error).__name__}: {error}); delete "
+                                "results/selftrain to start again") from None
+
+
+def _rounds_done(workspace: Workspace) -> int:
+    done = 0
+    while workspace.selftrain_round(done + 1).is_trained:
+        done += 1
+    return done
 
 
 def start_or_resume(workspace: Workspace, settings: SelfTrainingSettings, teacher: Teacher | None, *,
@@ -59,11 +73,18 @@ def start_or_resume(workspace: Workspace, settings: SelfTrainingSettings, teache
         if not resume:
             raise CovnetError(workspace.selftrain, "already holds a self-training; pass --continue to resume it, or "
                                                    "delete the folder to start another")
-        stored, stored_teacher = previous
+        stored, stored_teacher, plan_key = previous
         if settings.changed_from(stored):
             raise CovnetError(_settings_file(workspace), f"this self-training was started with "
                                                          f"{_changed_flags(settings, stored)}; continue it with the "
                                                          "same settings, or delete results/selftrain to start another")
+        if plan_key is not None and plan_key != _plan_key(workspace):
+            raise CovnetError(_settings_file(workspace), "this self-training was started under another plan (the "
+                                                         "preprocessing in plans.json changed since); its pseudo-labels "
+                                                         "do not fit the cases any more: delete results/selftrain")
+        if settings.max_rounds < _rounds_done(workspace):
+            raise CovnetError(None, f"--max-rounds {settings.max_rounds}: {_rounds_done(workspace)} rounds are already "
+                                    "trained; a continuation can only add rounds")
         return stored_teacher
     if workspace.selftrain.exists() and any(workspace.selftrain.iterdir()) and not resume:
         raise CovnetError(workspace.selftrain, "already holds files; pass --continue, or delete the folder")
@@ -73,8 +94,14 @@ def start_or_resume(workspace: Workspace, settings: SelfTrainingSettings, teache
         raise CovnetError(None, "--keep-best needs validation cases; leave out --holdout none")
     workspace.selftrain.mkdir(parents=True, exist_ok=True)
     write_json(_settings_file(workspace), {"settings": settings.to_json(),
-                                           "teacher": teacher_to_json(teacher, workspace.root)})
+                                           "teacher": teacher_to_json(teacher, workspace.root),
+                                           "plan_key": _plan_key(workspace)})
     return teacher
+
+
+def _plan_key(workspace: Workspace) -> dict:
+    """The plan's preprocessing, as it reads back from JSON."""
+    return json.loads(json.dumps(Plan.load(workspace.plans_json).preprocessing_key()))
 
 
 def _device_name(settings: SelfTrainingSettings) -> str:
@@ -121,7 +148,8 @@ def run_pseudo_label_part(workspace: Workspace, settings: SelfTrainingSettings, 
     shard([], num_parts, part_id)                       # a bad part is refused before any work
     device = resolve_device(_device_name(settings))
     scope = f"{SELFTRAIN_SCOPE}_part_{part_id}_of_{num_parts}"
-    with holding(workspace.root, scope, COMMAND, reading=(PREPROCESSED_SCOPE,)):
+    # Parts read the self-training (its settings, earlier rounds) side by side; the merge writes it alone.
+    with holding(workspace.root, scope, COMMAND, reading=(PREPROCESSED_SCOPE, SELFTRAIN_SCOPE)):
         teacher = start_or_resume(workspace, settings, teacher, resume=True)
         setup_logging(workspace.selftrain / f"pseudo_label_part_{part_id}_of_{num_parts}_log.txt")
         run = _run(workspace, settings, teacher, device, context)

@@ -38,17 +38,18 @@ def target_count(settings: SelfTrainingSettings, round_index: int, pool_size: in
 
 
 def ranked(records: dict[str, dict], method: str, *, seed: int, round_index: int) -> list[str]:
-    """The cases best first: by agreement or confidence (ties and undefined scores by name, undefined last), or
-    in a random order drawn from (seed, round)."""
+    """The cases best first: by agreement (ties, e.g. a single model without mirroring, whose agreement is
+    always 1, by confidence) or by confidence, undefined scores last, then by name; or in a random order drawn
+    from (seed, round)."""
     cases = sorted(records)
     if method == "random":
         order = np.random.default_rng([seed, round_index]).permutation(len(cases))
         return [cases[index] for index in order]
 
-    def key(case):
-        value = records[case].get(method)
-        return (-value if value is not None and not math.isnan(value) else math.inf, case)
-    return sorted(cases, key=key)
+    def best_first(value) -> float:
+        return -value if value is not None and not math.isnan(value) else math.inf
+    tie_breaks = ["agreement", "confidence"] if method == "agreement" else ["confidence"]
+    return sorted(cases, key=lambda case: (*(best_first(records[case].get(name)) for name in tie_breaks), case))
 
 
 def choose_cases(records: dict[str, dict], settings: SelfTrainingSettings, *, round_index: int, pool_size: int,

@@ -30,7 +30,7 @@ FINETUNE_EPOCH_SHARE = 0.25
 FINETUNE_LR_FACTOR = 0.1
 # A --continue may change these; any other setting would mix two experiments in one folder.
 CHANGEABLE_ON_CONTINUE = ("max_rounds", "keep_best", "keep_candidates")
-CHANGEABLE_TRAINING_ON_CONTINUE = ("device", "num_workers", "checkpoint_every", "compile")
+CHANGEABLE_TRAINING_ON_CONTINUE = TrainingSettings.MACHINE_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,17 @@ class SelfTrainingSettings:
                 raise CovnetError(None, f"--{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if not (self.teacher in TEACHER_MODES or self.teacher.isdigit()):
             raise CovnetError(None, f"--teacher {self.teacher!r}: choose ensemble, best, all or a fold number")
-        self.label_policy    # checks the policy's values
+        if self.pseudo_labels not in POLICIES:
+            raise CovnetError(None, f"--pseudo-labels {self.pseudo_labels!r}: choose one of {', '.join(POLICIES)}")
+        if self.pseudo_labels == "class_balanced" and self.class_portion > self.class_portion_max:
+            raise CovnetError(None, f"--class-portion {self.class_portion:g} is above --class-portion-max "
+                                    f"{self.class_portion_max:g}")
         unknown = sorted(set(self.training_overrides) - {item.name for item in dataclasses.fields(TrainingSettings)})
         if unknown:
             raise CovnetError(None, f"unknown training settings {', '.join(unknown)}")
 
     @property
     def label_policy(self) -> PseudoLabelPolicy:
-        if self.pseudo_labels not in POLICIES:
-            raise CovnetError(None, f"--pseudo-labels {self.pseudo_labels!r}: choose one of {', '.join(POLICIES)}")
         return PseudoLabelPolicy(self.pseudo_labels, self.min_confidence, self.class_portion,
                                  self.class_portion_step, self.class_portion_max)
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from covnet.checkpoint import Checkpoint
 from covnet.dataset import IGNORE_LABEL_NAME, INFECTION, LUNGS
 from covnet.planning.plans import Plan
 from covnet.runtime.errors import CovnetError
-from covnet.training.run import fold_job, recorded_settings
+from covnet.training.run import fold_job
 from covnet.training.settings import TrainingSettings
 from covnet.workspace import ALL_FOLDS, Workspace, describe_folds
 
@@ -118,7 +119,13 @@ def choose_teacher(workspace: Workspace, spec: str = "ensemble", holdout: str = 
                                 "with --holdout none (students train on every expert case, nothing is validated)")
     train_cases = sorted(job.train_cases + (job.validation_cases if holdout == "none" else []))
     holdout_cases = list(job.validation_cases) if holdout == "fold" else []
-    training = recorded_settings(workspace.fold(fold)) or TrainingSettings()
+    training = TrainingSettings.from_json(Checkpoint.load(workspace.fold(fold).checkpoint("final")).settings)
+    current = plan.preprocessing_key()
+    for member in members:
+        if Checkpoint.load(workspace.fold(member).checkpoint("final")).typed_plan.preprocessing_key() != current:
+            raise CovnetError(workspace.fold(member).checkpoint("final"),
+                              "was trained under another plan than plans.json (its preprocessing differs); "
+                              f"retrain fold {member} or restore the plan it was trained under")
     mode = spec if spec in ("ensemble", "best", ALL_FOLDS) else "fold"
     return Teacher(mode=mode, fold=fold, members=[workspace.fold(member).checkpoint("final") for member in members],
                    pretrained=workspace.fold(fold).checkpoint("final"), train_cases=train_cases,

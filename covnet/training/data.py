@@ -51,6 +51,22 @@ def number_of_random_samples(batch_size: int, oversample_foreground: float) -> i
     return int(round(batch_size * (1 - oversample_foreground)))
 
 
+def rank_composition(global_batch_size: int, slots: range, oversample_foreground: float,
+                     expert_share: float | None) -> tuple[float, int]:
+    """(this rank's foreground share, its number of expert samples) for the global batch positions ``slots``.
+
+    The rules hold for the global batch, whichever way it is split across ranks (nnU-Net sets its per-rank
+    oversampling the same way): positions from ``number_of_random_samples`` on are centred on foreground; with an
+    ``expert_share`` (a self-training student) the first ``max(1, round(B · share))`` positions are expert
+    cases."""
+    forced_from = number_of_random_samples(global_batch_size, oversample_foreground)
+    foreground = sum(slot >= forced_from for slot in slots) / len(slots)
+    if expert_share is None:
+        return foreground, 0
+    experts = min(global_batch_size, max(1, round(global_batch_size * expert_share)))
+    return foreground, sum(slot < experts for slot in slots)
+
+
 def start_range(case_size: int, read_size: int, patch_size: int) -> tuple[int, int]:
     """Lowest and highest start (inclusive) of a ``read_size`` window along one axis of a case of
     ``case_size`` voxels, when the final ``patch_size`` window is cut from the window's centre."""
@@ -72,14 +88,14 @@ class _OpenCase:
 class PatchSampler(DataLoader):
     def __init__(self, folder: str | Path | Mapping[str, Path], cases: Sequence[str], patch_size: Sequence[int], batch_size: int,
                  oversample_foreground: float = DEFAULT_OVERSAMPLE_FOREGROUND, seed: int | None = None,
-                 anchor_cases: Sequence[str] = (), anchor_share: float = 0.0,
+                 anchor_cases: Sequence[str] = (), anchor_count: int = 0,
                  pre_augmentation_patch_size: Sequence[int] | None = None, ignore_label: int | None = None,
                  num_threads_in_multithreaded: int = 1):
         """``folder``: where the cases are, or a mapping case -> folder (expert and pseudo-labelled cases live in
         different folders). Cases are drawn uniformly; with ``anchor_cases`` (a self-training student's expert
-        cases) ``max(1, round(batch_size · anchor_share))`` samples of every batch are drawn from them and the rest
-        from the other cases, in shuffled batch positions. ``ignore_label`` is never chosen as the foreground class
-        to centre a patch on."""
+        cases) ``anchor_count`` samples of every batch are drawn from them and the rest from the other cases, in
+        shuffled batch positions (``rank_composition`` says how many). ``ignore_label`` is never chosen as the
+        foreground class to centre a patch on."""
         cases = list(cases)
         if not cases:
             raise ValueError("no cases to sample from")
@@ -104,10 +120,9 @@ class PatchSampler(DataLoader):
         self.others = [case for case in cases if case not in set(anchor_cases)]
         if len(self.anchors) != len(set(anchor_cases)):
             raise ValueError(f"anchor cases {sorted(set(anchor_cases) - set(cases))[:5]} are not sampled")
-        if not 0 <= anchor_share <= 1:
-            raise ValueError(f"anchor_share must lie in [0, 1], not {anchor_share}")
-        self.anchor_count = min(batch_size, max(1, round(batch_size * anchor_share))) \
-            if self.anchors and self.others else 0
+        if not 0 <= anchor_count <= batch_size:
+            raise ValueError(f"anchor_count must lie in [0, {batch_size}], not {anchor_count}")
+        self.anchor_count = anchor_count if self.anchors and self.others else 0
         self.ignore_label = ignore_label
         self.seed = seed
         self.rng = np.random.default_rng(seed)
@@ -170,7 +185,7 @@ class PatchSampler(DataLoader):
 
     # ------------------------------------------------------------------------------------------------ batches
     def draw_cases(self) -> list[str]:
-        if not self.anchor_count:
+        if not self.anchors or not self.others:
             return [self.cases[index] for index in self.rng.integers(len(self.cases), size=self.batch_size)]
         anchors = [self.anchors[i] for i in self.rng.integers(len(self.anchors), size=self.anchor_count)]
         others = [self.others[i] for i in self.rng.integers(len(self.others), size=self.batch_size - self.anchor_count)]

@@ -31,11 +31,16 @@ class DistributedContext:
 
     def share_of_batch(self, global_batch_size: int) -> int:
         """This rank's samples of the plan's batch (the global batch is split across ranks)."""
+        return len(self.batch_slots(global_batch_size))
+
+    def batch_slots(self, global_batch_size: int) -> range:
+        """The positions in the global batch that this rank's samples fill."""
         if global_batch_size < self.world_size:
             raise CovnetError(None, f"batch size {global_batch_size} cannot be split across {self.world_size} "
                                     "processes; use fewer processes")
         base, extra = divmod(global_batch_size, self.world_size)
-        return base + (1 if self.rank < extra else 0)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (1 if self.rank < extra else 0))
 
     def barrier(self) -> None:
         if self.enabled:

@@ -17,6 +17,7 @@ checkpoint at all it says so and starts from scratch.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 from dataclasses import fields
@@ -58,10 +59,10 @@ def preprocessed_cases(workspace: Workspace, description: DatasetDescription) ->
 
 
 def fold_job(workspace: Workspace, fold: int | str, *, num_folds: int | None = None,
-             context: DistributedContext | None = None) -> TrainingJob:
+             context: DistributedContext | None = None, save_new_split: bool = True) -> TrainingJob:
     """The job of cross-validation fold ``fold`` (or ``all``): its cases and its model folder. The split is
-    ``splits.json``, made with ``num_folds`` folds (default 5) when there is none yet and written (by rank 0)
-    only once the fold is known to exist in it."""
+    ``splits.json``, made with ``num_folds`` folds (default 5) when there is none yet and written (by rank 0,
+    unless ``save_new_split`` is off) only once the fold is known to exist in it."""
     context = context or context_from_environment()
     plan = Plan.load(workspace.plans_json)
     description = DatasetDescription.load(workspace.dataset_json)
@@ -71,7 +72,7 @@ def fold_job(workspace: Workspace, fold: int | str, *, num_folds: int | None = N
     else:
         splits, is_new = load_or_make_splits(workspace.splits_json, cases, description.groups, num_folds)
         name = check_fold(fold, fold_names(splits))
-        if is_new and context.is_main:
+        if is_new and context.is_main and save_new_split:
             save_splits(workspace.splits_json, splits)
         train_cases, validation_cases = cases_for_fold(splits, name)
     folders = {case: workspace.preprocessed_cases for case in train_cases + validation_cases}
@@ -93,11 +94,14 @@ def train_fold(workspace: Workspace, fold: int | str, settings: TrainingSettings
     device = device_for(context, resolve_device(settings.device))
     initialise(context, device)
     try:
-        job = fold_job(workspace, fold, num_folds=num_folds, context=context)
+        name = fold_job(workspace, fold, num_folds=num_folds, context=context, save_new_split=False).name
         # Rank 0 holds, for every rank, the fold's folder for writing and the preprocessed cases for reading (so
-        # that covnet_plan_and_preprocess cannot rewrite them under the training).
-        with holding(workspace.root, fold_scope(job.name), COMMAND, reading=(PREPROCESSED_SCOPE,),
+        # that covnet_plan_and_preprocess cannot rewrite them under the training); a new split is written only
+        # then, so that a refused start writes nothing.
+        with holding(workspace.root, fold_scope(name), COMMAND, reading=(PREPROCESSED_SCOPE,),
                      main_process=context.is_main):
+            job = fold_job(workspace, fold, num_folds=num_folds, context=context)
+            context.barrier()           # the other ranks read the split rank 0 has just written
             return run_training(job, settings, resume=resume, validate_only=validate_only, context=context,
                                 device=device, log_to_folder=True)
     finally:
@@ -113,9 +117,16 @@ class _StopRequest:
     def __call__(self, signal_number, _frame) -> None:
         self.signal = signal_number
 
-    def install(self) -> None:
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signal_number, self)
+    @contextlib.contextmanager
+    def installed(self):
+        """The handlers for the block only: after it (validation, the next self-training round) Ctrl-C and
+        SIGTERM stop the process again."""
+        previous = {number: signal.signal(number, self) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def check_same_recipe(folder: ModelFolder, recorded: TrainingSettings, settings: TrainingSettings) -> None:
@@ -212,9 +223,9 @@ def run_training(job: TrainingJob, settings: TrainingSettings, *, resume: bool, 
         session.restore(start)
     elif pretrained is not None:
         session.load_pretrained(pretrained)
-    stop = _StopRequest()
-    stop.install()
-    if not session.run(should_stop=lambda: stop.signal is not None):
+    with _StopRequest().installed() as stop:
+        finished = session.run(should_stop=lambda: stop.signal is not None)
+    if not finished:
         raise KeyboardInterrupt
     context.barrier()
     return validate(resume_validation=False) if context.is_main else None

@@ -29,7 +29,7 @@ from covnet.network.unet import ResidualEncoderUNet
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 from covnet.training.augmentation import training_read_size, training_transforms, validation_transforms
-from covnet.training.data import PatchSampler
+from covnet.training.data import PatchSampler, rank_composition
 from covnet.training.distributed import DistributedContext
 from covnet.training.loop import train_epoch, validate_patches
 from covnet.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
@@ -119,12 +119,13 @@ class TrainingSession:
 
     # ------------------------------------------------------------------------------------------ data
     def _loader(self, cases: list[str], transforms, read_size, workers: int, seed_offset: int, mixed: bool):
-        batch = self.context.share_of_batch(self.plan.batch_size)
+        slots = self.context.batch_slots(self.plan.batch_size)
         pseudo = set(self.job.pseudo_cases) if mixed else set()
         experts = [case for case in cases if case not in pseudo] if pseudo else []
-        sampler = PatchSampler(self.job.case_folders, cases, self.plan.patch_size, batch, anchor_cases=experts,
-                               anchor_share=self.job.expert_share,
-                               oversample_foreground=self.settings.oversample_foreground,
+        foreground, expert_count = rank_composition(self.plan.batch_size, slots, self.settings.oversample_foreground,
+                                                    self.job.expert_share if experts else None)
+        sampler = PatchSampler(self.job.case_folders, cases, self.plan.patch_size, len(slots), anchor_cases=experts,
+                               anchor_count=expert_count, oversample_foreground=foreground,
                                seed=_stream_seed(self.settings.seed, self.context.rank, self.epoch, seed_offset),
                                pre_augmentation_patch_size=read_size, ignore_label=self.plan.ignore_label,
                                num_threads_in_multithreaded=max(1, workers))

@@ -74,8 +74,9 @@ class TrainingSettings:
 
     # What a resumed training may change: the length (extending a finished one), the machine and the validation.
     # Anything else would make one run of two recipes.
-    CHANGEABLE_ON_CONTINUE = ("epochs", "device", "num_workers", "checkpoint_every", "compile",
-                              "validation_iterations", "validation_step_size", "validation_mirroring")
+    MACHINE_SETTINGS = ("device", "num_workers", "checkpoint_every", "compile")
+    CHANGEABLE_ON_CONTINUE = ("epochs", *MACHINE_SETTINGS, "validation_iterations", "validation_step_size",
+                              "validation_mirroring")
 
     def __post_init__(self):
         check_limits(self)
