@@ -233,3 +233,11 @@ def test_distinct_patients_make_every_labelled_case_its_own_group(tmp_path):
                                     distinct_patients=True)
     assert paired.group_of("phantom_001") == paired.group_of("phantom_000")     # case 1 rescans patient 0
     assert len({distinct.group_of(f"phantom_{index:03d}") for index in range(4)}) == 4
+
+
+def test_a_burden_range_infects_every_case_within_it(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    make_phantom_dataset(workspace, num_labelled=5, num_unlabelled=0, num_test=0, seed=2, burden_range=(0.05, 0.3))
+    for index in range(5):                       # case 3 would be clean by default
+        label, _ = read_image(workspace.labels_tr / f"phantom_{index:03d}.nii.gz")
+        assert 0.02 < infection_fraction(label) < 0.4       # blobs are cut by the lung edge: a loose range

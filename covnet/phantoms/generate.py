@@ -200,8 +200,11 @@ def make_phantom_case(rng_or_seed, size: str = "small", spacing_zyx=None, infect
     return image, label, scan.geometry
 
 
-def draw_burden(rng: np.random.Generator) -> float:
-    """Infected fraction of the lungs: none in about one case in eight, otherwise 0.3 % … 30 %, log-uniform."""
+def draw_burden(rng: np.random.Generator, burden_range: tuple[float, float] | None = None) -> float:
+    """Infected fraction of the lungs: none in about one case in eight, otherwise 0.3 % … 30 %, log-uniform; with
+    ``burden_range`` (a cohort of confirmed cases) always infected, log-uniform within it."""
+    if burden_range is not None:
+        return float(np.exp(rng.uniform(np.log(burden_range[0]), np.log(burden_range[1]))))
     return 0.0 if rng.random() < 0.125 else float(np.exp(rng.uniform(np.log(0.003), np.log(0.3))))
 
 
@@ -228,24 +231,24 @@ def patient_indices(seed: int, num_labelled: int) -> list[int]:
 
 
 def case_plan(seed: int, split: int, index: int, size: str, spacing_mode: str,
-              profile: AcquisitionProfile = DEFAULT_PROFILE):
-    """Scan RNG, spacing and burden of one case. Case 1 of each split is heavily infected, case 3 is clean,
-    and in ``mixed`` mode case 0 has fine and case 1 coarse slices, so small datasets cover the extremes (a
-    profile with thin or thick slices overrides that)."""
+              profile: AcquisitionProfile = DEFAULT_PROFILE, burden_range: tuple[float, float] | None = None):
+    """Scan RNG, spacing and burden of one case. Case 1 of each split is heavily infected, case 3 is clean (unless
+    a ``burden_range`` says every case is infected), and in ``mixed`` mode case 0 has fine and case 1 coarse
+    slices, so small datasets cover the extremes (a profile with thin or thick slices overrides that)."""
     rng = _rng(seed, split, index, 1)
     coarse = {0: False, 1: True}.get(index) if profile.forced_coarse is None else profile.forced_coarse
     spacing = draw_spacing(rng, size, "mixed" if profile.forced_coarse is not None else spacing_mode, coarse=coarse)
     burden = {1: float(rng.uniform(0.22, 0.32)), 3: 0.0}.get(index)
-    return rng, spacing, draw_burden(rng) if burden is None else burden
+    return rng, spacing, draw_burden(rng, burden_range) if burden is None or burden_range else burden
 
 
 def generate_split(seed: int, split: int, count: int, size: str, spacing_mode: str, patients: list[int] | None = None,
-                   profile: AcquisitionProfile = DEFAULT_PROFILE):
+                   profile: AcquisitionProfile = DEFAULT_PROFILE, burden_range: tuple[float, float] | None = None):
     """Yield (index, image, label, geometry) for each case of one split."""
     for index in range(count):
         patient = index if patients is None else patients[index]
         anatomy = draw_anatomy(_rng(seed, split, patient, 0))
-        rng, spacing, burden = case_plan(seed, split, index, size, spacing_mode, profile)
+        rng, spacing, burden = case_plan(seed, split, index, size, spacing_mode, profile, burden_range)
         yield (index, *make_phantom_case(rng, size, spacing, burden, anatomy=anatomy, profile=profile))
 
 
@@ -293,12 +296,16 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
                          profile: AcquisitionProfile = DEFAULT_PROFILE,
                          unlabelled_profile: AcquisitionProfile | None = None,
                          test_profile: AcquisitionProfile | None = None,
-                         pool_truth: bool = False, distinct_patients: bool = False) -> DatasetDescription:
+                         pool_truth: bool = False, distinct_patients: bool = False,
+                         burden_range: tuple[float, float] | None = None) -> DatasetDescription:
     """Write phantoms into ``<workspace>/raw`` (imagesTr/labelsTr, imagesUnlabelled, imagesTs/labelsTs) and
     dataset.json last, so an interrupted run leaves no dataset that looks complete. ``profile`` scans every
     split; ``unlabelled_profile`` and ``test_profile`` scan those splits with another scanner (domain shift).
     ``pool_truth`` also writes the pool's true labels to ``labelsUnlabelled/`` (diagnostics, oracle runs).
-    ``distinct_patients``: every labelled case is another patient (by default some are rescans of one)."""
+    ``distinct_patients``: every labelled case is another patient (by default some are rescans of one).
+    ``burden_range``: every case infected, with an infected fraction of the lungs log-uniform in this range (a
+    cohort of confirmed COVID-19 cases, as COVID-19-CT-Seg is); by default some cases are clean and most
+    infections small."""
     workspace = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     for name, count in (("num_labelled", num_labelled), ("num_unlabelled", num_unlabelled), ("num_test", num_test)):
         if count < 0:
@@ -318,7 +325,8 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
             zip(SPLITS, (num_labelled, num_unlabelled, num_test), outputs, profiles)):
         geometries, burdens = [], []
         for index, image, label, geometry in generate_split(seed, split, count, size, spacing_mode,
-                                                            patients if split == 0 else None, split_profile):
+                                                            patients if split == 0 else None, split_profile,
+                                                            burden_range):
             case = f"{prefix}_{index:03d}"
             write_image(image, geometry, image_path(images_dir, case))
             if labels_dir is not None:
