@@ -198,7 +198,7 @@ def measure(name, topology: Topology, patch_size, batch_size, device, amp, threa
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                MALLOC_MMAP_THRESHOLD_="131072")
     completed = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                               capture_output=True, text=True, env=env)
+                               capture_output=True, text=True, encoding="utf-8", env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"{name} {patch_size} x{batch_size} failed:\n{completed.stderr}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -142,7 +142,7 @@ def make_nnunet_model(plan: dict, work: Path, nnunet_python: Path, env: dict) ->
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
     driver = work / "nnunet_make_model.py"
     driver.write_text(NNUNET_MAKE_MODEL)
-    completed = subprocess.run([str(nnunet_python), str(driver), str(folder)], env=env, capture_output=True, text=True)
+    completed = subprocess.run([str(nnunet_python), str(driver), str(folder)], env=env, capture_output=True, text=True, encoding="utf-8")
     if completed.returncode != 0:
         sys.exit(f"building the nnU-Net model failed:\n{completed.stderr[-3000:]}")
     line = [x for x in completed.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -227,7 +227,7 @@ def run_nnunet(input_file: Path, work: Path, nnunet_bin: Path, env: dict, tta: b
         command.append("--disable_tta")
     load_before, started, marks = predict_real_ct.load_average(), time.perf_counter(), {}
     with TreePeakPss(pss_interval_s) as tree, open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
                                    env=dict(env, PYTHONUNBUFFERED="1"))
         for line in process.stdout:        # unbuffered, so a line's arrival time is when it was printed
             now = time.perf_counter() - started

@@ -33,7 +33,7 @@ EPOCH_LINE = re.compile(r"epoch (\d+): .*?, ([0-9.]+) s \(([0-9.]+) s/it\), ([0-
 
 
 def run(*command) -> str:
-    result = subprocess.run([str(c) for c in command], check=True, capture_output=True, text=True)
+    result = subprocess.run([str(c) for c in command], check=True, capture_output=True, text=True, encoding="utf-8")
     return result.stdout
 
 

@@ -127,12 +127,12 @@ def test_covnet_predict_loads_once_and_segments_each_case_through_the_api(traine
 
 def test_imports_are_cheap_and_covnet_names_the_api():
     probe = "import sys, covnet; print(sorted(name for name in ('torch', 'SimpleITK') if name in sys.modules))"
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", check=True).stdout
     assert loaded.strip() == "[]"
     # covnet_predict starts without the DICOM libraries (the GPU check's machine has none): only a SEG needs them
     probe = ("import sys, covnet.cli.predict; "
              "print(sorted(name for name in ('highdicom', 'pydicom') if name in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", check=True).stdout
     assert loaded.strip() == "[]"
     assert covnet.load_model is covnet.api.load_model and covnet.Model is covnet.api.Model
     assert "load_model" in dir(covnet)

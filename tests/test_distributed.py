@@ -17,7 +17,7 @@ def test_two_processes_train_with_identical_weights(tmp_path):
         [str(SCRIPTS / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
          str(free_port()), str(SCRIPTS / "covnet_train"), "0", "--workspace", str(workspace.root), "--epochs", "2",
          "--iters-per-epoch", "2", "--val-iters", "1", "--num-workers", "0", "--no-val-mirroring"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "all 2 processes end with identical weights" in result.stdout
     assert result.stdout.count("epoch 2: train loss") == 1          # only rank 0 reports

@@ -16,7 +16,7 @@ SCRIPTS = Path(sys.executable).parent
 
 
 def run(command: str, *args) -> str:
-    result = subprocess.run([str(SCRIPTS / command), *map(str, args)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(SCRIPTS / command), *map(str, args)], capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 

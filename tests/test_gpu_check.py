@@ -32,7 +32,7 @@ def dry_run(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
     base = tmp_path_factory.mktemp("gpu_check")
     completed = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", base / "out", "--dry-run",
                                 "--budget-s", "1800", "--work-dir", base / "work"], cwd=REPOSITORY,
-                               capture_output=True, text=True, timeout=2400)
+                               capture_output=True, text=True, encoding="utf-8", timeout=2400)
     report = json.loads((base / "out" / "gpu_check.json").read_text())
     return report, completed
 

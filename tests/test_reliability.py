@@ -129,7 +129,7 @@ except CovnetError as error:
 
 def start_holder(root, mode: str, command: str) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root), mode, command, "preprocessed", "60"],
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True, encoding="utf-8")
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -137,7 +137,7 @@ def start_holder(root, mode: str, command: str) -> subprocess.Popen:
 def refusal_in_another_process(root, mode: str, scope: str) -> str:
     """What another process is told when it tries to hold ``scope`` (empty when it could)."""
     other = subprocess.run([sys.executable, "-c", HOLD, str(root), mode, "other", scope, "0"], capture_output=True,
-                           text=True, timeout=60)
+                           text=True, encoding="utf-8", timeout=60)
     return other.stderr.strip()
 
 
@@ -267,7 +267,7 @@ time.sleep(60)
 
 
 def test_a_worker_exits_when_its_parent_is_killed():
-    parent = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True, encoding="utf-8")
     child = int(parent.stdout.readline())
     parent.kill()
     parent.wait()

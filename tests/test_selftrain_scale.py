@@ -95,7 +95,7 @@ def test_torchrun_shares_the_pseudo_labelling_and_fine_tunes_with_ddp(trained, u
         [str(SCRIPTS / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
          str(free_port()), str(SCRIPTS / "covnet_selftrain"), "--workspace", str(workspace.root), *SELFTRAIN_FLAGS,
          "--max-rounds", "1"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "all 2 processes end with identical weights" in result.stdout
     assert result.stdout.count("summary: ") == 1                       # rank 0 reports

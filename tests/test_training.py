@@ -129,7 +129,7 @@ def test_background_workers_train_too(trained, tmp_path):
     flags = [f for f in TRAIN_FLAGS]
     flags[flags.index("--num-workers") + 1] = "1"
     result = subprocess.run([str(SCRIPTS / "covnet_train"), "1", "--workspace", str(workspace.root), *flags,
-                             "--epochs", "1"], capture_output=True, text=True, timeout=300)
+                             "--epochs", "1"], capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert result.returncode == 0, result.stderr
     final = Checkpoint.load(workspace.fold(1).checkpoint("final"))
     assert final.settings["num_workers"] == 1 and final.epoch == 1

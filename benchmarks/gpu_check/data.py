@@ -25,7 +25,7 @@ def covnet_command(name: str, *args) -> list[str]:
 
 
 def run_checked(argv: Sequence[str]) -> None:
-    completed = subprocess.run(list(map(str, argv)), capture_output=True, text=True)
+    completed = subprocess.run(list(map(str, argv)), capture_output=True, text=True, encoding="utf-8")
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv[:4]))} ... exited {completed.returncode}:\n"
                            f"{completed.stdout[-2000:]}{completed.stderr[-3000:]}")

@@ -31,13 +31,22 @@ class _ConsoleHandler(logging.Handler):
         try:
             message = record.getMessage()
             if record.levelno >= logging.WARNING:
-                sys.stderr.write(f"{record.levelname.lower()}: {message}\n")
-                sys.stderr.flush()
+                _write(sys.stderr, f"{record.levelname.lower()}: {message}\n")
             else:
-                sys.stdout.write(message + "\n")
-                sys.stdout.flush()
+                _write(sys.stdout, message + "\n")
         except Exception:  # logging must never take the job down
             self.handleError(record)
+
+
+def _write(stream, text: str) -> None:
+    """Write and flush; a console whose encoding lacks a character (an ASCII locale) gets '?' for it rather
+    than a lost message."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, errors="replace").decode(encoding))
+    stream.flush()
 
 
 class _LogFileHandler(logging.FileHandler):

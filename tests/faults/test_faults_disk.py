@@ -34,7 +34,7 @@ def mount_tmpfs(folder, size: str) -> None:
     if shutil.which("mount") is None:
         pytest.skip("no mount command: cannot make a tiny disk")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, encoding="utf-8")
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tiny tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
 

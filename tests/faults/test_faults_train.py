@@ -109,7 +109,7 @@ def test_a_data_worker_that_dies_is_a_clear_error_not_a_hang(workspace):
     import time
     process = subprocess.Popen([str(SCRIPTS / "covnet_train"), "0", "--workspace", str(workspace.root),
                                 *flags(epochs=1000, num_workers=1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, encoding="utf-8")
     deadline = time.monotonic() + 120
     while not children_of(process.pid) and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read()

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 def run(command: str, *args, prefix: tuple = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, str(SCRIPTS / command), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([*prefix, str(SCRIPTS / command), *map(str, args)], capture_output=True, text=True, encoding="utf-8",
                           timeout=TIMEOUT)
 
 
@@ -40,7 +40,7 @@ def run_ok(command: str, *args) -> subprocess.CompletedProcess:
 def run_crashing(rule: str, command: str, *args) -> tuple[subprocess.CompletedProcess, int]:
     """Run under the crash driver in a new process group; return the result and the group id."""
     process = subprocess.Popen([sys.executable, str(CRASH_DRIVER), rule, command, *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", start_new_session=True)
     stdout, stderr = process.communicate(timeout=TIMEOUT)
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == -signal.SIGKILL, f"expected a SIGKILL, got {result.returncode}:\n{stderr}"
@@ -170,7 +170,7 @@ def assert_second_run_refused(command: str, lock: Path, first_args: list, second
     """Start ``command`` and freeze it (SIGSTOP) once it holds the workspace lock; a second run must say the
     workspace is busy and by which process; the first then finishes normally."""
     first = subprocess.Popen([str(SCRIPTS / command), *map(str, first_args)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, encoding="utf-8")
     try:
         wait_for_lock_holder(lock, first)
         first.send_signal(signal.SIGSTOP)
