@@ -22,6 +22,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import threading
 import time
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from covnet.api import Model, PreparedImage, Segmentation, read_input
 from covnet.image.io import write_image
-from covnet.inference.inputs import REPORTS_FOLDER, CohortCase, LabelMapInput, check_output_folder
+from covnet.inference.inputs import REPORTS_FOLDER, RUN_FILE, CohortCase, LabelMapInput, check_output_folder
 from covnet.inference.preview import write_preview
 from covnet.inference.report import write_report
 from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
@@ -104,8 +106,36 @@ def prepare_output_folder(output_dir: Path) -> None:
 
 def remove_empty_reports_folder(output_dir: Path) -> None:
     """``OUT/.reports`` holds the rows of finished cases; without any it is only clutter (a failed run's)."""
+    folder = output_dir / REPORTS_FOLDER
+    if folder.is_dir() and not any(path.name != RUN_FILE for path in folder.iterdir()):
+        (folder / RUN_FILE).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
-        (output_dir / REPORTS_FOLDER).rmdir()     # only when empty
+        folder.rmdir()     # only when empty
+
+
+def run_identity(model: Model) -> dict:
+    """What makes two runs' outputs one cohort: the model (its id) and how it predicts (the inference settings)."""
+    return json.loads(json.dumps({"model": model.model_id, "inference": dataclasses.asdict(model.settings)}))
+
+
+def claim_output_folder(model: Model, cases: Sequence[CohortCase], output_dir: Path, *, resume: bool) -> None:
+    """Record this run's identity in ``OUT/.reports``. A new run (no ``--continue``) first removes its cases'
+    earlier outputs, which it redoes; ``--continue`` refuses a folder another model or other settings wrote,
+    whose finished cases it would otherwise keep beside its own."""
+    stamp = output_dir / REPORTS_FOLDER / RUN_FILE
+    identity = run_identity(model)
+    if resume:
+        earlier = read_json(stamp, "") if stamp.is_file() else identity
+        if earlier != identity:
+            raise CovnetError(output_dir, "was written by another model or with other inference settings; "
+                                          "--continue would mix the two: use a new output folder, or run without "
+                                          "--continue to redo every case")
+    else:
+        for case in cases:
+            for path in (*case.outputs, case.report_file, case.probabilities_file, case.preview_file):
+                path.unlink(missing_ok=True)
+    stamp.parent.mkdir(exist_ok=True)
+    write_json(stamp, identity)
 
 
 def _read(case: CohortCase, model: Model) -> _ReadCase:
@@ -139,6 +169,9 @@ def _save_probabilities(path: Path, probabilities: np.ndarray, labels: dict[str,
 
 def _write_outputs(model: Model, case: CohortCase, read: _ReadCase, result: Segmentation,
                    settings: CohortSettings) -> None:
+    # An earlier run's final files go first: a kill below must not leave them beside this run's report row.
+    for final in (case.output, case.seg_file):
+        final.unlink(missing_ok=True)
     labels = model.label_names
     if settings.save_probabilities:
         _save_probabilities(case.probabilities_file, result.probabilities, labels)
@@ -168,6 +201,7 @@ def predict_cohort(model: Model, cases: Sequence[CohortCase], output_dir: str | 
     output_dir = Path(output_dir)
     mine = shard(cases, settings.num_parts, settings.part_id)
     prepare_output_folder(output_dir)
+    claim_output_folder(model, mine, output_dir, resume=settings.resume)
     summary = CohortSummary()
     todo = []
     for case in mine:

@@ -43,6 +43,7 @@ from covnet.runtime.log import logger
 log = logger(__name__)
 
 REPORTS_FOLDER = ".reports"
+RUN_FILE = ".run.json"     # in REPORTS_FOLDER: the model and settings that wrote the folder
 DICOM_OUTPUT_SUFFIX = ".nii.gz"
 SEG_SUFFIX = ".seg.dcm"
 # nifti: the label map in the input's format (a DICOM series: .nii.gz); dicom-seg: a DICOM-SEG of the series.

@@ -1,4 +1,5 @@
-"""covnet_predict under faults: kill -9 while writing a label map (then --continue), damaged and empty input
+"""covnet_predict under faults: kill -9 while writing a label map (then --continue; also in a rerun over an
+earlier run's outputs), damaged and empty input
 files among good ones, an output folder without write permission."""
 from __future__ import annotations
 
@@ -53,6 +54,34 @@ def test_kill_while_writing_a_label_map_then_continue_gives_the_full_run(trained
     rows = json.loads((output / "report.json").read_text())["cases"]
     assert [row["case"] for row in rows] == list(CASES)
 
+
+
+def test_a_killed_rerun_leaves_no_earlier_label_map_beside_its_new_report_row(trained, inputs, tmp_path):
+    """A rerun (another model, no --continue) into a finished output folder is killed as c1's label map is
+    renamed: c1's row is then the new model's, and the old c1 label map must be gone, or --continue would take
+    the pair as complete."""
+    reference, output = tmp_path / "reference", tmp_path / "out"
+    new_model = arguments(trained, inputs, reference)
+    new_model[new_model.index("-f") + 1] = "1"
+    assert run_predict(*new_model) == 0
+    assert run_predict(*arguments(trained, inputs, output)) == 0
+    assert (output / "c1.nii.gz").read_bytes() != (reference / "c1.nii.gz").read_bytes()  # the models differ
+    rerun = [str(output) if value == reference else value for value in new_model]
+    run_crashing("self@.nii.gz#2", "covnet_predict", *rerun)
+    assert not (output / "c1.nii.gz").exists()
+    run_ok("covnet_predict", *rerun, "--continue")
+    assert snapshot(output) == snapshot(reference)
+
+
+def test_continue_refuses_a_folder_another_model_wrote(trained, inputs, tmp_path):
+    output = tmp_path / "out"
+    assert run_predict(*arguments(trained, inputs, output)) == 0
+    before = snapshot(output)
+    other_model = arguments(trained, inputs, output)
+    other_model[other_model.index("-f") + 1] = "1"
+    assert_one_line_error(run("covnet_predict", *other_model, "--continue"), str(output), "another model")
+    assert snapshot(output) == before
+    run_ok("covnet_predict", *arguments(trained, inputs, output), "--continue")   # the same model goes on
 
 def test_damaged_and_empty_inputs_are_one_line_each(trained, inputs, tmp_path):
     folder, output = tmp_path / "in", tmp_path / "out"
