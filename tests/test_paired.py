@@ -41,3 +41,4 @@ def test_gap_closed():
     assert gap_closed(0.7, base=0.6, oracle=0.8) == pytest.approx(0.5)
     assert gap_closed(0.55, base=0.6, oracle=0.8) == pytest.approx(-0.25)
     assert math.isnan(gap_closed(0.7, base=0.6, oracle=0.6))
+    assert math.isnan(gap_closed(0.0, base=0.55, oracle=0.0))      # an oracle below the base sets no ceiling

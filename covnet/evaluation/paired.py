@@ -62,6 +62,7 @@ def paired_difference(a: Sequence[float | None], b: Sequence[float | None], *, s
 
 
 def gap_closed(arm: float, base: float, oracle: float) -> float:
-    """Share of the base-to-oracle gap that ``arm`` closes (1: as good as the oracle; NaN without a gap)."""
+    """Share of the base-to-oracle gap that ``arm`` closes (1: as good as the oracle). NaN without a gap to
+    close: an oracle no better than the base (its ceiling is then no ceiling)."""
     gap = oracle - base
-    return float("nan") if not math.isfinite(gap) or abs(gap) < 1e-12 else (arm - base) / gap
+    return float("nan") if not math.isfinite(gap) or gap < 1e-12 else (arm - base) / gap
