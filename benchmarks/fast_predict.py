@@ -162,7 +162,7 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
         configured = replace_settings(predictor, settings)
         started = time.perf_counter()
         region = configured.lung_region(tensor) if settings.lung_box else None
-        coarse_seconds = time.perf_counter() - started
+        box_seconds = time.perf_counter() - started
         window = configured.window_size
         flips = mirror_combinations(settings.flipped_axes)
         probabilities = sum(sliding(settings, flip, region) for flip in flips) / len(flips)
@@ -173,7 +173,7 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
             outside = int(np.count_nonzero((reference_plan_grid > 0) & ~inside))
         export(name, probabilities, count_windows(shape, window, settings.step_size, region) * len(flips),
                time.perf_counter() - started,
-               {"coarse_seconds": coarse_seconds, "full_foreground_outside_box": outside,
+               {"box_seconds": box_seconds, "full_foreground_outside_box": outside,
                 "region": None if region is None else [[part.start, part.stop] for part in region],
                 "region_fraction": 1.0 if region is None else
                 float(np.prod([p.stop - p.start for p in region]) / np.prod(shape))})
@@ -186,7 +186,7 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
         "window 1×2×2 the patch, step 0.5": replace(no_tta, window_scale=(1.0, 2.0, 2.0)),
         "lung box": box,
         "lung box, 10 mm margin": replace(box, lung_box=LungBoxSettings(margin_mm=10.0)),
-        "lung box, coarse ×2": replace(box, lung_box=LungBoxSettings(coarse_factor=2.0)),
+        "lung box, 40 mm margin": replace(box, lung_box=LungBoxSettings(margin_mm=40.0)),
         "lung box, mirror x": replace(box, use_mirroring=True, mirror_axes=(LEFT_RIGHT_AXIS,)),
     }
     if with_combinations:

@@ -8,12 +8,14 @@ Accuracy is irrelevant here, so the model is a plan's network with random weight
     covnet_plan_and_preprocess --workspace W --device cpu --plan-only
     python benchmarks/predict_real_ct.py make-model --plans W/preprocessed/plans.json --out M
     python benchmarks/predict_real_ct.py forward --model M/checkpoint_final.pth [--repeats 5]
-    python benchmarks/predict_real_ct.py predict --model M/checkpoint_final.pth --out R [--tta] [--fp32] [--crop ...]
+    python benchmarks/predict_real_ct.py predict --model M/checkpoint_final.pth --out R [--mode accurate|fast|default]
+        [--tta] [--fp32] [--crop ...] [--predict-args '--step-size 0.75 ...']
 
 ``forward`` preprocesses the CT as covnet_predict does, counts the sliding windows and times one network forward
 of ``batch_windows`` real windows of it (1 untimed warm-up, then ``--repeats``), in this process.
 
-``predict`` runs ``covnet_predict -i IN -o R/out --model M --device cpu [--disable-tta] [--fp32]`` under
+``predict`` runs ``covnet_predict -i IN -o R/out --model M --device cpu --accurate [--disable-tta] [--fp32]`` (or
+``--fast``, or the device's default mode, plus ``--predict-args``) under
 ``/usr/bin/time -v`` (peak RSS = its "Maximum resident set size", wall = its elapsed time, interpreter start and
 imports included) in a child process that is covnet_predict's own ``main`` with timers wrapped around its stages
 (read, preprocess, model load, sliding window, every network forward, export to the original grid, argmax,
@@ -33,6 +35,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -180,18 +183,21 @@ def _child(timings_file: Path, predict_args: list[str]) -> int:
         return output
 
     unet.ResidualEncoderUNet.forward = forward
-    sliding_window = predictor.predict_sliding_window
 
-    def sliding_window_with_info(network, image, patch_size, num_classes, **kwargs):
-        shape = tuple(image.shape[1:])
-        windows, per_axis, padded = window_count(shape, patch_size, kwargs.get("step_size", 0.5))
-        windows_info.append({"image_shape": list(shape), "padded_shape": padded, "patch_size": list(patch_size),
-                             "windows_per_axis": per_axis, "windows": windows,
-                             "flips": 2 ** len(tuple(kwargs.get("mirror_axes", ()))),
-                             "batch_windows": kwargs.get("batch_windows", 1)})
-        return sliding_window(network, image, patch_size, num_classes, **kwargs)
+    def with_info(sliding_window, kind):
+        def sliding_window_with_info(network, image, patch_size, num_classes, **kwargs):
+            shape = tuple(image.shape[1:])
+            windows, per_axis, padded = window_count(shape, patch_size, kwargs.get("step_size", 0.5))
+            windows_info.append({"pass": kind, "image_shape": list(shape), "padded_shape": padded,
+                                 "patch_size": list(patch_size), "windows_per_axis": per_axis, "windows": windows,
+                                 "flips": 2 ** len(tuple(kwargs.get("mirror_axes", ()))),
+                                 "batch_windows": kwargs.get("batch_windows", 1)})
+            return sliding_window(network, image, patch_size, num_classes, **kwargs)
+        return sliding_window_with_info
 
-    predictor.predict_sliding_window = timed("network stage (predict_sliding_window)", sliding_window_with_info)
+    predictor.predict_sliding_window = timed("network stage (predict_sliding_window)",
+                                             with_info(predictor.predict_sliding_window, "full"))
+    predictor.Predictor.lung_region = timed("lung box (the lungs' air, region)", predictor.Predictor.lung_region)
     predictor.Predictor.predict_probabilities = timed("predict_probabilities (stage + fold average)",
                                                       predictor.Predictor.predict_probabilities)
     predictor.Predictor.from_files = classmethod(timed("load model", predictor.Predictor.from_files.__func__))
@@ -255,15 +261,18 @@ def predict(args) -> int:
         import shutil
         shutil.rmtree(output)
     predict_args = ["-i", str(out / "in"), "-o", str(output), "--model", str(args.model), "--device", "cpu"]
-    if not args.tta:
-        predict_args.append("--disable-tta")
+    if args.mode == "accurate":
+        predict_args += ["--accurate"] + ([] if args.tta else ["--disable-tta"])
+    elif args.mode == "fast":
+        predict_args.append("--fast")
     if args.fp32:
         predict_args.append("--fp32")
+    predict_args += shlex.split(args.predict_args)
     command = ["/usr/bin/time", "-v", sys.executable, str(Path(__file__).resolve()), "_child",
                "--timings", str(timings_file), "--", *predict_args]
     load_before = load_average()
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, capture_output=True, text=True, encoding="utf-8")
     wall = time.perf_counter() - started
     load_after = load_average()
     (out / "child_stdout.txt").write_text(completed.stdout)
@@ -275,28 +284,31 @@ def predict(args) -> int:
     timings = json.loads(timings_file.read_text())
     records = timings["records"]
 
-    def stage(name):
-        found = [r for r in records if r["stage"].startswith(name)]
-        return found[0] if found else None
+    def seconds(name):
+        return sum(r["seconds"] for r in records if r["stage"].startswith(name))
 
-    info = timings["windows"][0]
-    batch_windows, flips, windows = info["batch_windows"], info["flips"], info["windows"]
+    passes = timings["windows"]
+    batch_windows = passes[0]["batch_windows"]
+    windows = sum(info["windows"] for info in passes)
+    window_passes = sum(info["windows"] * info["flips"] for info in passes)
     full = [seconds for size, seconds in timings["forwards"] if size == batch_windows]
     batch_forward = statistics.median(full)
     single_window = batch_forward / batch_windows
-    network_stage = stage("network stage")["seconds"]
+    network_stage = seconds("network stage")
     forward_sum = sum(seconds for _, seconds in timings["forwards"])
     wall_time = time_v.get("elapsed_s", wall)
     result = {
         "image": str(args.image), "crop": args.crop, "input_file": str(source), "model": str(args.model),
+        "covnet_predict_args": predict_args[8:], "first_line": completed.stdout.splitlines()[0],
         "tta": bool(args.tta), "fp32": bool(args.fp32), "load_average_before": load_before, "load_average_after": load_after,
-        "windows": info, "batches": math.ceil(windows / batch_windows),
+        "passes": passes, "windows": windows, "window_passes": window_passes,
+        "batches": sum(math.ceil(info["windows"] / batch_windows) for info in passes),
         "forwards": len(timings["forwards"]), "forward_batch_sizes": sorted({size for size, _ in timings["forwards"]}),
         "batch_forward_median_s": batch_forward, "batch_forward_min_s": min(full),
         "batch_forward_p90_s": sorted(full)[int(0.9 * (len(full) - 1))],
         "single_window_forward_s": single_window, "forward_sum_s": forward_sum,
-        "network_stage_s": network_stage,
-        "efficiency": windows * flips * single_window / network_stage,
+        "network_stage_s": network_stage, "lung_box_s": seconds("lung box"),
+        "efficiency": window_passes * single_window / network_stage,
         "forward_fraction_of_stage": forward_sum / network_stage,
         "wall_s": wall_time, "wall_over_network_stage": wall_time / network_stage,
         "peak_rss_mib": time_v.get("peak_rss_mib"), "user_s": time_v.get("user_s"), "system_s": time_v.get("system_s"),
@@ -305,10 +317,13 @@ def predict(args) -> int:
                    for r in sorted(records, key=lambda r: r["start_s"])],
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"input {info['image_shape']} (preprocessed) windows {info['windows_per_axis']} = {windows}, "
-          f"batch {batch_windows}, flips {flips}: {result['forwards']} forwards")
+    print(result["first_line"])
+    for info in passes:
+        print(f"{info['pass']} pass: input {info['image_shape']} windows {info['windows_per_axis']} = "
+              f"{info['windows']}, flips {info['flips']}")
+    print(f"{window_passes} window passes, batch {batch_windows}: {result['forwards']} forwards")
     print(f"batch forward median {batch_forward:.3f} s (min {min(full):.3f}), single window {single_window:.3f} s")
-    print(f"network stage {network_stage:.1f} s, forwards sum {forward_sum:.1f} s, "
+    print(f"network stage {network_stage:.1f} s (lung box {result['lung_box_s']:.1f} s), forwards sum {forward_sum:.1f} s, "
           f"efficiency {result['efficiency']:.3f} (forward fraction {result['forward_fraction_of_stage']:.3f})")
     print(f"covnet_predict wall {wall_time:.1f} s = {result['wall_over_network_stage']:.3f} × network stage; "
           f"peak RSS {result['peak_rss_mib']:.0f} MiB; load {load_before} -> {load_after}")
@@ -342,7 +357,11 @@ def main(argv=None) -> int:
     run.add_argument("--model", type=Path, required=True)
     run.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     run.add_argument("--out", type=Path, required=True)
-    run.add_argument("--tta", action="store_true", help="test-time mirroring on (default: --disable-tta)")
+    run.add_argument("--mode", choices=("accurate", "fast", "default"), default="accurate",
+                     help="covnet_predict --accurate (the earlier measurements; --disable-tta unless --tta), --fast, "
+                          "or neither (the device's default)")
+    run.add_argument("--tta", action="store_true", help="--mode accurate: test-time mirroring on (default: off)")
+    run.add_argument("--predict-args", default="", help="more covnet_predict flags, e.g. '--step-size 0.75'")
     run.add_argument("--fp32", action="store_true",
                      help="covnet_predict --fp32 (default: its autocast, bfloat16 on CPUs with native support)")
     run.add_argument("--crop", type=int, nargs=6, metavar=("Z0", "Z1", "Y0", "Y1", "X0", "X1"),

@@ -1,5 +1,7 @@
-"""The lung box (covnet.inference.lung_box): the coarse first pass's region holds every lung voxel the full
-prediction finds, on test phantoms, and what lies outside it is background."""
+"""The lung box (covnet.inference.lung_box): its region holds every lung and infection voxel of test phantoms
+(heavily infected ones included) and every lung voxel the full prediction finds, what lies outside it is
+background, the air around the body and small gas pockets do not widen it, and without air it is the whole
+image."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +12,19 @@ import torch
 from scipy import ndimage
 
 from covnet.checkpoint import Checkpoint
-from covnet.inference.lung_box import LungBoxSettings, coarse_shape, grown_region, paste_into_background
+from covnet.inference.lung_box import (
+    LungBoxSettings,
+    find_lung_region,
+    grown_region,
+    inner_air,
+    paste_into_background,
+)
 from covnet.inference.postprocessing import postprocess_segmentation
 from covnet.inference.predictor import InferenceSettings, Predictor
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.phantoms.generate import make_phantom_case
 from covnet.planning.planner import plan_dataset
+from covnet.planning.plans import NormalizationScheme
 from covnet.preprocessing.case import preprocess_case
 from covnet.workspace import Workspace
 from kit.workspaces import tiny_topology
@@ -26,8 +35,7 @@ DARK_THRESHOLD = 2.0        # normalised intensity: about -480 HU for the phanto
 
 class DarkIsLung(torch.nn.Module):
     """A stand-in segmentation network with a small receptive field: 'left lung' where the 3×3×3 mean intensity
-    is dark, background elsewhere. It finds a phantom's lungs at any grid once the air outside the body is gone,
-    and like a trained network its answer near a structure's edge depends on the grid it sees."""
+    is dark, background elsewhere (the air around the body too: it sees the image's own padding as air)."""
 
     def forward(self, x):
         smoothed = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
@@ -37,13 +45,20 @@ class DarkIsLung(torch.nn.Module):
 
 
 def without_outside_air(image: np.ndarray) -> np.ndarray:
-    """The phantom with the air around the body (air connected to the image border) made soft tissue."""
+    """The phantom with the air around the body (air connected to the image border) made soft tissue: the
+    stand-in network would call it lung."""
     air, _ = ndimage.label(image < -500)
     border = np.unique(np.concatenate([np.moveaxis(air, axis, 0)[index].ravel()
                                        for axis in range(3) for index in (0, -1)]))
     filled = image.copy()
     filled[np.isin(air, border[border > 0])] = TISSUE_HU
     return filled
+
+
+def inside(region, shape) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[region] = True
+    return mask
 
 
 @pytest.fixture(scope="module")
@@ -65,68 +80,72 @@ def stand_in_predictor(plan, settings: InferenceSettings) -> Predictor:
     return predictor
 
 
-@pytest.mark.parametrize("seed", [21, 22, 23])
-def test_the_lung_box_holds_every_lung_voxel_the_full_prediction_finds(plan, seed):
-    image, truth, geometry = make_phantom_case(seed, spacing_zyx=(5.0, 5.0, 5.0))
+@pytest.mark.parametrize("seed, burden", [(21, None), (22, None), (23, 0.5), (24, 0.7)])
+def test_the_lung_box_holds_every_lung_and_infection_voxel(plan, seed, burden):
+    """Heavily infected phantoms too: consolidation denser than the air threshold lies within the margin."""
+    image, truth, geometry = make_phantom_case(seed, spacing_zyx=(5.0, 5.0, 5.0), infection_burden=burden)
+    preprocessed, labels, _ = preprocess_case("test", [image], geometry, plan, truth)
+    region = find_lung_region(preprocessed, plan, LungBoxSettings(), window_size=plan.patch_size)
+    assert region is not None
+    kept = inside(region, labels.shape)
+    assert (labels > 0).any() and not ((labels > 0) & ~kept).any()
+    assert kept.sum() < 0.8 * kept.size                                # the box left out part of the image
+
+
+def test_the_full_prediction_is_background_outside_the_box(plan):
+    image, _, geometry = make_phantom_case(21, spacing_zyx=(5.0, 5.0, 5.0))
     preprocessed, _, _ = preprocess_case("test", [without_outside_air(image)], geometry, plan)
     full = stand_in_predictor(plan, InferenceSettings(use_mirroring=False))
     boxed = stand_in_predictor(plan, InferenceSettings(use_mirroring=False, lung_box=LungBoxSettings()))
-
     full_labels = postprocess_segmentation(full.predict_probabilities(preprocessed).argmax(dim=0).numpy(), plan)
-    region = boxed.lung_region(preprocessed)
+    kept = inside(boxed.lung_region(preprocessed), full_labels.shape)
     boxed_labels = boxed.predict_probabilities(preprocessed).argmax(dim=0).numpy()
-
     lungs = full_labels > 0
-    assert lungs.sum() > 0.3 * np.count_nonzero(truth > 0) * 8        # it found the lungs (5 mm → 2.5 mm grid)
-    inside = np.zeros(lungs.shape, dtype=bool)
-    inside[region] = True
-    assert not (lungs & ~inside).any()
-    assert inside.sum() < 0.8 * inside.size                           # the box left out part of the image
-    assert not boxed_labels[~inside].any()                            # background outside the box
+    assert lungs.any() and not (lungs & ~kept).any()
+    assert not boxed_labels[~kept].any()
     agreement = 2 * np.count_nonzero(lungs & (boxed_labels > 0)) / (lungs.sum() + np.count_nonzero(boxed_labels))
     assert agreement > 0.99
 
 
-def test_without_a_margin_the_coarse_grid_cuts_lung_off(plan):
-    """The margin is what absorbs the coarse grid's blur: with none, some lung of the full prediction falls
-    outside (so the test above would catch a margin that is not applied)."""
+def test_the_margin_grows_the_box(plan):
     image, _, geometry = make_phantom_case(21, spacing_zyx=(5.0, 5.0, 5.0))
-    preprocessed, _, _ = preprocess_case("test", [without_outside_air(image)], geometry, plan)
-    full = stand_in_predictor(plan, InferenceSettings(use_mirroring=False))
-    tight = stand_in_predictor(plan, InferenceSettings(use_mirroring=False,
-                                                       lung_box=LungBoxSettings(margin_mm=0)))
-    lungs = postprocess_segmentation(full.predict_probabilities(preprocessed).argmax(dim=0).numpy(), plan) > 0
-    inside = np.zeros(lungs.shape, dtype=bool)
-    inside[tight.lung_region(preprocessed)] = True
-    assert (lungs & ~inside).any()
+    preprocessed, _, _ = preprocess_case("test", [image], geometry, plan)
+    tight = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=0), window_size=(1, 1, 1))
+    wide = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=10), window_size=(1, 1, 1))
+    for narrow, grown, size in zip(tight, wide, preprocessed.shape[1:]):
+        assert grown.start == max(0, narrow.start - 4) and grown.stop == min(size, narrow.stop + 4)   # 10 mm / 2.5
 
 
-def test_nothing_found_predicts_the_whole_image(plan):
+def test_air_around_the_body_and_small_gas_pockets_are_left_out():
+    air = np.zeros((20, 40, 40), dtype=bool)
+    air[:, :, :3] = True                       # outside the body: touches every slice's border
+    air[2:18, 10:30, 8:18] = True              # two lungs
+    air[2:18, 10:30, 22:32] = True
+    air[18:20, 34:37, 34:37] = True            # a gas pocket: 18 voxels
+    kept = inner_air(air, min_share=0.05)
+    assert kept[5, 15, 10] and kept[5, 15, 25] and not kept[:, :, :3].any() and not kept[19, 35, 35]
+
+
+def test_without_air_or_with_air_clipped_away_it_is_the_whole_image(plan):
     image, _, geometry = make_phantom_case(21, spacing_zyx=(5.0, 5.0, 5.0))
-    bright = np.full_like(image, TISSUE_HU)                           # no dark voxel: no lung anywhere
+    bright = np.full_like(image, TISSUE_HU)
     preprocessed, _, _ = preprocess_case("test", [bright], geometry, plan)
+    assert find_lung_region(preprocessed, plan, LungBoxSettings(), window_size=plan.patch_size) is None
     boxed = stand_in_predictor(plan, InferenceSettings(use_mirroring=False, lung_box=LungBoxSettings()))
-    assert boxed.lung_region(preprocessed) is None
-    probabilities = boxed.predict_probabilities(preprocessed)
-    assert probabilities.shape[1:] == preprocessed.shape[1:]
+    assert boxed.predict_probabilities(preprocessed).shape[1:] == preprocessed.shape[1:]
+    soft_tissue_only = dataclasses.replace(plan, normalization={"0": NormalizationScheme("CT", (-100.0, 200.0),
+                                                                                         50.0, 60.0)})
+    image_preprocessed, _, _ = preprocess_case("test", [image], geometry, soft_tissue_only)
+    assert find_lung_region(image_preprocessed, soft_tissue_only, LungBoxSettings(),
+                            window_size=plan.patch_size) is None
 
 
-def test_coarse_grid_is_near_isotropic_and_never_finer():
-    assert coarse_shape((122, 480, 634), (2.3, 0.75, 0.75), 4.0) == (94, 120, 158)   # z: 2.3 → 3 mm
-    assert coarse_shape((100, 100, 100), (5.0, 5.0, 5.0), 1.0) == (100, 100, 100)
-    assert coarse_shape((10, 3, 3), (1.0, 1.0, 1.0), 8.0) == (1, 1, 1)
-
-
-def test_grown_region_covers_the_coarse_box_plus_the_margin_and_one_window():
-    # coarse voxel 10..20 of 50 on a 4x finer grid is 40..80; 3 mm margin at 1 mm spacing
-    region = grown_region([(10, 20)], [50], [200], [1.0], margin_mm=3.0, min_size=[8])
-    assert region == (slice(37, 83),)
-    clipped = grown_region([(0, 50)], [50], [200], [1.0], margin_mm=3.0, min_size=[8])
-    assert clipped == (slice(0, 200),)
-    small = grown_region([(25, 26)], [50], [200], [1.0], margin_mm=0.0, min_size=[64])
+def test_grown_region_covers_the_box_plus_the_margin_and_one_window():
+    assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, min_size=[8]) == (slice(37, 83),)
+    assert grown_region([(0, 200)], [200], [1.0], margin_mm=3.0, min_size=[8]) == (slice(0, 200),)
+    small = grown_region([(100, 104)], [200], [1.0], margin_mm=0.0, min_size=[64])
     assert small[0].stop - small[0].start == 64 and small[0].start <= 100 and small[0].stop >= 104
-    at_edge = grown_region([(49, 50)], [50], [200], [1.0], margin_mm=0.0, min_size=[64])
-    assert at_edge == (slice(136, 200),)
+    assert grown_region([(196, 200)], [200], [1.0], margin_mm=0.0, min_size=[64]) == (slice(136, 200),)
 
 
 def test_outside_the_region_is_certain_background():

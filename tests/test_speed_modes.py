@@ -85,7 +85,7 @@ def test_accurate_is_the_full_prediction(trained, one_case, tmp_path, used_setti
     (("--accurate", "--mirror-axes", "x"), "mirroring x (2 passes)", {"flipped_axes": (2,)}),
     (("--fast", "--mirror-axes", "yx"), "mirroring yx (4 passes)", {"flipped_axes": (1, 2)}),
     (("--fast", "--no-lung-box"), "whole body box", {"lung_box": None}),
-    (("--accurate", "--lung-box"), "lung box (coarse pass, 20 mm margin)", {"lung_box": LungBoxSettings()}),
+    (("--accurate", "--lung-box"), "lung box (the lungs' air, 20 mm margin)", {"lung_box": LungBoxSettings()}),
     (("--fast", "--step-size", "0.75"), "step 0.75", {"step_size": 0.75}),
     (("--fast", "--fp32"), "fast mode (--fast)", {"use_amp": False}),
 ])

@@ -60,14 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "DICOM series and a label map for a file")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--fast", dest="speed_mode", action="store_const", const=FAST,
-                       help="fast mode (the default on a CPU): a coarse first pass finds the lungs and the sliding "
-                            "window covers only them, without test-time mirroring")
+                       help="fast mode (the default on a CPU): the sliding window covers only the box of the "
+                            "air-filled lungs (plus 20 mm), without test-time mirroring")
     speed.add_argument("--accurate", dest="speed_mode", action="store_const", const=ACCURATE,
                        help="accurate mode (the default on a GPU): every window of the body box, mirrored along "
                             "z, y and x (8 passes)")
     parser.add_argument("--lung-box", action=argparse.BooleanOptionalAction, default=None,
-                        help="restrict the sliding window to the lungs found by a coarse first pass (default: on "
-                             "in fast mode, off in accurate mode)")
+                        help="restrict the sliding window to the box of the air-filled lungs plus 20 mm (default: "
+                             "on in fast mode, off in accurate mode)")
     parser.add_argument("--mirror-axes", default=None, metavar="AXES",
                         help="test-time mirroring along these axes, e.g. zyx (8 passes) or x (the left-right "
                              "mirror, 2 passes) (default: none in fast mode, zyx in accurate mode)")

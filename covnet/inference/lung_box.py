@@ -1,97 +1,113 @@
-"""The lung box: a coarse first pass of the same network finds the lungs, and the full-resolution sliding window
-then covers only them (plus a margin) instead of the whole body box.
+"""The lung box: the air-filled lungs found by their intensity, and the full-resolution sliding window covering only
+them (plus a margin) instead of the whole body box.
 
 Why: lungs and infection lie inside the lungs, yet the body box preprocessing crops to also holds the neck,
 shoulders, mediastinal soft tissue and abdomen that a chest CT scans; every window over them is network time for
 background (BENCHMARKS.md, "Fast prediction on the CPU", measures the share).
 
-How, in the spirit of nnU-Net's ``3d_lowres`` cascade but without a second network or a second plan: the
-preprocessed image is averaged down to a coarse grid (``coarse_factor`` times the plan's finest spacing on every
-axis, never finer than the plan's own spacing), the same network predicts it with ``coarse_step_size`` (by
-default windows that do not overlap) and no mirroring, and the foreground that postprocessing would keep (the
-largest lung components and the infection touching them) gives a box. Mapped back to the plan's grid, the box
-grows by ``margin_mm`` on every side and at least to one inference window. When the coarse pass finds nothing,
-the whole image is predicted.
+How: not a network. covnet's first lung box was the same network on a 4× coarser grid (a cascade in the spirit of
+nnU-Net's ``3d_lowres`` without a second network); a trained network does not recognise lungs four times smaller
+than it was trained on, and on 7 of 12 test phantoms its box cut off lung that the full prediction found. Air is
+certain: on the preprocessed CT, voxels darker than ``air_hu`` (-400 HU, between aerated lung at about -850 and
+soft tissue) are air; air connected to the border of its axial slice lies outside the body; the rest, grouped in 3D,
+keeps its large components (those of at least ``min_share`` of the largest: the lungs and airways, not bowel gas)
+and their box grows by ``margin_mm`` on every side (consolidated lung denser than -400 HU at the edge of the
+aerated lung), and at least to one inference window. When no air is found, or the CT's normalisation cannot tell
+-400 HU apart, the whole image is predicted.
 
 Outside the box the probabilities are those of certain background (1 for label 0), which is what the full
-prediction's argmax says there whenever the box holds all the lung it finds (tests/test_lung_box.py checks this
-on trained phantoms; the margin absorbs the coarse grid's blur).
+prediction's argmax says there whenever the box holds all the lung it finds (tests/test_lung_box.py and
+benchmarks/fast_predict.py check this on trained phantoms).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
+from covnet.image.ct import is_ct_channel
 from covnet.image.grid import bounding_box
-from covnet.inference.postprocessing import postprocess_segmentation
-from covnet.inference.sliding_window import predict_sliding_window
-from covnet.planning.plans import Plan
+from covnet.planning.plans import CT_SCHEME, Plan
 
 Region = tuple[slice, slice, slice]
+# In-plane connectivity only: air is 'outside' when it reaches the border of its own axial slice (the airway that
+# leaves the top slice does not make the lungs outside air).
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = True
 
 
 @dataclass(frozen=True)
 class LungBoxSettings:
-    coarse_factor: float = 4.0       # coarse spacing = this × the plan's finest spacing (each axis at least its own)
-    coarse_step_size: float = 1.0    # windows of the coarse pass: 1.0 = side by side, no overlap
-    margin_mm: float = 20.0          # added to the coarse box on every side, in mm
+    margin_mm: float = 20.0          # added to the air's box on every side, in mm
+    air_hu: float = -400.0           # darker than this is air
+    min_share: float = 0.05          # air components smaller than this share of the largest are left out
 
     def __post_init__(self):
-        if not self.coarse_factor >= 1:
-            raise ValueError(f"coarse_factor must be at least 1, got {self.coarse_factor}")
-        if not 0 < self.coarse_step_size <= 1:
-            raise ValueError(f"coarse_step_size must be in (0, 1], got {self.coarse_step_size}")
         if not self.margin_mm >= 0:
             raise ValueError(f"margin_mm must be 0 or more, got {self.margin_mm}")
+        if not 0 < self.min_share <= 1:
+            raise ValueError(f"min_share must be in (0, 1], got {self.min_share}")
 
 
-def coarse_shape(shape: Sequence[int], spacing: Sequence[float], coarse_factor: float) -> tuple[int, ...]:
-    """The image's shape on the coarse grid: each axis' spacing becomes ``coarse_factor`` × the finest spacing,
-    or stays its own where that is already coarser."""
-    finest = min(spacing)
-    return tuple(max(1, round(size * axis_spacing / max(axis_spacing, coarse_factor * finest)))
-                 for size, axis_spacing in zip(shape, spacing))
+def air_threshold(plan: Plan, air_hu: float) -> tuple[int, float] | None:
+    """(channel, the normalised value of ``air_hu``) of the plan's first CT channel; None when there is none or
+    its normalisation clips ``air_hu`` away."""
+    for channel, name in sorted(plan.channel_names.items()):
+        scheme = plan.normalization.get(channel)
+        if is_ct_channel(name) and scheme is not None and scheme.name == CT_SCHEME:
+            low, high = scheme.clip
+            if low < air_hu < high:
+                return int(channel), (air_hu - scheme.mean) / scheme.std
+    return None
 
 
-def downsample(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """(C, z, y, x) averaged down to (C, *shape): each coarse voxel is the mean of the fine voxels it covers."""
-    return torch.nn.functional.interpolate(image[None], size=tuple(shape), mode="area")[0]
+def inner_air(air: np.ndarray, min_share: float) -> np.ndarray:
+    """The air inside the body: ``air`` (z, y, x) without the air connected to its slice's border, and without the
+    3D components smaller than ``min_share`` of the largest."""
+    slices, _ = ndimage.label(air, structure=_IN_PLANE)
+    border = np.concatenate([slices[:, 0].ravel(), slices[:, -1].ravel(), slices[:, :, 0].ravel(),
+                             slices[:, :, -1].ravel()])
+    inside = air & ~np.isin(slices, np.unique(border[border > 0]))
+    components, count = ndimage.label(inside, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return inside
+    sizes = np.bincount(components.ravel())[1:]
+    kept = np.flatnonzero(sizes >= min_share * sizes.max()) + 1
+    return np.isin(components, kept)
 
 
-def kept_foreground_box(segmentation: np.ndarray, plan: Plan) -> tuple[tuple[int, int], ...] | None:
-    """Per axis, (start, stop) of the foreground that postprocessing keeps (the largest lung components and the
-    infection touching them; all foreground for datasets without lung labels); None when there is none."""
-    kept = postprocess_segmentation(segmentation, plan)
-    foreground = kept > 0
-    return bounding_box(foreground) if foreground.any() else None
-
-
-def grown_region(coarse_box: Sequence[tuple[int, int]], coarse: Sequence[int], fine: Sequence[int],
-                 spacing: Sequence[float], margin_mm: float, min_size: Sequence[int]) -> Region:
-    """A box on the coarse grid → the fine grid's region that covers it, grown by ``margin_mm`` on every side
-    and, centred, to at least ``min_size`` (the inference window), clipped to the fine image."""
+def grown_region(box: Sequence[tuple[int, int]], shape: Sequence[int], spacing: Sequence[float], margin_mm: float,
+                 min_size: Sequence[int]) -> Region:
+    """``box`` grown by ``margin_mm`` on every side and, centred, to at least ``min_size`` (the inference window),
+    clipped to ``shape``."""
     region = []
-    for (start, stop), coarse_size, fine_size, axis_spacing, minimum in zip(coarse_box, coarse, fine, spacing,
-                                                                             min_size):
-        scale = fine_size / coarse_size
+    for (start, stop), size, axis_spacing, minimum in zip(box, shape, spacing, min_size):
         margin = math.ceil(margin_mm / axis_spacing)
-        low = max(0, math.floor(start * scale) - margin)
-        high = min(fine_size, math.ceil(stop * scale) + margin)
-        wanted = min(int(minimum), fine_size)
+        low, high = max(0, start - margin), min(size, stop + margin)
+        wanted = min(int(minimum), size)
         if high - low < wanted:
-            low = min(max(0, round((low + high - wanted) / 2)), fine_size - wanted)
+            low = min(max(0, round((low + high - wanted) / 2)), size - wanted)
             high = low + wanted
         region.append(slice(low, high))
     return tuple(region)
 
 
-def union(regions: Sequence[Region]) -> Region:
-    return tuple(slice(min(region[axis].start for region in regions), max(region[axis].stop for region in regions))
-                 for axis in range(len(regions[0])))
+def find_lung_region(image: np.ndarray | torch.Tensor, plan: Plan, settings: LungBoxSettings, *,
+                     window_size: Sequence[int]) -> Region | None:
+    """The region of the (C, z, y, x) preprocessed ``image`` that the sliding window needs (module doc), or None
+    (the whole image) when no air is found."""
+    threshold = air_threshold(plan, settings.air_hu)
+    if threshold is None:
+        return None
+    channel, value = threshold
+    lungs = inner_air(np.asarray(image[channel]) < value, settings.min_share)
+    if not lungs.any():
+        return None
+    return grown_region(bounding_box(lungs), lungs.shape, plan.target_spacing, settings.margin_mm, window_size)
 
 
 def region_fraction(region: Region | None, shape: Sequence[int]) -> float:
@@ -99,23 +115,6 @@ def region_fraction(region: Region | None, shape: Sequence[int]) -> float:
     if region is None:
         return 1.0
     return math.prod(part.stop - part.start for part in region) / math.prod(shape)
-
-
-@torch.inference_mode()
-def find_lung_region(network: Callable, image: torch.Tensor, plan: Plan, settings: LungBoxSettings, *,
-                     window_size: Sequence[int], batch_windows: int, device: torch.device,
-                     use_amp: bool) -> Region | None:
-    """The region of the (C, z, y, x) preprocessed ``image`` that the full-resolution pass needs (module doc), or
-    None when the coarse pass finds no lung."""
-    fine = tuple(image.shape[1:])
-    coarse = coarse_shape(fine, plan.target_spacing, settings.coarse_factor)
-    probabilities = predict_sliding_window(network, downsample(image, coarse), plan.patch_size, plan.num_classes,
-                                           step_size=settings.coarse_step_size, batch_windows=batch_windows,
-                                           device=device, use_amp=use_amp)
-    box = kept_foreground_box(probabilities.argmax(dim=0).numpy().astype(np.uint8), plan)
-    if box is None:
-        return None
-    return grown_region(box, coarse, fine, plan.target_spacing, settings.margin_mm, window_size)
 
 
 def paste_into_background(inside: torch.Tensor, region: Region, shape: Sequence[int]) -> torch.Tensor:

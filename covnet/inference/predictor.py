@@ -27,7 +27,6 @@ from covnet.inference.lung_box import (
     find_lung_region,
     paste_into_background,
     region_fraction,
-    union,
 )
 from covnet.inference.postprocessing import assign_lung_sides, postprocess_segmentation
 from covnet.inference.sliding_window import mirror_combinations, predict_sliding_window
@@ -47,7 +46,7 @@ class InferenceSettings:
     mirror_axes: tuple[int, ...] = MIRROR_AXES   # the axes mirroring flips; every subset is one pass (3 axes: 8)
     # The inference window = the plan's patch × this per axis, rounded up to the network's total stride.
     window_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    lung_box: LungBoxSettings | None = None      # a coarse first pass restricts the sliding window to the lungs
+    lung_box: LungBoxSettings | None = None      # the sliding window covers only the air-filled lungs' box
     batch_windows: int = 2
     use_amp: bool = True          # autocast where available: float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16
     postprocess: bool = False
@@ -76,7 +75,7 @@ class InferenceSettings:
         parts = [f"mirroring {axes} ({flips} passes)" if flips > 1 else "no mirroring", f"step {self.step_size:g}"]
         if any(scale != 1 for scale in self.window_scale):
             parts.append("window " + "×".join(f"{scale:g}" for scale in self.window_scale) + " the patch")
-        parts.append(f"lung box (coarse pass, {self.lung_box.margin_mm:g} mm margin)" if self.lung_box
+        parts.append(f"lung box (the lungs' air, {self.lung_box.margin_mm:g} mm margin)" if self.lung_box
                      else "whole body box")
         return ", ".join(parts)
 
@@ -89,8 +88,8 @@ def speed_mode_settings(mode: str, base: InferenceSettings = InferenceSettings()
     """``base`` with the network pass of a speed mode (postprocessing, lateral fix, precision stay ``base``'s).
 
     ``accurate``: the full prediction, mirroring along z, y and x (8 passes), step 0.5, every window of the body
-    box. ``fast``: a coarse first pass finds the lungs and the sliding window covers only them, without mirroring
-    (BENCHMARKS.md, "Fast prediction on the CPU": Dice within 0.005 of the full prediction on phantoms)."""
+    box. ``fast``: the sliding window covers only the box of the air-filled lungs plus a margin, without mirroring
+    (BENCHMARKS.md, "Fast prediction on the CPU", measures what each costs)."""
     if mode == ACCURATE:
         return replace(base, step_size=0.5, use_mirroring=True, mirror_axes=MIRROR_AXES, window_scale=(1.0, 1.0, 1.0),
                        lung_box=None)
@@ -161,22 +160,13 @@ class Predictor:
         return total
 
     def lung_region(self, image: np.ndarray | torch.Tensor) -> Region | None:
-        """The part of a preprocessed image the lung box keeps: the union over the models of each one's coarse
-        pass (:mod:`covnet.inference.lung_box`); None (the whole image) when none finds a lung."""
-        settings = self.settings.lung_box or LungBoxSettings()
-        image = torch.as_tensor(image, dtype=torch.float32)
-        regions = []
-        for state in self.states:
-            self.network.load_state_dict(state)
-            found = find_lung_region(self.network, image, self.plan, settings, window_size=self.window_size,
-                                     batch_windows=self.settings.batch_windows, device=self.device,
-                                     use_amp=self.settings.use_amp)
-            if found is not None:
-                regions.append(found)
-        if not regions:
-            log.info("the lung box's coarse pass found no lung: predicting the whole image")
+        """The part of a preprocessed image the lung box keeps (:mod:`covnet.inference.lung_box`); None (the whole
+        image) when it finds no air inside the body."""
+        region = find_lung_region(image, self.plan, self.settings.lung_box or LungBoxSettings(),
+                                  window_size=self.window_size)
+        if region is None:
+            log.info("the lung box found no air inside the body: predicting the whole image")
             return None
-        region = union(regions)
         log.debug(f"lung box {[(part.start, part.stop) for part in region]}: "
                   f"{100 * region_fraction(region, image.shape[1:]):.0f}% of the image")
         return region
