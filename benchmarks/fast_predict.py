@@ -319,6 +319,9 @@ def main() -> int:
     else:
         checkpoint, cases = args.checkpoint, [Case(args.image.name.split(".")[0], args.image, None)]
     predictor = Predictor.from_files([checkpoint], settings=settings)
+    # The passes below call the network directly, not through predict_probabilities, which loads each model's
+    # weights: load the one model's here.
+    predictor.network.load_state_dict(predictor.states[0])
     print(f"{checkpoint}: {len(cases)} case(s), {torch.get_num_threads()} threads, load "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     results = []

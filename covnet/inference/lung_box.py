@@ -11,8 +11,8 @@ than it was trained on, and on 7 of 12 test phantoms its box cut off lung that t
 certain: on the preprocessed CT, voxels darker than ``air_hu`` (-400 HU, between aerated lung at about -850 and
 soft tissue) are air; air connected to the border of its axial slice lies outside the body; the rest, grouped in 3D,
 keeps its large components (those of at least ``min_share`` of the largest: the lungs and airways, not bowel gas)
-and their box grows by ``margin_mm`` on every side (consolidated lung denser than -400 HU at the edge of the
-aerated lung), and at least to one inference window. When no air is found, or the CT's normalisation cannot tell
+and their box grows on every side by ``margin_mm`` (consolidated lung denser than -400 HU at the edge of the
+aerated lung) or half an inference window if that is more (context for the windows at the edge). When no air is found, or the CT's normalisation cannot tell
 -400 HU apart, the whole image is predicted.
 
 Outside the box the probabilities are those of certain background (1 for label 0), which is what the full
@@ -81,14 +81,16 @@ def inner_air(air: np.ndarray, min_share: float) -> np.ndarray:
 
 
 def grown_region(box: Sequence[tuple[int, int]], shape: Sequence[int], spacing: Sequence[float], margin_mm: float,
-                 min_size: Sequence[int]) -> Region:
-    """``box`` grown by ``margin_mm`` on every side and, centred, to at least ``min_size`` (the inference window),
-    clipped to ``shape``."""
+                 window: Sequence[int]) -> Region:
+    """``box`` grown on every side by ``margin_mm`` or half the inference ``window``, whichever is larger, and,
+    centred, to at least one window, clipped to ``shape``. The half window is context: a window at the region's
+    edge then still sees what lies beyond the lungs (without it, the edge windows see padding, and infection
+    Dice on test phantoms fell by 0.05)."""
     region = []
-    for (start, stop), size, axis_spacing, minimum in zip(box, shape, spacing, min_size):
-        margin = math.ceil(margin_mm / axis_spacing)
+    for (start, stop), size, axis_spacing, window_size in zip(box, shape, spacing, window):
+        margin = max(math.ceil(margin_mm / axis_spacing), int(window_size) // 2)
         low, high = max(0, start - margin), min(size, stop + margin)
-        wanted = min(int(minimum), size)
+        wanted = min(int(window_size), size)
         if high - low < wanted:
             low = min(max(0, round((low + high - wanted) / 2)), size - wanted)
             high = low + wanted
