@@ -242,7 +242,10 @@ def _prepare_input(image: Path, folder: Path, crop) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if crop is None:
         target = folder / image.name
-        if not target.exists():
+        if image.is_dir() and not target.exists():      # a DICOM series: copied (the input walk skips linked folders)
+            import shutil
+            shutil.copytree(image, target)
+        elif not target.exists():
             target.symlink_to(image.resolve())
         return target
     import SimpleITK as sitk
