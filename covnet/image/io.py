@@ -112,15 +112,16 @@ def _is_nifti(path: Path) -> bool:
 
 
 # The console is the process's: two threads capturing at once (a reader thread and a writer) would restore
-# each other's redirection and lose the terminal.
-_CAPTURING = threading.RLock()
+# each other's redirection and lose the terminal, and a line another thread writes while one captures would be
+# lost or end up in a read error. Whoever writes to the console beside a reading thread holds this lock too.
+CONSOLE_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def _native_output_captured() -> Iterator[list[str]]:
     """Keep what ITK's C++ readers and writers print (e.g. MetaIO's "data not read completely") off the
     console; the captured lines are yielded for the error message instead."""
-    with _CAPTURING, _redirected_console() as captured:
+    with CONSOLE_LOCK, _redirected_console() as captured:
         yield captured
 
 

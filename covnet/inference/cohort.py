@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covnet.api import Model, PreparedImage, Segmentation, read_input
-from covnet.image.io import write_image
+from covnet.image.io import CONSOLE_LOCK, write_image
 from covnet.inference.inputs import REPORTS_FOLDER, RUN_FILE, CohortCase, LabelMapInput, check_output_folder
 from covnet.inference.preview import write_preview
 from covnet.inference.report import write_report
@@ -50,9 +49,9 @@ if TYPE_CHECKING:
 
 log = logger(__name__)
 # Reading an image redirects the process's stdout/stderr for a moment (covnet.image.io keeps ITK's console messages
-# off the terminal and puts them in the error): while the reader thread does that, the main thread must not
-# write to the console, or its lines would be lost or end up in a read error.
-_CONSOLE = threading.Lock()
+# off the terminal and puts them in the error): the reader thread holds the console while it reads, the main
+# thread while it writes a line.
+_CONSOLE = CONSOLE_LOCK
 
 
 # ---------------------------------------------------------------------------------------------- prediction
