@@ -31,7 +31,7 @@ from covnet.inference.lung_box import (
 from covnet.inference.postprocessing import assign_lung_sides, postprocess_segmentation
 from covnet.inference.sliding_window import mirror_combinations, predict_sliding_window
 from covnet.network.unet import ResidualEncoderUNet
-from covnet.planning.plans import Plan
+from covnet.planning.plans import Plan, plan_differences
 from covnet.preprocessing.case import CaseProperties, preprocess_case, probabilities_to_original
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
@@ -113,7 +113,7 @@ class Predictor:
         names = list(names) or [f"fold {checkpoint.fold}" for checkpoint in checkpoints]
         self.plan = checkpoints[0].typed_plan
         for name, checkpoint in zip(names[1:], checkpoints[1:]):
-            differences = plan_differences(self.plan, checkpoint.typed_plan)
+            differences = ensemble_plan_differences(self.plan, checkpoint.typed_plan)
             if differences:
                 raise CovnetError(None, f"{name} and {names[0]} were trained under different plans "
                                         f"({'; '.join(differences)}); an ensemble needs one plan: predict with "
@@ -226,20 +226,8 @@ def lungs_by_midline(segmentation: np.ndarray, properties: CaseProperties, label
     return properties.reorientation.to_original(fixed)
 
 
-def plan_differences(plan: Plan, other: Plan) -> list[str]:
+def ensemble_plan_differences(plan: Plan, other: Plan) -> list[str]:
     """What two plans disagree on among the settings an ensemble must share (the network and everything that
     shapes the preprocessed input), as ``<field> <this> vs <other>``; empty when they agree."""
-    mine = _flattened({"network": plan.network.to_json(), **plan.preprocessing_key()})
-    theirs = _flattened({"network": other.network.to_json(), **other.preprocessing_key()})
-    return [f"{key} {mine.get(key)} vs {theirs.get(key)}" for key in sorted(mine.keys() | theirs.keys())
-            if mine.get(key) != theirs.get(key)]
-
-
-def _flattened(settings: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(_flattened(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    shared = [{"network": each.network.to_json(), **each.preprocessing_key()} for each in (plan, other)]
+    return [f"{name} {mine} vs {theirs}" for name, mine, theirs in plan_differences(*shared)]
