@@ -179,8 +179,9 @@ def main() -> None:
         present = [arm for arm in arms if scores[arm]]
         table, results = arm_table(scores, present)
         diagnostics, rounds = round_diagnostics(args.root, regime, present)
-        seeds = _seeds(args.root, regime)
-        text = (f"### Regime: {regime} ({len(seeds)} seeds: {seeds})\n\n{table}\n\n"
+        seeds = [seed for seed in _seeds(args.root, regime)       # those whose control is scored so far
+                 if _final_summary(regime_root(args.root, regime) / f"seed_{seed}" / slug("control")) is not None]
+        text = (f"### Regime: {regime} ({len(seeds)} seeds scored: {seeds})\n\n{table}\n\n"
                 f"Pseudo-labels per round (mean over seeds; the pool's truth):\n\n{diagnostics}\n")
         (args.output / f"selftrain_{regime}.md").write_text(text)
         per_case = {arm: {f"{seed}/{case}": row for (seed, case), row in rows.items()} for arm, rows in scores.items()}
