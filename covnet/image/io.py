@@ -11,7 +11,6 @@ import contextlib
 import os
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +21,7 @@ import SimpleITK as sitk
 from covnet.image.nifti import count_non_finite, truncation_problem
 from covnet.runtime.atomic import atomic_path, incomplete_write, not_empty
 from covnet.runtime.errors import CovnetError, last_line
-from covnet.runtime.log import logger
+from covnet.runtime.log import CONSOLE_LOCK, logger
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -111,10 +110,6 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
-# The console is the process's: two threads capturing at once (a reader thread and a writer) would restore
-# each other's redirection and lose the terminal, and a line another thread writes while one captures would be
-# lost or end up in a read error. Whoever writes to the console beside a reading thread holds this lock too.
-CONSOLE_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager

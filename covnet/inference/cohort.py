@@ -35,13 +35,14 @@ import numpy as np
 from tqdm import tqdm
 
 from covnet.api import Model, PreparedImage, Segmentation, read_input
-from covnet.image.io import CONSOLE_LOCK, write_image
+from covnet.image.io import write_image
 from covnet.inference.inputs import REPORTS_FOLDER, RUN_FILE, CohortCase, LabelMapInput, check_output_folder
 from covnet.inference.preview import write_preview
 from covnet.inference.report import write_report
+from covnet.planning.plans import plan_differences
 from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
 from covnet.runtime.errors import CovnetError
-from covnet.runtime.log import logger
+from covnet.runtime.log import CONSOLE_LOCK, logger
 from covnet.runtime.sharding import shard
 
 if TYPE_CHECKING:
@@ -117,20 +118,24 @@ def run_identity(model: Model) -> dict:
     return json.loads(json.dumps({"model": model.model_id, "inference": dataclasses.asdict(model.settings)}))
 
 
-def claim_output_folder(model: Model, cases: Sequence[CohortCase], output_dir: Path, *, resume: bool) -> None:
-    """Record this run's identity in ``OUT/.reports``. A new run (no ``--continue``) first removes its cases'
-    earlier outputs, which it redoes; ``--continue`` refuses a folder another model or other settings wrote,
-    whose finished cases it would otherwise keep beside its own."""
+def claim_output_folder(model: Model, cases: Sequence[CohortCase], mine: Sequence[CohortCase], output_dir: Path, *,
+                        resume: bool) -> None:
+    """Record this run's identity in ``OUT/.reports``. A new run (no ``--continue``) first removes the earlier
+    outputs of its own cases (``mine``, this part's share of ``cases``), which it redoes, and of every case when
+    another model or other settings wrote them (other parts would keep them otherwise); ``--continue`` refuses a
+    folder another model or other settings wrote, whose finished cases it would otherwise keep beside its own."""
     stamp = output_dir / REPORTS_FOLDER / RUN_FILE
     identity = run_identity(model)
+    earlier = read_json(stamp, "") if stamp.is_file() else None
     if resume:
-        earlier = read_json(stamp, "") if stamp.is_file() else identity
-        if earlier != identity:
-            raise CovnetError(output_dir, "was written by another model or with other inference settings; "
-                                          "--continue would mix the two: use a new output folder, or run without "
-                                          "--continue to redo every case")
+        if earlier is not None and earlier != identity:
+            differing = ", ".join(name for name, _, _ in plan_differences(earlier, identity)) if \
+                isinstance(earlier, dict) else "its record"
+            raise CovnetError(output_dir, f"was written by another model or with other inference settings "
+                                          f"({differing}); --continue would mix the two: use a new output folder, "
+                                          "or run without --continue to redo every case")
     else:
-        for case in cases:
+        for case in cases if earlier not in (None, identity) else mine:
             for path in (*case.outputs, case.report_file, case.probabilities_file, case.preview_file):
                 path.unlink(missing_ok=True)
     stamp.parent.mkdir(exist_ok=True)
@@ -200,7 +205,7 @@ def predict_cohort(model: Model, cases: Sequence[CohortCase], output_dir: str | 
     output_dir = Path(output_dir)
     mine = shard(cases, settings.num_parts, settings.part_id)
     prepare_output_folder(output_dir)
-    claim_output_folder(model, mine, output_dir, resume=settings.resume)
+    claim_output_folder(model, cases, mine, output_dir, resume=settings.resume)
     summary = CohortSummary()
     todo = []
     for case in mine:

@@ -9,11 +9,13 @@ How: not a network. covnet's first lung box was the same network on a 4× coarse
 nnU-Net's ``3d_lowres`` without a second network); a trained network does not recognise lungs four times smaller
 than it was trained on, and on 7 of 12 test phantoms its box cut off lung that the full prediction found. Air is
 certain: on the preprocessed CT, voxels darker than ``air_hu`` (-400 HU, between aerated lung at about -850 and
-soft tissue) are air; air connected to the border of its axial slice lies outside the body; the rest, grouped in 3D,
-keeps its large components (those of at least ``min_share`` of the largest: the lungs and airways, not bowel gas)
-and their box grows on every side by ``margin_mm`` (consolidated lung denser than -400 HU at the edge of the
-aerated lung) or half an inference window if that is more (context for the windows at the edge). When no air is found, or the CT's normalisation cannot tell
--400 HU apart, the whole image is predicted.
+soft tissue) are air; air connected to the border of its axial slice lies outside the body; the rest, grouped in
+3D, keeps its large components (those of at least ``min_share`` of the largest: the lungs and airways, not bowel
+gas). Their box is widened left-right to its mirror image about the body's middle (a lung without air, a
+white-out or a collapse, lies opposite an aerated one) and grows on every side by ``margin_mm`` (consolidation
+denser than -400 HU at the edge of the aerated lung) or by half an inference window if that is more (context for
+the windows at the edge). When no air is found, or the CT's normalisation cannot tell -400 HU apart, the whole
+image is predicted.
 
 Outside the box the probabilities are those of certain background (1 for label 0), which is what the full
 prediction's argmax says there whenever the box holds all the lung it finds (tests/test_lung_box.py and
@@ -31,6 +33,7 @@ from scipy import ndimage
 
 from covnet.image.ct import is_ct_channel
 from covnet.image.grid import bounding_box
+from covnet.image.orientation import LEFT_RIGHT_AXIS
 from covnet.planning.plans import CT_SCHEME, Plan
 
 Region = tuple[slice, slice, slice]
@@ -65,19 +68,37 @@ def air_threshold(plan: Plan, air_hu: float) -> tuple[int, float] | None:
     return None
 
 
-def inner_air(air: np.ndarray, min_share: float) -> np.ndarray:
-    """The air inside the body: ``air`` (z, y, x) without the air connected to its slice's border, and without the
-    3D components smaller than ``min_share`` of the largest."""
+def outside_air(air: np.ndarray) -> np.ndarray:
+    """The air around the body: the in-plane components of ``air`` (z, y, x) that reach their slice's border."""
     slices, _ = ndimage.label(air, structure=_IN_PLANE)
     border = np.concatenate([slices[:, 0].ravel(), slices[:, -1].ravel(), slices[:, :, 0].ravel(),
                              slices[:, :, -1].ravel()])
-    inside = air & ~np.isin(slices, np.unique(border[border > 0]))
+    return np.isin(slices, np.unique(border[border > 0]))
+
+
+def inner_air(air: np.ndarray, min_share: float, outside: np.ndarray | None = None) -> np.ndarray:
+    """The air inside the body: ``air`` (z, y, x) without the air around it (``outside``, computed when not
+    given), and without the 3D components smaller than ``min_share`` of the largest."""
+    inside = air & ~(outside_air(air) if outside is None else outside)
     components, count = ndimage.label(inside, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return inside
     sizes = np.bincount(components.ravel())[1:]
     kept = np.flatnonzero(sizes >= min_share * sizes.max()) + 1
     return np.isin(components, kept)
+
+
+def mirrored_about_body(box: list[tuple[int, int]], body: np.ndarray) -> list[tuple[int, int]]:
+    """``box`` widened along the left-right axis to its mirror image about the body's middle, so that a lung
+    without air (a white-out, a collapse) lies in the box when the other lung does."""
+    if not body.any():
+        return box
+    low, high = bounding_box(body)[LEFT_RIGHT_AXIS]
+    start, stop = box[LEFT_RIGHT_AXIS]
+    size = body.shape[LEFT_RIGHT_AXIS]
+    widened = list(box)
+    widened[LEFT_RIGHT_AXIS] = (max(0, min(start, low + high - stop)), min(size, max(stop, low + high - start)))
+    return widened
 
 
 def grown_region(box: Sequence[tuple[int, int]], shape: Sequence[int], spacing: Sequence[float], margin_mm: float,
@@ -106,10 +127,13 @@ def find_lung_region(image: np.ndarray | torch.Tensor, plan: Plan, settings: Lun
     if threshold is None:
         return None
     channel, value = threshold
-    lungs = inner_air(np.asarray(image[channel]) < value, settings.min_share)
+    air = np.asarray(image[channel]) < value
+    outside = outside_air(air)
+    lungs = inner_air(air, settings.min_share, outside)
     if not lungs.any():
         return None
-    return grown_region(bounding_box(lungs), lungs.shape, plan.target_spacing, settings.margin_mm, window_size)
+    box = mirrored_about_body(list(bounding_box(lungs)), ~outside)
+    return grown_region(box, lungs.shape, plan.target_spacing, settings.margin_mm, window_size)
 
 
 def region_fraction(region: Region | None, shape: Sequence[int]) -> float:

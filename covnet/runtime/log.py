@@ -9,9 +9,16 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 ROOT = "covnet"
+# The console is the process's: a thread that redirects stdout/stderr for a moment (covnet.image.io keeps ITK's
+# console messages off the terminal) holds this lock, and so does every line covnet writes to the console (the
+# console handler's own lock), or a line written meanwhile would be lost or end up in a read error.
+CONSOLE_LOCK = threading.RLock()
+# A forked child (a data-loading worker) starts with the lock free, even if another thread held it at the fork.
+os.register_at_fork(after_in_child=CONSOLE_LOCK._at_fork_reinit)
 
 
 def logger(name: str = ROOT) -> logging.Logger:
@@ -26,6 +33,9 @@ def logger(name: str = ROOT) -> logging.Logger:
 class _ConsoleHandler(logging.Handler):
     """INFO to stdout as is, WARNING and above to stderr as ``warning: …`` / ``error: …``. The streams are
     looked up at each record, so redirection (pytest's capture, tqdm) is honoured."""
+
+    def createLock(self) -> None:
+        self.lock = CONSOLE_LOCK
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

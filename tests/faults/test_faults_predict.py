@@ -79,9 +79,25 @@ def test_continue_refuses_a_folder_another_model_wrote(trained, inputs, tmp_path
     before = snapshot(output)
     other_model = arguments(trained, inputs, output)
     other_model[other_model.index("-f") + 1] = "1"
-    assert_one_line_error(run("covnet_predict", *other_model, "--continue"), str(output), "another model")
+    assert_one_line_error(run("covnet_predict", *other_model, "--continue"), str(output), "another model", "(model)")
+    assert_one_line_error(run("covnet_predict", *arguments(trained, inputs, output), "--continue", "--step-size", "0.75"),
+                          "inference.step_size")
     assert snapshot(output) == before
     run_ok("covnet_predict", *arguments(trained, inputs, output), "--continue")   # the same model goes on
+
+
+def test_a_new_part_with_another_model_removes_every_case_of_the_earlier_model(trained, inputs, tmp_path):
+    """Part 0 of a new run with another model, then part 1 with --continue: no case of the first model may be
+    kept (part 1's cases would otherwise count as complete)."""
+    output, reference = tmp_path / "out", tmp_path / "reference"
+    assert run_predict(*arguments(trained, inputs, output)) == 0
+    new_model = arguments(trained, inputs, output)
+    new_model[new_model.index("-f") + 1] = "1"
+    assert run_predict(*new_model, "--num-parts", "2", "--part-id", "0") == 0
+    assert run_predict(*new_model, "--num-parts", "2", "--part-id", "1", "--continue") == 0
+    alone = [str(reference) if value == output else value for value in new_model]
+    assert run_predict(*alone) == 0
+    assert snapshot(output) == snapshot(reference)
 
 def test_damaged_and_empty_inputs_are_one_line_each(trained, inputs, tmp_path):
     folder, output = tmp_path / "in", tmp_path / "out"
