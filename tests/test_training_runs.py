@@ -93,7 +93,7 @@ def test_continue_without_a_checkpoint_says_so_and_starts(workspace):
     assert train(workspace, "2", "--continue", "--epochs", "1", *FLAGS) == 0
     fold = workspace.fold(2)
     assert Checkpoint.load(fold.checkpoint("final")).epoch == 1
-    assert "holds no checkpoint yet; training starts from scratch" in fold.log_file.read_text()
+    assert "holds no checkpoint yet; training starts at epoch 1" in fold.log_file.read_text()
 
 
 def test_a_refused_start_leaves_nothing(workspace, tmp_path, capsys):

@@ -203,7 +203,7 @@ def run_training(job: TrainingJob, settings: TrainingSettings, *, resume: bool, 
         log.info(f"{folder.path}: the training finished ({start.epoch} epochs) and is validated; nothing to do")
         return folder.validation_summary()
     if resume and start is None:
-        log.info(f"{folder.path} holds no checkpoint yet; training starts from scratch")
+        log.info(f"{folder.path} holds no checkpoint yet; training starts at epoch 1")
     extending = start is not None and final.is_file() and not folder.checkpoint("latest").is_file()
     if extending and context.is_main:
         log.info(f"extending the finished training from {start.epoch} to {settings.epochs} epochs (the learning "
