@@ -5,9 +5,17 @@ from pathlib import Path
 
 import pytest
 from kit.images import REAL_CT_DIR, make_tiny_case, write_dicom_series
+from kit.workspaces import trained_workspace_once
 
 from covnet.dataset import covid_description
 from covnet.image.io import write_image
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The tiny phantom workspace with folds 0 and 1 trained, made once per session (read only: copy to change
+    it)."""
+    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture

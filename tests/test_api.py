@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from kit.images import write_dicom_series
-from kit.workspaces import phantom_image, run_predict, trained_workspace_once
+from kit.workspaces import phantom_image, run_predict
 
 import covnet
 import covnet.api
@@ -32,11 +32,6 @@ SETTINGS = dataclasses.replace(covnet.api.PREDICT_SETTINGS, use_mirroring=False)
 # name in the report, input, covnet_predict's label map
 CASES = (("case", "case_0000.nii.gz", "case.nii.gz"), ("flipped", "flipped.mha", "flipped.mha"),
          ("series", "series", "series.nii.gz"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kit.workspaces import copy_workspace, phantom_image, run_predict, trained_workspace_once
+from kit.workspaces import copy_workspace, phantom_image, run_predict
 
 from covnet.checkpoint import Checkpoint
 from covnet.cli import export_model, install_model
@@ -32,11 +32,6 @@ CHECKPOINT = "fold_1/checkpoint_final.pth"
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     return tmp_path / "xdg" / "covnet" / "models"
-
-
-@pytest.fixture
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from kit.images import write_dicom_series
-from kit.workspaces import phantom_image, run_predict, trained_workspace_once
+from kit.workspaces import phantom_image, run_predict
 
 from covnet.checkpoint import Checkpoint
 from covnet.export.dicom_seg import segment_volumes_ml
@@ -28,11 +28,6 @@ FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

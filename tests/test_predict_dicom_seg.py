@@ -14,7 +14,7 @@ import pytest
 from kit.faults import run_crashing, run_ok, temporaries
 from kit.images import write_dicom_series
 from kit.seg import check_seg_against_label_map
-from kit.workspaces import phantom_image, run_predict, trained_workspace_once
+from kit.workspaces import phantom_image, run_predict
 
 from covnet.dataset import COVID_LABELS
 from covnet.export.dicom_seg import read_segment_masks, segment_volumes_ml
@@ -24,11 +24,6 @@ FLIPPED_ROWS_AND_COLUMNS = (-1, 0, 0, 0, -1, 0)
 SERIES = {"flipped": dict(orientation=FLIPPED_ROWS_AND_COLUMNS, series_uid="1.2.826.0.1.3680043.2.1125.21"),
           "reversed": dict(descending_storage=True, series_uid="1.2.826.0.1.3680043.2.1125.22")}
 FOLD_0 = ("-f", "0", "--disable-tta")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 import torch
 from kit.images import write_dicom_series
-from kit.workspaces import phantom_image, run_predict, trained_workspace_once
+from kit.workspaces import phantom_image, run_predict
 
 from covnet.image.ct import MAX_RESAMPLED_VOXELS, grid_problem, label_map_reason, not_hu_reason
 from covnet.image.io import Geometry, read_image, write_image
 from covnet.inference.inputs import find_cohort
 from covnet.inference.predictor import Predictor
 from covnet.runtime.errors import CovnetError
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 def predict(trained, inputs, outputs, *flags) -> int:

@@ -15,7 +15,6 @@ from kit.workspaces import (
     make_tiny_trainable_workspace,
     run_selftrain,
     selftrained_workspace_once,
-    trained_workspace_once,
 )
 
 from covnet.checkpoint import Checkpoint
@@ -32,11 +31,6 @@ from covnet.workspace import Workspace
 
 LABELS = {0, 1, 2, 3}
 IGNORE = 4
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Workspace:
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 from kit.faults import SCRIPTS, free_port
@@ -14,15 +13,9 @@ from kit.workspaces import (
     copy_workspace,
     run_selftrain,
     selftrained_workspace_once,
-    trained_workspace_once,
 )
 
 from covnet.checkpoint import Checkpoint
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

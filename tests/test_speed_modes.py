@@ -3,7 +3,7 @@ them; the first line of the output names what runs, and the network really runs 
 from __future__ import annotations
 
 import pytest
-from kit.workspaces import phantom_image, run_predict, trained_workspace_once
+from kit.workspaces import phantom_image, run_predict
 
 import covnet.api
 import covnet.cli.predict as cli
@@ -11,11 +11,6 @@ from covnet.image.io import write_image
 from covnet.inference.lung_box import LungBoxSettings
 from covnet.inference.predictor import ACCURATE, FAST, InferenceSettings, default_speed_mode, speed_mode_settings
 from covnet.network.unet import ResidualEncoderUNet
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from kit.workspaces import (
     TINY_TRAIN,
     copy_workspace,
     make_tiny_trainable_workspace,
-    trained_workspace_once,
 )
 
 from covnet.dataset import DatasetDescription
@@ -99,11 +98,6 @@ def test_training_names_a_truncated_case_in_one_line(workspace):
     result = run("covnet_train", "all", "--workspace", workspace.root, *TINY_TRAIN, "--num-workers", "1")
     assert_one_line_error(result, str(path), "is truncated: ", "re-run covnet_plan_and_preprocess")
     assert "Traceback" not in result.stderr
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 def test_selftraining_names_a_truncated_pool_case_in_one_line(trained, tmp_path):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from kit.workspaces import command, copy_workspace, make_tiny_trainable_workspace, phantom_image, trained_workspace_once
+from kit.workspaces import command, copy_workspace, make_tiny_trainable_workspace, phantom_image
 
 from covnet.checkpoint import Checkpoint
 from covnet.cli.settings_flags import add_settings_flags, settings_from_args
@@ -32,12 +32,6 @@ def error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Folds 0 and 1 trained for one epoch on a 5-fold split of ten phantoms (read only: copy to change it)."""
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture

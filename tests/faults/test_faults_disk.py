@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from kit.faults import assert_one_line_error, run, temporaries
-from kit.workspaces import phantom_image, trained_workspace_once
+from kit.workspaces import phantom_image
 
 import covnet.image.io as image_io
 from covnet.checkpoint import Checkpoint
@@ -123,11 +123,6 @@ def test_a_short_image_write_is_refused_on_any_disk(tmp_path, monkeypatch):
         write_image(array, geometry, final)
     assert str(raised.value).startswith(f"{final}: could not be written completely (the written file is truncated")
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 def test_predict_into_a_full_disk_stops_in_one_line_and_continue_redoes_only_the_cut_case(trained, tmp_path):

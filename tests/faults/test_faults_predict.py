@@ -16,16 +16,11 @@ from kit.faults import (
     temporaries,
     truncate,
 )
-from kit.workspaces import phantom_image, run_predict, trained_workspace_once
+from kit.workspaces import phantom_image, run_predict
 
 from covnet.image.io import write_image
 
 CASES = ("c0", "c1", "c2")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workspace_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
