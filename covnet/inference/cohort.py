@@ -49,10 +49,6 @@ if TYPE_CHECKING:
     import pydicom
 
 log = logger(__name__)
-# Reading an image redirects the process's stdout/stderr for a moment (covnet.image.io keeps ITK's console messages
-# off the terminal and puts them in the error): the reader thread holds the console while it reads, the main
-# thread while it writes a line.
-_CONSOLE = CONSOLE_LOCK
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -146,7 +142,7 @@ def _read(case: CohortCase, model: Model) -> _ReadCase:
     """The reader thread's work: read, check and preprocess the case and, when it writes a SEG, check that its
     series lies on the grid (so that a SEG that cannot be written fails the case before the network runs)."""
     seg_sources = None
-    with _CONSOLE:
+    with CONSOLE_LOCK:   # the reader thread redirects the console while it reads
         image = read_input(case.source, name=case.case)
         if case.writes_seg:
             from covnet.export.dicom_seg import series_on_grid  # highdicom only where a SEG is written
@@ -224,13 +220,13 @@ def predict_cohort(model: Model, cases: Sequence[CohortCase], output_dir: str | 
                 read = current.result()
             except LabelMapInput as skipped:
                 summary.label_maps.append(case.case)
-                with _CONSOLE:
+                with CONSOLE_LOCK:
                     log.warning(str(skipped))
                     progress.update()
                 continue
             except (CovnetError, OSError, ValueError) as error:
                 summary.failed[case.case] = _failure_line(error, case)
-                with _CONSOLE:
+                with CONSOLE_LOCK:
                     log.error(summary.failed[case.case])
                     progress.update()
                 continue
@@ -239,7 +235,7 @@ def predict_cohort(model: Model, cases: Sequence[CohortCase], output_dir: str | 
             row = result.report
             del read, result
             summary.written.append(case.case)
-            with _CONSOLE:
+            with CONSOLE_LOCK:
                 progress.update()
                 log.info(f"[{index + 1}/{len(todo)}] {case.case}: {_describe(row)} -> {case.final_file.name} "
                          f"({time.monotonic() - started:.1f} s)")
