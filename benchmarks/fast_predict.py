@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPOSITORY))
 from covnet.evaluation.metrics import dice  # noqa: E402
 from covnet.image.io import read_image  # noqa: E402
 from covnet.image.orientation import LEFT_RIGHT_AXIS, MIRROR_AXES  # noqa: E402
-from covnet.inference.lung_box import LungBoxSettings, paste_into_background  # noqa: E402
+from covnet.image.boxed import BoxedProbabilities  # noqa: E402
+from covnet.inference.lung_box import LungBoxSettings  # noqa: E402
 from covnet.inference.postprocessing import postprocess_segmentation  # noqa: E402
 from covnet.inference.predictor import InferenceSettings, Predictor  # noqa: E402
 from covnet.inference.sliding_window import (  # noqa: E402
@@ -135,12 +136,12 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
                                                step_size=settings.step_size, batch_windows=settings.batch_windows,
                                                use_amp=settings.use_amp)
         if region is not None:
-            probabilities = paste_into_background(probabilities, region, shape)
+            probabilities = torch.from_numpy(BoxedProbabilities(probabilities.numpy(), region, shape).full())
         timings.setdefault("passes", []).append(time.perf_counter() - started)
         return probabilities
 
     def export(name: str, probabilities: torch.Tensor, windows: int, seconds: float, extra=None):
-        labels, _ = predictor.to_original(probabilities, properties)
+        labels, _ = predictor.to_original(BoxedProbabilities.everywhere(probabilities.numpy()), properties)
         rows[name] = {"windows": windows, "seconds": seconds, "labels": labels, **(extra or {})}
 
     started = time.perf_counter()

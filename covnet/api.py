@@ -171,7 +171,7 @@ class Model:
         if all(label in self.label_names for label in REQUIRED_LABELS):
             report.update(case_report(labels, source.geometry.spacing, class_probabilities, self.label_names))
         return Segmentation(source.name, labels, source.geometry, report,
-                            class_probabilities if probabilities else None, source.source)
+                            class_probabilities.full() if probabilities else None, source.source)
 
     def write_dicom_seg(self, result: Segmentation, path: str | os.PathLike, *,
                         source: str | os.PathLike | Sequence[pydicom.Dataset] | None = None) -> Path:

@@ -17,7 +17,6 @@ from covnet.inference.lung_box import (
     find_lung_region,
     grown_region,
     inner_air,
-    paste_into_background,
 )
 from covnet.inference.postprocessing import postprocess_segmentation
 from covnet.inference.predictor import InferenceSettings, Predictor
@@ -163,12 +162,3 @@ def test_grown_region_covers_the_box_plus_the_margin_or_half_a_window_and_one_wi
     small = grown_region([(100, 104)], [200], [1.0], margin_mm=0.0, window=[64])
     assert small[0].stop - small[0].start == 68 and small[0].start <= 100 and small[0].stop >= 104
     assert grown_region([(196, 200)], [200], [1.0], margin_mm=0.0, window=[64]) == (slice(136, 200),)
-
-
-def test_outside_the_region_is_certain_background():
-    inside = torch.rand(4, 2, 3, 4)
-    pasted = paste_into_background(inside, (slice(1, 3), slice(0, 3), slice(2, 6)), (5, 3, 8))
-    assert torch.equal(pasted[:, 1:3, :, 2:6], inside)
-    outside = torch.ones(5, 3, 8, dtype=torch.bool)
-    outside[1:3, :, 2:6] = False
-    assert torch.all(pasted[0][outside] == 1) and torch.all(pasted[1:][:, outside] == 0)

@@ -9,6 +9,7 @@ from covnet.image.io import read_image, write_image
 from covnet.phantoms.generate import make_phantom_dataset
 from covnet.planning.planner import plan_dataset
 from covnet.planning.plans import Plan
+from covnet.image.boxed import BoxedProbabilities
 from covnet.preprocessing.case import preprocess_case, probabilities_to_original, segmentation_to_original
 from covnet.preprocessing.normalization import normalize
 from covnet.preprocessing.run import preprocess_dataset
@@ -80,7 +81,7 @@ def test_crop_resample_and_inverse_reproduce_the_original_geometry(planned):
     for value in (1, 2, 3):
         assert dice(restored == value, label == value) > 0.9
     one_hot = np.stack([segmentation == value for value in range(4)]).astype(np.float32)
-    probabilities = probabilities_to_original(one_hot, properties, plan.resampling)
+    probabilities = probabilities_to_original(BoxedProbabilities.everywhere(one_hot), properties, plan.resampling).full()
     assert probabilities.shape == (4,) + label.shape
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
     # Same interpolation as the label map, so the most probable class agrees with it (up to ties).

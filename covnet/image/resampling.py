@@ -29,6 +29,7 @@ import numpy as np
 import scipy.ndimage
 import torch
 
+from covnet.image.boxed import BoxedProbabilities, background_probabilities
 from covnet.image.grid import ANISOTROPY_THRESHOLD, coarse_axis, compute_new_shape, separate_z_axis
 
 # Tile height for the banded products and the weight below which a B-spline tap is dropped
@@ -278,14 +279,47 @@ def resample_probabilities(probabilities: np.ndarray, current_spacing: Sequence[
     """Resample (C, z, y, x) class probabilities channel by channel (linear, same separate-z rule)."""
     if probabilities.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) probabilities, got shape {probabilities.shape}")
-    new_shape, target_spacing = _resolve_target(probabilities.shape[1:], current_spacing, target_spacing,
-                                                new_shape)
+    new_shape, _ = _resolve_target(probabilities.shape[1:], current_spacing, target_spacing, new_shape)
+    return resample_boxed_probabilities(BoxedProbabilities.everywhere(probabilities), new_shape,
+                                        current_spacing=current_spacing, order=order, separate_z=separate_z,
+                                        order_z=order_z, anisotropy_threshold=anisotropy_threshold).values
+
+
+def resample_boxed_probabilities(probabilities: BoxedProbabilities, new_shape: Sequence[int], *,
+                                 current_spacing: Sequence[float], order: int = 1, separate_z: bool | None = None,
+                                 order_z: int = 0, anisotropy_threshold: float = ANISOTROPY_THRESHOLD
+                                 ) -> BoxedProbabilities:
+    """:func:`resample_probabilities` of the whole image (``probabilities.shape`` to ``new_shape``), computed on
+    its box alone: exactly the full result, since every row of an interpolation operator sums to 1 and so maps
+    certain background to certain background. The new box holds the output samples that any voxel of the old
+    box reaches; the operators' rows for them are applied to the old box widened to their support (a voxel or
+    two, filled with background)."""
+    new_shape, target_spacing = _resolve_target(probabilities.shape, current_spacing, None, new_shape)
     orders = _axis_orders(current_spacing, target_spacing, order, separate_z, order_z, anisotropy_threshold)
-    matrices = _axis_matrices(probabilities.shape[1:], new_shape, orders)
-    result = np.empty((probabilities.shape[0],) + new_shape, dtype=np.float32)
-    for channel in range(probabilities.shape[0]):
-        result[channel] = _resample_volume(probabilities[channel], matrices, orders)
-    return result
+    matrices, rows, columns = [], [], []
+    for part, matrix in zip(probabilities.box, _axis_matrices(probabilities.shape, new_shape, orders)):
+        if matrix is None:
+            matrices.append(None)
+            rows.append(part)
+            columns.append(part)
+            continue
+        reached = np.flatnonzero(np.any(matrix[:, part] != 0, axis=1))
+        row_part = slice(int(reached[0]), int(reached[-1]) + 1)
+        support = np.flatnonzero(np.any(matrix[row_part] != 0, axis=0))
+        column_part = slice(min(int(support[0]), part.start), max(int(support[-1]) + 1, part.stop))
+        matrices.append(matrix[row_part, column_part])
+        rows.append(row_part)
+        columns.append(column_part)
+    if tuple(columns) == tuple(probabilities.box):
+        source = probabilities.values
+    else:
+        source = background_probabilities(probabilities.num_classes, [part.stop - part.start for part in columns])
+        source[(slice(None), *(slice(part.start - column.start, part.stop - column.start)
+                               for part, column in zip(probabilities.box, columns)))] = probabilities.values
+    result = np.empty((probabilities.num_classes, *(part.stop - part.start for part in rows)), dtype=np.float32)
+    for channel in range(probabilities.num_classes):
+        result[channel] = _resample_volume(source[channel], matrices, orders)
+    return BoxedProbabilities(result, tuple(rows), new_shape)
 
 
 def resample_segmentation(segmentation: np.ndarray, current_spacing: Sequence[float],

@@ -141,11 +141,3 @@ def region_fraction(region: Region | None, shape: Sequence[int]) -> float:
     if region is None:
         return 1.0
     return math.prod(part.stop - part.start for part in region) / math.prod(shape)
-
-
-def paste_into_background(inside: torch.Tensor, region: Region, shape: Sequence[int]) -> torch.Tensor:
-    """(classes, *region) probabilities → (classes, *shape), certain background (label 0) outside the region."""
-    probabilities = torch.zeros((inside.shape[0], *shape), dtype=inside.dtype)
-    probabilities[0] = 1
-    probabilities[(slice(None), *region)] = inside
-    return probabilities

@@ -19,13 +19,13 @@ import torch
 
 from covnet.checkpoint import Checkpoint
 from covnet.dataset import LEFT_LUNG, RIGHT_LUNG
+from covnet.image.boxed import BoxedProbabilities, whole
 from covnet.image.io import Geometry, write_image
 from covnet.image.orientation import LEFT_RIGHT_AXIS, MIRROR_AXES
 from covnet.inference.lung_box import (
     LungBoxSettings,
     Region,
     find_lung_region,
-    paste_into_background,
     region_fraction,
 )
 from covnet.inference.postprocessing import assign_lung_sides, postprocess_segmentation
@@ -135,29 +135,34 @@ class Predictor:
         return tuple(step * math.ceil(size * scale / step)
                      for size, scale, step in zip(self.plan.patch_size, self.settings.window_scale, stride))
 
-    def predict_probabilities(self, image: np.ndarray, *, member_labels: list | None = None,
-                              region: Region | None = None) -> torch.Tensor:
-        """(C, z, y, x) preprocessed image → (classes, z, y, x) softmax probabilities averaged over the models.
-        ``member_labels``: a list that receives each model's own argmax (uint8), e.g. to measure agreement.
-        ``region``: predict only this part of the image (certain background elsewhere); by default the
-        settings' lung box (:meth:`lung_region`) or the whole image."""
-        total = None
+    def predict_boxed(self, image: np.ndarray, *, member_labels: list | None = None,
+                      region: Region | None = None) -> BoxedProbabilities:
+        """(C, z, y, x) preprocessed image → softmax probabilities averaged over the models, for the part of the
+        image the network predicts (certain background elsewhere). ``region``: that part; by default the settings'
+        lung box (:meth:`lung_region`) or the whole image. ``member_labels``: a list that receives each model's own
+        argmax (uint8, the whole image), e.g. to measure agreement."""
         image = torch.from_numpy(np.array(image, dtype=np.float32))   # a writable copy (memory maps are read-only)
+        shape = tuple(image.shape[1:])
+        total = None
         with torch.inference_mode():                 # in-place sums of the (inference) outputs
             if region is None and self.settings.lung_box is not None:
                 region = self.lung_region(image)
-            inside = image if region is None else image[(slice(None), *region)]
+            region = region or whole(shape)
+            inside = image[(slice(None), *region)]
             for state in self.states:
                 self.network.load_state_dict(state)
                 probabilities = self._sliding_window(inside)
-                if region is not None:
-                    probabilities = paste_into_background(probabilities, region, image.shape[1:])
                 if member_labels is not None:
-                    member_labels.append(probabilities.argmax(dim=0).numpy().astype(np.uint8))
+                    member_labels.append(BoxedProbabilities(probabilities.numpy(), region, shape).labels())
                 total = probabilities if total is None else total.add_(probabilities)
             if len(self.states) > 1:
                 total.div_(len(self.states))
-        return total
+        return BoxedProbabilities(total.numpy(), region, shape)
+
+    def predict_probabilities(self, image: np.ndarray, *, member_labels: list | None = None,
+                              region: Region | None = None) -> torch.Tensor:
+        """:meth:`predict_boxed` as a (classes, z, y, x) tensor of the whole image."""
+        return torch.from_numpy(self.predict_boxed(image, member_labels=member_labels, region=region).full())
 
     def lung_region(self, image: np.ndarray | torch.Tensor) -> Region | None:
         """The part of a preprocessed image the lung box keeps (:mod:`covnet.inference.lung_box`); None (the whole
@@ -178,28 +183,36 @@ class Predictor:
             left_right_axis=LEFT_RIGHT_AXIS, batch_windows=self.settings.batch_windows, device=self.device,
             use_amp=self.settings.use_amp)
 
-    def to_original(self, probabilities: torch.Tensor, properties: CaseProperties
-                    ) -> tuple[np.ndarray, np.ndarray]:
+    def to_original(self, probabilities: BoxedProbabilities, properties: CaseProperties
+                    ) -> tuple[np.ndarray, BoxedProbabilities]:
         """Probabilities on the plan's grid → (labels, probabilities) on the case's original grid."""
-        original = probabilities_to_original(probabilities.numpy(), properties, self.plan.resampling)
-        segmentation = np.argmax(original, axis=0).astype(np.uint8)
+        original = probabilities_to_original(probabilities, properties, self.plan.resampling)
+        return self.labels(original, properties), original
+
+    def labels(self, original: BoxedProbabilities, properties: CaseProperties) -> np.ndarray:
+        """The label map of probabilities on the case's original grid: argmax, then the settings' postprocessing
+        and lateral fix."""
+        segmentation = original.labels()
         if self.settings.postprocess:
             segmentation = postprocess_segmentation(segmentation, self.plan)
         if self.settings.lateral_fix:
             segmentation = lungs_by_midline(segmentation, properties, self.plan.labels)
-        return segmentation, original
+        return segmentation
 
     def predict_preprocessed(self, image: np.ndarray, properties: CaseProperties,
-                             output_file: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+                             output_file: str | os.PathLike | None = None) -> tuple[np.ndarray, BoxedProbabilities]:
         """A case already on the plan's grid (e.g. a validation case) → labels (and probabilities) in its
         original geometry, written atomically to ``output_file`` when given."""
-        segmentation, original = self.to_original(self.predict_probabilities(image), properties)
+        probabilities = self.predict_boxed(image)
+        original = probabilities_to_original(probabilities, properties, self.plan.resampling)
+        del probabilities                            # the plan grid's copy, before postprocessing needs memory
+        segmentation = self.labels(original, properties)
         if output_file is not None:
             write_image(segmentation, properties.original_geometry, output_file)
         return segmentation, original
 
     def predict_image(self, image: np.ndarray, geometry: Geometry, case: str = "case",
-                      output_file: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      output_file: str | os.PathLike | None = None) -> tuple[np.ndarray, BoxedProbabilities]:
         """A raw CT (z, y, x) in HU and its geometry → labels (and probabilities) in that geometry."""
         preprocessed, _, properties = preprocess_case(case, [image], geometry, self.plan)
         return self.predict_preprocessed(preprocessed, properties, output_file)

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from covnet.dataset import COVID_LABELS, INFECTION, LEFT_LUNG, RIGHT_LUNG
+from covnet.image.boxed import BoxedProbabilities
 from covnet.runtime.atomic import write_json, write_text
 
 REPORT_CSV = "report.csv"
@@ -75,17 +76,19 @@ def _percent(part_ml: float, whole_ml: float) -> float | None:
 
 
 def prediction_confidence(segmentation: np.ndarray, probabilities, foreground_labels: Sequence[int]) -> float | None:
-    """Mean over voxels predicted as one of ``foreground_labels`` of the largest class probability there."""
+    """Mean over voxels predicted as one of ``foreground_labels`` of the largest class probability there;
+    ``probabilities`` a (classes, z, y, x) array or tensor, or ``BoxedProbabilities``."""
     if probabilities is None:
         return None
-    probabilities = np.asarray(probabilities)
-    if probabilities.shape[1:] != segmentation.shape:
-        raise ValueError(f"probabilities of shape {probabilities.shape} do not match the segmentation "
+    if not isinstance(probabilities, BoxedProbabilities):
+        probabilities = np.asarray(probabilities)
+        if probabilities.ndim != 4:
+            raise ValueError(f"expected (num_classes, z, y, x) probabilities, got shape {probabilities.shape}")
+        probabilities = BoxedProbabilities.everywhere(probabilities)
+    if probabilities.shape != segmentation.shape:
+        raise ValueError(f"probabilities of an image {probabilities.shape} do not match the segmentation "
                          f"{segmentation.shape}; expected (num_classes, *segmentation.shape)")
-    foreground = np.isin(segmentation, list(foreground_labels))
-    if not foreground.any():
-        return None
-    return float(probabilities.max(axis=0)[foreground].mean(dtype=np.float64))
+    return probabilities.confidence(segmentation, foreground_labels)
 
 
 def case_report(segmentation: np.ndarray, spacing_zyx: Sequence[float], probabilities=None,

@@ -14,7 +14,8 @@ from covnet.image.cropping import body_bounding_box
 from covnet.image.grid import crop, uncrop
 from covnet.image.io import Geometry
 from covnet.image.orientation import Reorientation, canonical_reorientation
-from covnet.image.resampling import resample_image, resample_probabilities, resample_segmentation
+from covnet.image.boxed import BoxedProbabilities
+from covnet.image.resampling import resample_boxed_probabilities, resample_image, resample_segmentation
 from covnet.planning.plans import PREPROCESSING_VERSION, Plan, ResamplingSettings  # noqa: F401 (re-exported)
 from covnet.preprocessing.normalization import normalize
 
@@ -100,18 +101,16 @@ def preprocess_case(case: str, channels: list[np.ndarray], geometry: Geometry, p
     return image, seg, properties
 
 
-def probabilities_to_original(probabilities: np.ndarray, properties: CaseProperties,
-                              resampling: ResamplingSettings) -> np.ndarray:
-    """(C, z, y, x) class probabilities on the plan's grid → (C, ...) on the original image grid.
-
-    Outside the body box everything is background (channel 0 = 1)."""
-    cropped = resample_probabilities(probabilities, properties.target_spacing, new_shape=properties.shape_after_crop,
-                                     **anisotropy_settings(resampling))
-    # Filled in place, one array for all channels (a clinical CT's 4 channels are ~0.6 GB each).
-    canonical = np.zeros((len(cropped), *properties.canonical_shape), dtype=cropped.dtype)
-    canonical[0] = 1.0
-    canonical[(slice(None), *(slice(start, stop) for start, stop in properties.bounding_box))] = cropped
-    return properties.reorientation.to_original(canonical)
+def probabilities_to_original(probabilities: BoxedProbabilities, properties: CaseProperties,
+                              resampling: ResamplingSettings) -> BoxedProbabilities:
+    """Class probabilities on the plan's grid (certain background outside their box) → on the original image grid,
+    still as a box: the resampled box inside the body box inside the whole reoriented CT (background outside the
+    body box too)."""
+    resampled = resample_boxed_probabilities(probabilities, properties.shape_after_crop,
+                                             current_spacing=properties.target_spacing,
+                                             **anisotropy_settings(resampling))
+    canonical = resampled.placed([start for start, _ in properties.bounding_box], properties.canonical_shape)
+    return canonical.reoriented(properties.reorientation)
 
 
 def segmentation_to_original(segmentation: np.ndarray, properties: CaseProperties, labels: list[int],
