@@ -131,9 +131,9 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
         started = time.perf_counter()
         inside = tensor if region is None else tensor[(slice(None), *region)]
         wrapped = FlippedNetwork(network, flip, swapped)
-        window = replace_settings(predictor, settings).window_size
-        probabilities = predict_sliding_window(wrapped, inside, window, plan.num_classes,
-                                               step_size=settings.step_size, batch_windows=settings.batch_windows,
+        configured = replace_settings(predictor, settings)
+        probabilities = predict_sliding_window(wrapped, inside, configured.window_size, plan.num_classes,
+                                               step_size=configured.window_steps, batch_windows=settings.batch_windows,
                                                use_amp=settings.use_amp)
         if region is not None:
             probabilities = torch.from_numpy(BoxedProbabilities(probabilities.numpy(), region, shape).full())
@@ -172,7 +172,7 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
             inside = np.zeros(shape, dtype=bool)
             inside[region if region is not None else ...] = True
             outside = int(np.count_nonzero((reference_plan_grid > 0) & ~inside))
-        export(name, probabilities, count_windows(shape, window, settings.step_size, region) * len(flips),
+        export(name, probabilities, count_windows(shape, window, configured.window_steps, region) * len(flips),
                time.perf_counter() - started,
                {"box_seconds": box_seconds, "full_foreground_outside_box": outside,
                 "region": None if region is None else [[part.start, part.stop] for part in region],

@@ -158,6 +158,7 @@ def test_without_air_or_with_air_clipped_away_it_is_the_whole_image(plan):
 def test_grown_region_covers_the_box_plus_the_margin_or_half_a_window_and_one_window():
     assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, window=[4]) == (slice(37, 83),)
     assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, window=[16]) == (slice(32, 88),)   # half a window
+    assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, window=[16], half_window=False) == (slice(37, 83),)
     assert grown_region([(0, 200)], [200], [1.0], margin_mm=3.0, window=[8]) == (slice(0, 200),)
     small = grown_region([(100, 104)], [200], [1.0], margin_mm=0.0, window=[64])
     assert small[0].stop - small[0].start == 68 and small[0].start <= 100 and small[0].stop >= 104

@@ -15,7 +15,7 @@ from covnet.export.dicom_seg import segment_volumes_ml
 from covnet.image.io import Geometry, read_image, write_image
 from covnet.inference.inputs import find_cohort
 from covnet.inference.model_choice import select_checkpoints
-from covnet.inference.predictor import lungs_by_midline
+from covnet.inference.predictor import InferenceSettings, Predictor, lungs_by_midline
 from covnet.inference.report import case_report
 from covnet.preprocessing.case import preprocess_case
 from covnet.runtime.errors import CovnetError
@@ -253,3 +253,15 @@ def test_lateral_fix_is_on_by_default_and_changes_only_lung_sides(trained, tmp_p
     plan = Checkpoint.load(trained.fold(0) / "checkpoint_final.pth").typed_plan
     _, _, properties = preprocess_case("case", [image], flipped, plan)
     np.testing.assert_array_equal(fixed, lungs_by_midline(raw, properties, plan.labels))
+
+
+def test_larger_windows_keep_an_overlap_of_half_a_patch(trained):
+    checkpoint = trained.fold(0) / "checkpoint_final.pth"
+    plain = Predictor.from_files([checkpoint])
+    wide = Predictor.from_files([checkpoint], settings=InferenceSettings(window_scale=(1.0, 2.0, 2.0)))
+    patch, stride = plain.plan.patch_size, plain.plan.network.total_stride
+    assert plain.window_size == tuple(patch) and plain.window_steps == (0.5, 0.5, 0.5)
+    assert wide.window_size[0] == patch[0] and all(window >= 2 * size and window % step == 0 for window, size, step
+                                                   in zip(wide.window_size[1:], patch[1:], stride[1:]))
+    for window, size, step in zip(wide.window_size, patch, wide.window_steps):
+        assert window - step * window == pytest.approx(size / 2)     # neighbours overlap by half a patch

@@ -10,6 +10,7 @@ from covnet.inference.sliding_window import (
     mirror_combinations,
     predict_sliding_window,
     window_starts,
+    window_starts_along_axis,
 )
 
 NUM_CLASSES = 3
@@ -63,6 +64,14 @@ def test_window_starts_cover_the_image_evenly(image_shape, patch_size, step_size
         for start in axis_starts:
             covered[start:start + patch] = True
         assert covered.all()
+
+
+def test_window_starts_take_one_step_per_axis():
+    starts = window_starts((40, 100, 100), (20, 40, 40), (0.5, 0.75, 1.0))
+    assert starts == [window_starts_along_axis(40, 20, 0.5), window_starts_along_axis(100, 40, 0.75),
+                      window_starts_along_axis(100, 40, 1.0)]
+    with pytest.raises(ValueError, match="step_size"):
+        window_starts((40, 100, 100), (20, 40, 40), (0.5, 0.75))
 
 
 def test_window_starts_refuse_an_axis_smaller_than_the_patch_and_a_bad_step():

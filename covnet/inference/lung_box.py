@@ -48,6 +48,8 @@ class LungBoxSettings:
     margin_mm: float = 20.0          # added to the air's box on every side, in mm
     air_hu: float = -400.0           # darker than this is air
     min_share: float = 0.05          # air components smaller than this share of the largest are left out
+    # Grow by half an inference window where that is more than the margin (context for the windows at the edge).
+    half_window: bool = True
 
     def __post_init__(self):
         if not self.margin_mm >= 0:
@@ -102,14 +104,14 @@ def mirrored_about_body(box: list[tuple[int, int]], body: np.ndarray) -> list[tu
 
 
 def grown_region(box: Sequence[tuple[int, int]], shape: Sequence[int], spacing: Sequence[float], margin_mm: float,
-                 window: Sequence[int]) -> Region:
-    """``box`` grown on every side by ``margin_mm`` or half the inference ``window``, whichever is larger, and,
-    centred, to at least one window, clipped to ``shape``. The half window is context: a window at the region's
-    edge then still sees what lies beyond the lungs (without it, the edge windows see padding, and infection
-    Dice on test phantoms fell by 0.05)."""
+                 window: Sequence[int], *, half_window: bool = True) -> Region:
+    """``box`` grown on every side by ``margin_mm`` (or half the inference ``window`` with ``half_window``, where
+    that is larger) and, centred, to at least one window, clipped to ``shape``. The half window is context: a
+    window at the region's edge then still sees what lies beyond the lungs (BENCHMARKS.md, "Fast prediction on the
+    CPU", measures what it buys)."""
     region = []
     for (start, stop), size, axis_spacing, window_size in zip(box, shape, spacing, window):
-        margin = max(math.ceil(margin_mm / axis_spacing), int(window_size) // 2)
+        margin = max(math.ceil(margin_mm / axis_spacing), int(window_size) // 2 if half_window else 0)
         low, high = max(0, start - margin), min(size, stop + margin)
         wanted = min(int(window_size), size)
         if high - low < wanted:
@@ -133,7 +135,8 @@ def find_lung_region(image: np.ndarray | torch.Tensor, plan: Plan, settings: Lun
     if not lungs.any():
         return None
     box = mirrored_about_body(list(bounding_box(lungs)), ~outside)
-    return grown_region(box, lungs.shape, plan.target_spacing, settings.margin_mm, window_size)
+    return grown_region(box, lungs.shape, plan.target_spacing, settings.margin_mm, window_size,
+                        half_window=settings.half_window)
 
 
 def region_fraction(region: Region | None, shape: Sequence[int]) -> float:

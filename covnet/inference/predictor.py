@@ -41,6 +41,8 @@ log = logger(__name__)
 
 @dataclass(frozen=True)
 class InferenceSettings:
+    # Neighbouring windows overlap by (1 - step_size) of the training patch: for windows of the patch size, the
+    # step as a fraction of the window (nnU-Net's step_size); larger windows keep the same overlap in voxels.
     step_size: float = 0.5
     use_mirroring: bool = True
     mirror_axes: tuple[int, ...] = MIRROR_AXES   # the axes mirroring flips; every subset is one pass (3 axes: 8)
@@ -135,6 +137,13 @@ class Predictor:
         return tuple(step * math.ceil(size * scale / step)
                      for size, scale, step in zip(self.plan.patch_size, self.settings.window_scale, stride))
 
+    @property
+    def window_steps(self) -> tuple[float, ...]:
+        """Per axis, the step between windows as a fraction of the window, so that neighbouring windows overlap by
+        ``1 - step_size`` of the patch (:class:`InferenceSettings`)."""
+        return tuple(1 - (1 - self.settings.step_size) * patch / window
+                     for patch, window in zip(self.plan.patch_size, self.window_size))
+
     def predict_boxed(self, image: np.ndarray, *, member_labels: list | None = None,
                       region: Region | None = None) -> BoxedProbabilities:
         """(C, z, y, x) preprocessed image → softmax probabilities averaged over the models, for the part of the
@@ -178,7 +187,7 @@ class Predictor:
 
     def _sliding_window(self, image: torch.Tensor) -> torch.Tensor:
         return predict_sliding_window(
-            self.network, image, self.window_size, self.plan.num_classes, step_size=self.settings.step_size,
+            self.network, image, self.window_size, self.plan.num_classes, step_size=self.window_steps,
             mirror_axes=self.settings.flipped_axes, lateral_pairs=self.plan.lateral_pairs,
             left_right_axis=LEFT_RIGHT_AXIS, batch_windows=self.settings.batch_windows, device=self.device,
             use_amp=self.settings.use_amp)

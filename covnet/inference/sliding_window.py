@@ -82,18 +82,21 @@ def window_starts_along_axis(image_size: int, patch_size: int, step_size: float)
     return [int(round(spacing * index)) for index in range(num_windows)]
 
 
-def window_starts(image_shape: Sequence[int], patch_size: Sequence[int], step_size: float = 0.5) -> list[list[int]]:
+def window_starts(image_shape: Sequence[int], patch_size: Sequence[int],
+                  step_size: float | Sequence[float] = 0.5) -> list[list[int]]:
     """Per axis, the window starts that tile ``image_shape`` with patches of ``patch_size``.
 
     Along each axis there are ``ceil((size - patch) / (patch * step_size)) + 1`` windows, the first starting
-    at 0 and the last ending at the image border. Every axis must be at least the patch size (pad first).
+    at 0 and the last ending at the image border. ``step_size``: one fraction for every axis or one per axis.
+    Every axis must be at least the patch size (pad first).
     """
     if len(image_shape) != len(patch_size):
         raise ValueError(f"image shape {tuple(image_shape)} and patch size {tuple(patch_size)} differ in length")
-    if not 0 < step_size <= 1:
-        raise ValueError(f"step_size must be in (0, 1], got {step_size}")
-    return [window_starts_along_axis(int(size), int(patch), step_size)
-            for size, patch in zip(image_shape, patch_size)]
+    steps = [float(step_size)] * len(patch_size) if isinstance(step_size, (int, float)) else list(step_size)
+    if len(steps) != len(patch_size) or not all(0 < step <= 1 for step in steps):
+        raise ValueError(f"step_size must be in (0, 1], one or one per axis, got {step_size}")
+    return [window_starts_along_axis(int(size), int(patch), step)
+            for size, patch, step in zip(image_shape, patch_size, steps)]
 
 
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -169,7 +172,7 @@ def _predict_windows(network: Callable, windows: torch.Tensor, num_classes: int,
 
 @torch.inference_mode()
 def predict_sliding_window(network: Callable, image: np.ndarray | torch.Tensor, patch_size: Sequence[int],
-                           num_classes: int, step_size: float = 0.5, mirror_axes: Sequence[int] = (),
+                           num_classes: int, step_size: float | Sequence[float] = 0.5, mirror_axes: Sequence[int] = (),
                            lateral_pairs: Sequence[Sequence[int]] = (), left_right_axis: int = LEFT_RIGHT_AXIS,
                            batch_windows: int = 1, device: torch.device = torch.device("cpu"),
                            use_amp: bool = False, pad_value: float = 0.0) -> torch.Tensor:
