@@ -131,9 +131,9 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
         started = time.perf_counter()
         inside = tensor if region is None else tensor[(slice(None), *region)]
         wrapped = FlippedNetwork(network, flip, swapped)
-        configured = replace_settings(predictor, settings)
-        probabilities = predict_sliding_window(wrapped, inside, configured.window_size, plan.num_classes,
-                                               step_size=configured.window_steps, batch_windows=settings.batch_windows,
+        window, steps = replace_settings(predictor, settings).window_layout(inside.shape[1:])
+        probabilities = predict_sliding_window(wrapped, inside, window, plan.num_classes,
+                                               step_size=steps, batch_windows=settings.batch_windows,
                                                use_amp=settings.use_amp)
         if region is not None:
             probabilities = torch.from_numpy(BoxedProbabilities(probabilities.numpy(), region, shape).full())
@@ -149,22 +149,21 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
     for flip in FLIPS:
         per_flip[flip] = sliding(base, flip)
     full_seconds = time.perf_counter() - started
-    full_windows = count_windows(shape, predictor.window_size, base.step_size)
+    full_windows = count_windows(shape, *predictor.window_layout(shape))
     for name, subset in MIRROR_SUBSETS.items():
         mean = sum(per_flip[flip] for flip in subset) / len(subset)
         export(name, mean, full_windows * len(subset), full_seconds * len(subset) / len(FLIPS))
     reference_plan_grid = postprocess_segmentation(
         (sum(per_flip.values()) / len(FLIPS)).argmax(dim=0).numpy().astype(np.uint8), plan)
     del per_flip
-    total_windows, empty_windows = windows_without_foreground(reference_plan_grid > 0, predictor.window_size,
-                                                              base.step_size)
+    total_windows, empty_windows = windows_without_foreground(reference_plan_grid > 0,
+                                                              *predictor.window_layout(shape))
 
     def configuration(name: str, settings: InferenceSettings):
         configured = replace_settings(predictor, settings)
         started = time.perf_counter()
         region = configured.lung_region(tensor) if settings.lung_box else None
         box_seconds = time.perf_counter() - started
-        window = configured.window_size
         flips = mirror_combinations(settings.flipped_axes)
         probabilities = sum(sliding(settings, flip, region) for flip in flips) / len(flips)
         outside = None
@@ -172,7 +171,8 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
             inside = np.zeros(shape, dtype=bool)
             inside[region if region is not None else ...] = True
             outside = int(np.count_nonzero((reference_plan_grid > 0) & ~inside))
-        export(name, probabilities, count_windows(shape, window, configured.window_steps, region) * len(flips),
+        export(name, probabilities, count_windows(shape, *configured.window_layout(
+            shape if region is None else [part.stop - part.start for part in region]), region) * len(flips),
                time.perf_counter() - started,
                {"box_seconds": box_seconds, "full_foreground_outside_box": outside,
                 "region": None if region is None else [[part.start, part.stop] for part in region],

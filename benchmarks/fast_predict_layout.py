@@ -72,7 +72,7 @@ def evaluate_case(predictor: Predictor, name: str, image_file: Path, label_file:
         if reference_plan_grid is None:
             reference_plan_grid = boxed.labels() > 0
         rows[configuration] = {
-            "windows": count_windows(shape, configured.window_size, configured.window_steps, boxed.box),
+            "windows": count_windows(shape, *configured.window_layout(boxed.values.shape[1:]), boxed.box),
             "seconds": seconds, "box": [[part.start, part.stop] for part in boxed.box],
             "box_fraction": float(inside.mean()),
             "reference_outside_box": int(np.count_nonzero(reference_plan_grid & ~inside)), "labels": labels}

@@ -255,13 +255,19 @@ def test_lateral_fix_is_on_by_default_and_changes_only_lung_sides(trained, tmp_p
     np.testing.assert_array_equal(fixed, lungs_by_midline(raw, properties, plan.labels))
 
 
-def test_larger_windows_keep_an_overlap_of_half_a_patch(trained):
+def test_larger_windows_keep_an_overlap_of_half_a_patch_and_fit_the_image(trained):
     checkpoint = trained.fold(0) / "checkpoint_final.pth"
     plain = Predictor.from_files([checkpoint])
     wide = Predictor.from_files([checkpoint], settings=InferenceSettings(window_scale=(1.0, 2.0, 2.0)))
     patch, stride = plain.plan.patch_size, plain.plan.network.total_stride
-    assert plain.window_size == tuple(patch) and plain.window_steps == (0.5, 0.5, 0.5)
-    assert wide.window_size[0] == patch[0] and all(window >= 2 * size and window % step == 0 for window, size, step
-                                                   in zip(wide.window_size[1:], patch[1:], stride[1:]))
-    for window, size, step in zip(wide.window_size, patch, wide.window_steps):
-        assert window - step * window == pytest.approx(size / 2)     # neighbours overlap by half a patch
+    large = [4 * size for size in patch]
+    assert plain.window_layout(large) == (tuple(patch), (0.5, 0.5, 0.5))
+    window, steps = wide.window_layout(large)
+    assert window[0] == patch[0] and all(size >= 2 * each and size % step == 0
+                                         for size, each, step in zip(window[1:], patch[1:], stride[1:]))
+    for size, each, step in zip(window, patch, steps):
+        assert size - step * size == pytest.approx(each / 2)     # neighbours overlap by half a patch
+    # never larger than the image (rounded down to the stride), never smaller than the patch
+    image = [patch[0], patch[1] + stride[1] + 1, patch[2] // 2]
+    window, _ = wide.window_layout(image)
+    assert window == (patch[0], patch[1] + stride[1], patch[2])

@@ -13,7 +13,7 @@ soft tissue) are air; air connected to the border of its axial slice lies outsid
 3D, keeps its large components (those of at least ``min_share`` of the largest: the lungs and airways, not bowel
 gas). Their box is widened left-right to its mirror image about the body's middle (a lung without air, a
 white-out or a collapse, lies opposite an aerated one) and grows on every side by ``margin_mm`` (consolidation
-denser than -400 HU at the edge of the aerated lung) or by half an inference window if that is more (context for
+denser than -400 HU at the edge of the aerated lung) or by half a patch if that is more (context for
 the windows at the edge). When no air is found, or the CT's normalisation cannot tell -400 HU apart, the whole
 image is predicted.
 
@@ -48,7 +48,7 @@ class LungBoxSettings:
     margin_mm: float = 20.0          # added to the air's box on every side, in mm
     air_hu: float = -400.0           # darker than this is air
     min_share: float = 0.05          # air components smaller than this share of the largest are left out
-    # Grow by half an inference window where that is more than the margin (context for the windows at the edge).
+    # Grow by half a patch (the training patch) where that is more than the margin (context for the windows at the edge).
     half_window: bool = True
 
     def __post_init__(self):

@@ -130,19 +130,19 @@ class Predictor:
                    settings: InferenceSettings = InferenceSettings()) -> "Predictor":
         return cls([Checkpoint.load(path) for path in paths], device, settings, names=[str(path) for path in paths])
 
-    @property
-    def window_size(self) -> tuple[int, ...]:
-        """The sliding window: the plan's patch scaled by ``window_scale``, rounded up to the network's stride."""
-        stride = self.plan.network.total_stride
-        return tuple(step * math.ceil(size * scale / step)
-                     for size, scale, step in zip(self.plan.patch_size, self.settings.window_scale, stride))
-
-    @property
-    def window_steps(self) -> tuple[float, ...]:
-        """Per axis, the step between windows as a fraction of the window, so that neighbouring windows overlap by
-        ``1 - step_size`` of the patch (:class:`InferenceSettings`)."""
-        return tuple(1 - (1 - self.settings.step_size) * patch / window
-                     for patch, window in zip(self.plan.patch_size, self.window_size))
+    def window_layout(self, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The sliding window for an image of ``shape`` and, per axis, the step between windows as a fraction of
+        the window. The window is the plan's patch scaled by ``window_scale``, rounded up to the network's total
+        stride, but no larger than the image (rounded down to the stride; a window over padding misleads the
+        network) and no smaller than the patch. Neighbouring windows overlap by ``1 - step_size`` of the patch."""
+        window = []
+        for patch, scale, stride, size in zip(self.plan.patch_size, self.settings.window_scale,
+                                              self.plan.network.total_stride, shape):
+            scaled = stride * math.ceil(patch * scale / stride)
+            window.append(max(int(patch), min(scaled, stride * (int(size) // stride))))
+        steps = tuple(1 - (1 - self.settings.step_size) * patch / size
+                      for patch, size in zip(self.plan.patch_size, window))
+        return tuple(window), steps
 
     def predict_boxed(self, image: np.ndarray, *, member_labels: list | None = None,
                       region: Region | None = None) -> BoxedProbabilities:
@@ -177,7 +177,7 @@ class Predictor:
         """The part of a preprocessed image the lung box keeps (:mod:`covnet.inference.lung_box`); None (the whole
         image) when it finds no air inside the body."""
         region = find_lung_region(image, self.plan, self.settings.lung_box or LungBoxSettings(),
-                                  window_size=self.window_size)
+                                  window_size=self.plan.patch_size)
         if region is None:
             log.info("the lung box found no air inside the body: predicting the whole image")
             return None
@@ -186,8 +186,9 @@ class Predictor:
         return region
 
     def _sliding_window(self, image: torch.Tensor) -> torch.Tensor:
+        window, steps = self.window_layout(image.shape[1:])
         return predict_sliding_window(
-            self.network, image, self.window_size, self.plan.num_classes, step_size=self.window_steps,
+            self.network, image, window, self.plan.num_classes, step_size=steps,
             mirror_axes=self.settings.flipped_axes, lateral_pairs=self.plan.lateral_pairs,
             left_right_axis=LEFT_RIGHT_AXIS, batch_windows=self.settings.batch_windows, device=self.device,
             use_amp=self.settings.use_amp)
