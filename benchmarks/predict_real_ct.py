@@ -198,14 +198,13 @@ def _child(timings_file: Path, predict_args: list[str]) -> int:
     predictor.predict_sliding_window = timed("network stage (predict_sliding_window)",
                                              with_info(predictor.predict_sliding_window, "full"))
     predictor.Predictor.lung_region = timed("lung box (the lungs' air, region)", predictor.Predictor.lung_region)
-    predictor.Predictor.predict_probabilities = timed("predict_probabilities (stage + fold average)",
-                                                      predictor.Predictor.predict_probabilities)
+    predictor.Predictor.predict_boxed = timed("predict_boxed (lung box, network stage, fold average)",
+                                              predictor.Predictor.predict_boxed)
     predictor.Predictor.from_files = classmethod(timed("load model", predictor.Predictor.from_files.__func__))
     predictor.probabilities_to_original = timed("probabilities_to_original (resample back, uncrop, reorient)",
                                                 predictor.probabilities_to_original)
     predictor.postprocess_segmentation = timed("postprocessing", predictor.postprocess_segmentation)
-    predictor.Predictor.to_original = timed("to_original (export + argmax + postprocessing)",
-                                            predictor.Predictor.to_original)
+    predictor.Predictor.labels = timed("labels (argmax, postprocessing, lateral fix)", predictor.Predictor.labels)
     api.read_image = timed("read image", api.read_image)
     api.preprocess_case = timed("preprocess (reorient, crop, normalize, resample)", api.preprocess_case)
     api.case_report = timed("report row", api.case_report)

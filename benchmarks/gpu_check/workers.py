@@ -241,7 +241,7 @@ def memory(plans: list[Path], device_name: str, steps: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------- predict
 def predict(device_name: str, arguments: list[str]) -> dict:
-    """covnet_predict's ``main`` in this process, with its network stage (``Predictor.predict_probabilities``:
+    """covnet_predict's ``main`` in this process, with its network stage (``Predictor.predict_boxed``:
     sliding window, mirroring, the ensemble average) timed to the end of the GPU's work."""
     import torch
 
@@ -250,19 +250,19 @@ def predict(device_name: str, arguments: list[str]) -> dict:
 
     cuda = torch.device(device_name).type == "cuda"
     network_seconds = []
-    predict_probabilities = Predictor.predict_probabilities
+    predict_boxed = Predictor.predict_boxed
 
     def timed(self, *args, **kwargs):
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        probabilities = predict_probabilities(self, *args, **kwargs)
+        probabilities = predict_boxed(self, *args, **kwargs)
         if cuda:
             torch.cuda.synchronize()
         network_seconds.append(time.perf_counter() - started)
         return probabilities
 
-    Predictor.predict_probabilities = timed
+    Predictor.predict_boxed = timed
     if not cuda:
         _reset_peak_resident()
     started = time.perf_counter()

@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test-time mirroring along these axes, e.g. zyx (8 passes) or x (the left-right "
                              "mirror, 2 passes) (default: none in fast mode, zyx in accurate mode)")
     parser.add_argument("--step-size", type=float, default=None,
-                        help="sliding-window step as a fraction of the patch (default 0.5; larger is faster)")
+                        help="sliding-window step: neighbouring windows overlap by 1 - this of the patch (default "
+                             "0.5; larger is faster)")
+    parser.add_argument("--window-scale", default=None, metavar="ZxYxX",
+                        help="inference windows this many times the training patch along z, y and x (e.g. 1x2x2), "
+                             "neighbours overlapping by half a patch, never larger than the image (default: "
+                             f"{window_scale_text(FAST)} in fast mode, {window_scale_text(ACCURATE)} in accurate mode)")
     parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (in either mode)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     parser.add_argument("--fp32", action="store_true",
@@ -105,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mirror_axes is not None and args.disable_tta:
         raise CovnetError(None, "--mirror-axes and --disable-tta contradict each other: give one")
     mirror_axes(args.mirror_axes)
+    window_scale(args.window_scale)
     check_output_folder(args.output)
     created = not args.output.exists()
     try:
@@ -125,6 +131,23 @@ def mirror_axes(text: str | None) -> tuple[int, ...] | None:
     return tuple(sorted("zyx".index(letter) for letter in letters))
 
 
+def window_scale_text(mode: str) -> str:
+    return "x".join(f"{scale:g}" for scale in speed_mode_settings(mode).window_scale)
+
+
+def window_scale(text: str | None) -> tuple[float, float, float] | None:
+    """``--window-scale ZxYxX`` as three factors of at least 1; None when not given."""
+    if text is None:
+        return None
+    try:
+        scale = tuple(float(part) for part in text.lower().split("x"))
+    except ValueError:
+        scale = ()
+    if len(scale) != 3 or not all(factor >= 1 for factor in scale):
+        raise CovnetError(None, f"--window-scale {text}: give three factors of at least 1 for z, y and x, e.g. 1x2x2")
+    return scale
+
+
 def inference_settings(args: argparse.Namespace, mode: str) -> InferenceSettings:
     """covnet_predict's settings: the speed mode's, then the flags that change them."""
     settings = speed_mode_settings(mode, dataclasses.replace(
@@ -133,6 +156,8 @@ def inference_settings(args: argparse.Namespace, mode: str) -> InferenceSettings
     changes = {}
     if args.step_size is not None:
         changes["step_size"] = args.step_size
+    if args.window_scale is not None:
+        changes["window_scale"] = window_scale(args.window_scale)
     if args.lung_box is not None:
         changes["lung_box"] = (settings.lung_box or LungBoxSettings()) if args.lung_box else None
     axes = mirror_axes(args.mirror_axes)
