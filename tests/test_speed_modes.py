@@ -82,6 +82,7 @@ def test_accurate_is_the_full_prediction(trained, one_case, tmp_path, used_setti
     (("--fast", "--no-lung-box"), "whole body box", {"lung_box": None}),
     (("--accurate", "--lung-box"), "lung box (the lungs' air, 20 mm margin)", {"lung_box": LungBoxSettings()}),
     (("--fast", "--step-size", "0.75"), "step 0.75", {"step_size": 0.75}),
+    (("--accurate", "--window-scale", "1x2x3"), "window 1×2×3 the patch", {"window_scale": (1.0, 2.0, 3.0)}),
     (("--fast", "--fp32"), "fast mode (--fast)", {"use_amp": False}),
 ])
 def test_each_flag_changes_what_the_first_line_says(trained, one_case, tmp_path, used_settings, capsys, flags,
@@ -109,11 +110,12 @@ def test_fast_and_accurate_together_are_a_usage_error(trained, one_case, tmp_pat
     assert stopped.value.code == 2
 
 
-@pytest.mark.parametrize("flags", [("--mirror-axes", "xq"), ("--mirror-axes", "x", "--disable-tta")])
-def test_bad_mirroring_flags_are_one_line(trained, one_case, tmp_path, flags, capsys):
+@pytest.mark.parametrize("flags", [("--mirror-axes", "xq"), ("--mirror-axes", "x", "--disable-tta"),
+                                   ("--window-scale", "1x0.5x2"), ("--window-scale", "2x2")])
+def test_bad_mirroring_and_window_flags_are_one_line(trained, one_case, tmp_path, flags, capsys):
     code = run_predict("-i", one_case, "-o", tmp_path / "out", "--workspace", trained.root, *flags)
     error = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(error) == 1 and "--mirror-axes" in error[0] and not (tmp_path / "out").exists()
+    assert code == 2 and len(error) == 1 and flags[0] in error[0] and not (tmp_path / "out").exists()
 
 
 def test_the_device_picks_the_mode_for_the_api_too(trained):
