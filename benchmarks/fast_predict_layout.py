@@ -49,7 +49,6 @@ CONFIGURATIONS = {
     "lung box, 20 mm margin only": replace(BASE, lung_box=BOX_MARGIN_ONLY),
     "step 0.75": replace(BASE, step_size=0.75),
     "window 1×2×2": replace(BASE, window_scale=(1.0, 2.0, 2.0)),
-    "window 1×3×3": replace(BASE, window_scale=(1.0, 3.0, 3.0)),
     "lung box + half a window, window 1×2×2": replace(BASE, lung_box=BOX, window_scale=(1.0, 2.0, 2.0)),
     "lung box, 20 mm margin only, window 1×2×2": replace(BASE, lung_box=BOX_MARGIN_ONLY, window_scale=(1.0, 2.0, 2.0)),
 }
