@@ -20,7 +20,9 @@ setup(
                       # DICOM-SEG output: highdicom writes Segmentation objects with coded segments and source
                       # references (it brings pydicom and pyjpegls; ~50 MB beside torch's ~750 MB).
                       "highdicom>=0.28"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"],
+                    # The network on a CPU, 1.5x faster than torch's bfloat16 (benchmarks/cpu_runtimes.py); ~180 MB.
+                    "openvino": ["openvino>=2025.0"]},
     entry_points={"console_scripts": [
         "covnet_make_phantoms=covnet.cli.make_phantoms:entry",
         "covnet_import_covid19ctseg=covnet.cli.import_covid19ctseg:entry",

@@ -184,7 +184,7 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
     configurations = {
         "step 0.75": replace(no_tta, step_size=0.75),
         "step 1.0": replace(no_tta, step_size=1.0),
-        "window 1×2×2 the patch, step 0.5": replace(no_tta, window_scale=(1.0, 2.0, 2.0)),
+        "window 1×2×2 the patch (overlap half a patch)": replace(no_tta, window_scale=(1.0, 2.0, 2.0)),
         "lung box": box,
         "lung box, 10 mm margin": replace(box, lung_box=LungBoxSettings(margin_mm=10.0)),
         "lung box, 40 mm margin": replace(box, lung_box=LungBoxSettings(margin_mm=40.0)),
@@ -193,7 +193,10 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
     if with_combinations:
         configurations.update({
             "lung box, step 0.75": replace(box, step_size=0.75),
-            "lung box, window 1×2×2, step 0.5": replace(box, window_scale=(1.0, 2.0, 2.0)),
+            "lung box, window 1×2×2": replace(box, window_scale=(1.0, 2.0, 2.0)),
+            "lung box, 20 mm margin only": replace(box, lung_box=LungBoxSettings(half_window=False)),
+            "lung box, 20 mm margin only, window 1×2×2": replace(box, lung_box=LungBoxSettings(half_window=False),
+                                                                 window_scale=(1.0, 2.0, 2.0)),
         })
     for name, settings in configurations.items():
         configuration(name, settings)

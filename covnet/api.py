@@ -32,6 +32,7 @@ import torch
 from covnet.dataset import CHANNEL_SUFFIX, IGNORE_LABEL_NAME
 from covnet.image.discovery import propose_case_ids
 from covnet.image.io import Geometry, from_sitk, read_image, to_sitk
+from covnet.inference.cpu_runtime import AUTO
 from covnet.inference.inputs import check_input
 from covnet.inference.model_choice import select_checkpoints
 from covnet.inference.predictor import InferenceSettings, Predictor, default_speed_mode, speed_mode_settings
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 # covnet_predict's defaults: postprocessing and the lateral fix on (validation and self-training keep the
 # network's own labels, InferenceSettings' defaults); the speed mode (speed_mode_settings) goes by the device.
-PREDICT_SETTINGS = InferenceSettings(postprocess=True, lateral_fix=True)
+PREDICT_SETTINGS = InferenceSettings(postprocess=True, lateral_fix=True, runtime=AUTO)
 IN_MEMORY_NAME = "image"
 
 

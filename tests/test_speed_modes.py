@@ -2,12 +2,15 @@
 them; the first line of the output names what runs, and the network really runs that."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from kit.workspaces import phantom_image, run_predict
 
 import covnet.api
 import covnet.cli.predict as cli
 from covnet.image.io import write_image
+from covnet.inference.cpu_runtime import AUTO, TORCH, resolve_runtime
 from covnet.inference.lung_box import LungBoxSettings
 from covnet.inference.predictor import ACCURATE, FAST, InferenceSettings, default_speed_mode, speed_mode_settings
 from covnet.network.unet import ResidualEncoderUNet
@@ -62,7 +65,7 @@ def test_the_cpu_default_is_fast_and_the_first_line_says_so(trained, one_case, t
     line = first_line(capsys)
     assert line.startswith("covnet_predict: fast mode (the default on a CPU; --accurate for the full prediction): ")
     assert "no mirroring" in line and "lung box" in line
-    assert used_settings == [speed_mode_settings(FAST, covnet.api.PREDICT_SETTINGS)]
+    assert used_settings == [replace(speed_mode_settings(FAST, covnet.api.PREDICT_SETTINGS), runtime=TORCH)]
     assert used_settings[0].lung_box == LungBoxSettings() and not used_settings[0].use_mirroring
 
 
@@ -123,5 +126,6 @@ def test_the_device_picks_the_mode_for_the_api_too(trained):
     assert default_speed_mode(torch.device("cpu")) == FAST
     assert default_speed_mode(torch.device("cuda")) == ACCURATE
     model = covnet.api.load_model(trained.root, folds=["0"], device="cpu")
-    assert model.settings == speed_mode_settings(FAST, covnet.api.PREDICT_SETTINGS)
+    assert model.settings == replace(speed_mode_settings(FAST, covnet.api.PREDICT_SETTINGS),
+                                     runtime=resolve_runtime(AUTO, torch.device("cpu")))
     assert InferenceSettings().lung_box is None and InferenceSettings().use_mirroring   # validation's settings

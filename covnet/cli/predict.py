@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from covnet.api import PREDICT_SETTINGS, load_model
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
 from covnet.inference.cohort import CohortSettings, predict_cohort, prepare_output_folder
+from covnet.inference.cpu_runtime import AUTO, RUNTIMES, resolve_runtime
 from covnet.inference.inputs import DICOM_SEG, NIFTI, OUTPUT_TYPES, SEG_SUFFIX, check_output_folder, find_cohort
 from covnet.inference.lung_box import LungBoxSettings
 from covnet.inference.model_choice import CHECKPOINT_CHOICES
@@ -80,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{window_scale_text(FAST)} in fast mode, {window_scale_text(ACCURATE)} in accurate mode)")
     parser.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (in either mode)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=AUTO,
+                        help="what runs the network: torch, or openvino (CPU only, 1.5x faster there; pip install "
+                             "'covnet[openvino]'); auto: openvino on a CPU when it is installed, else torch")
     parser.add_argument("--fp32", action="store_true",
                         help="run the network in float32 (default: float16 autocast on CUDA, bfloat16 on CPUs "
                              "with AMX or AVX512-BF16, measured 2x faster there at the same Dice; others "
@@ -148,12 +154,12 @@ def window_scale(text: str | None) -> tuple[float, float, float] | None:
     return scale
 
 
-def inference_settings(args: argparse.Namespace, mode: str) -> InferenceSettings:
+def inference_settings(args: argparse.Namespace, mode: str, device: torch.device) -> InferenceSettings:
     """covnet_predict's settings: the speed mode's, then the flags that change them."""
     settings = speed_mode_settings(mode, dataclasses.replace(
         PREDICT_SETTINGS, postprocess=not args.no_postprocessing, lateral_fix=not args.no_lateral_fix,
         use_amp=not args.fp32))
-    changes = {}
+    changes = {"runtime": resolve_runtime(args.runtime, device)}
     if args.step_size is not None:
         changes["step_size"] = args.step_size
     if args.window_scale is not None:
@@ -182,7 +188,7 @@ def mode_line(args: argparse.Namespace, mode: str, settings: InferenceSettings, 
 def _predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     mode = args.speed_mode or default_speed_mode(device)
-    inference = inference_settings(args, mode)
+    inference = inference_settings(args, mode, device)
     print(mode_line(args, mode, inference, device), flush=True)
     settings = CohortSettings(save_probabilities=args.save_probabilities, preview=args.preview,
                               resume=args.resume, num_parts=args.num_parts, part_id=args.part_id)

@@ -29,7 +29,8 @@ from covnet.inference.lung_box import (
     region_fraction,
 )
 from covnet.inference.postprocessing import assign_lung_sides, postprocess_segmentation
-from covnet.inference.sliding_window import mirror_combinations, predict_sliding_window
+from covnet.inference.cpu_runtime import OPENVINO, RUNTIMES, TORCH, OpenVinoNetwork, resolve_runtime
+from covnet.inference.sliding_window import autocast_available, mirror_combinations, predict_sliding_window
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.planning.plans import Plan, plan_differences
 from covnet.preprocessing.case import CaseProperties, preprocess_case, probabilities_to_original
@@ -51,6 +52,7 @@ class InferenceSettings:
     lung_box: LungBoxSettings | None = None      # the sliding window covers only the air-filled lungs' box
     batch_windows: int = 2
     use_amp: bool = True          # autocast where available: float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16
+    runtime: str = TORCH          # the network passes: torch, openvino (CPU), auto (openvino on a CPU if installed)
     postprocess: bool = False
     # Each lung component takes the side of the body's midline it lies on (covnet_predict's default; validation
     # and pseudo-labels score the network itself and keep its labels).
@@ -61,6 +63,8 @@ class InferenceSettings:
             raise ValueError(f"step_size must be in (0, 1], got {self.step_size}")
         if any(axis not in MIRROR_AXES for axis in self.mirror_axes):
             raise ValueError(f"mirror axes must be among {MIRROR_AXES} (z, y, x), got {self.mirror_axes}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if len(self.window_scale) != len(MIRROR_AXES) or not all(scale >= 1 for scale in self.window_scale):
             raise ValueError(f"window_scale needs one factor of at least 1 per axis (z, y, x), got "
                              f"{self.window_scale}")
@@ -79,6 +83,8 @@ class InferenceSettings:
             parts.append("window " + "×".join(f"{scale:g}" for scale in self.window_scale) + " the patch")
         parts.append(f"lung box (the lungs' air, {self.lung_box.margin_mm:g} mm margin)" if self.lung_box
                      else "whole body box")
+        if self.runtime == OPENVINO:
+            parts.append("OpenVINO")
         return ", ".join(parts)
 
 
@@ -120,10 +126,12 @@ class Predictor:
                 raise CovnetError(None, f"{name} and {names[0]} were trained under different plans "
                                         f"({'; '.join(differences)}); an ensemble needs one plan: predict with "
                                         f"models of one plan (-f, or --model)")
-        self.device, self.settings = device, settings
+        self.device = device
+        self.settings = replace(settings, runtime=resolve_runtime(settings.runtime, device))
         self.network = ResidualEncoderUNet(self.plan.network).to(device).eval()
         self.states = [checkpoint.network_state for checkpoint in checkpoints]
         self.folds = [checkpoint.fold for checkpoint in checkpoints]
+        self._converted: dict[int, OpenVinoNetwork] = {}      # per model, when the runtime is OpenVINO
 
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], device: torch.device = torch.device("cpu"),
@@ -158,9 +166,9 @@ class Predictor:
                 region = self.lung_region(image)
             region = region or whole(shape)
             inside = image[(slice(None), *region)]
-            for state in self.states:
+            for index, state in enumerate(self.states):
                 self.network.load_state_dict(state)
-                probabilities = self._sliding_window(inside)
+                probabilities = self._sliding_window(inside, self._runner(index))
                 if member_labels is not None:
                     member_labels.append(BoxedProbabilities(probabilities.numpy(), region, shape).labels())
                 total = probabilities if total is None else total.add_(probabilities)
@@ -185,10 +193,22 @@ class Predictor:
                   f"{100 * region_fraction(region, image.shape[1:]):.0f}% of the image")
         return region
 
-    def _sliding_window(self, image: torch.Tensor) -> torch.Tensor:
+    def _runner(self, index: int):
+        """What runs the network of model ``index`` (whose weights ``self.network`` holds): the network itself, or
+        its OpenVINO conversion (made on first use)."""
+        if self.settings.runtime != OPENVINO:
+            return self.network
+        if index not in self._converted:
+            example = torch.zeros((self.settings.batch_windows, self.plan.in_channels, *self.plan.patch_size))
+            self._converted[index] = OpenVinoNetwork(
+                self.network, example, bfloat16=self.settings.use_amp and autocast_available(self.device),
+                threads=torch.get_num_threads())
+        return self._converted[index]
+
+    def _sliding_window(self, image: torch.Tensor, network) -> torch.Tensor:
         window, steps = self.window_layout(image.shape[1:])
         return predict_sliding_window(
-            self.network, image, window, self.plan.num_classes, step_size=steps,
+            network, image, window, self.plan.num_classes, step_size=steps,
             mirror_axes=self.settings.flipped_axes, lateral_pairs=self.plan.lateral_pairs,
             left_right_axis=LEFT_RIGHT_AXIS, batch_windows=self.settings.batch_windows, device=self.device,
             use_amp=self.settings.use_amp)

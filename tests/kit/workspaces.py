@@ -65,7 +65,10 @@ def command(name: str, *args) -> int:
 
 
 def run_predict(*args) -> int:
-    return command("covnet_predict", *args)
+    """covnet_predict with torch running the network unless ``--runtime`` is given (OpenVINO's conversion adds
+    seconds to every run; tests/test_cpu_runtime.py runs it)."""
+    runtime = () if "--runtime" in map(str, args) else ("--runtime", "torch")
+    return command("covnet_predict", *args, *runtime)
 
 
 def run_selftrain(workspace: Workspace, *flags: str) -> int:

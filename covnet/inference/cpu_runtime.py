@@ -1,0 +1,79 @@
+"""OpenVINO for the network's passes on a CPU: the same network, converted from torch, 1.5× faster in bfloat16.
+
+Why: on a CPU nearly all of covnet_predict's time is the network (BENCHMARKS.md, "Fast prediction on the CPU").
+OpenVINO (Intel's inference runtime, an optional dependency: ``pip install 'covnet[openvino]'``) ran one batch
+of the CPU plan's windows in 0.052 s where torch's bfloat16 autocast took 0.079 s, with the same argmax as
+torch to within bfloat16's own disagreement with float32 (benchmarks/cpu_runtimes.py; ONNX Runtime was slower
+than torch). ``auto`` uses it on a CPU when the package is installed; torch otherwise, and always on a GPU.
+
+How: :class:`OpenVinoNetwork` converts the network with its weights (``openvino.convert_model``, a few seconds,
+once per model) and compiles it once per input shape (the sliding window's batches have one or two shapes), in
+bfloat16 where the CPU computes it natively and autocast is on, else float32.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import numpy as np
+import torch
+
+from covnet.runtime.errors import CovnetError
+
+AUTO, TORCH, OPENVINO = "auto", "torch", "openvino"
+RUNTIMES = (AUTO, TORCH, OPENVINO)
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """``torch`` or ``openvino`` for ``runtime`` on ``device``; a one-line error when OpenVINO cannot run."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if runtime == AUTO:
+        return OPENVINO if on_cpu and openvino_installed() else TORCH
+    if runtime == OPENVINO and not on_cpu:
+        raise CovnetError(None, f"the openvino runtime runs on a CPU, not on {device}: use --runtime torch")
+    if runtime == OPENVINO and not openvino_installed():
+        raise CovnetError(None, "the openvino runtime needs the openvino package: pip install 'covnet[openvino]'")
+    return runtime
+
+
+class _FullResolution(torch.nn.Module):
+    """The network's full-resolution logits only (the first output under deep supervision)."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        output = self.network(x)
+        return output[0] if isinstance(output, (list, tuple)) else output
+
+
+class OpenVinoNetwork:
+    """``network`` (in eval mode, with the weights to use) as an OpenVINO model: called with a (B, C, z, y, x)
+    float32 CPU tensor, it returns the full-resolution logits as a float32 tensor."""
+
+    def __init__(self, network: torch.nn.Module, example: torch.Tensor, *, bfloat16: bool, threads: int):
+        import openvino
+        self._core = openvino.Core()
+        # Conversion traces the network; the tracer warns of Python branches on shapes, which take the same way for
+        # every window (the channels never change).
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._model = openvino.convert_model(_FullResolution(network).eval(), example_input=example)
+        self._config = {"INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32", "INFERENCE_NUM_THREADS": threads}
+        self._requests = {}
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        shape = tuple(batch.shape)
+        if shape not in self._requests:
+            model = self._model.clone()
+            model.reshape(list(shape))              # a static shape compiles to faster code than a dynamic one
+            self._requests[shape] = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+        result = self._requests[shape].infer({0: np.ascontiguousarray(batch.numpy(), dtype=np.float32)})
+        return torch.from_numpy(np.array(result[0], dtype=np.float32))
