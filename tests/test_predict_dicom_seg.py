@@ -168,7 +168,8 @@ def test_a_kill_before_a_cases_last_file_then_continue_completes_the_run(trained
     place: that case is not complete, and --continue redoes it and only it."""
     inputs, reference = both_run
     output = tmp_path / "out"
-    arguments = ["-i", inputs, "-o", output, "--workspace", trained.root, *FOLD_0, "--output-type", output_type]
+    arguments = ["-i", inputs, "-o", output, "--workspace", trained.root, *FOLD_0, "--output-type", output_type,
+                 "--runtime", "torch"]     # as both_run's reference (run_predict): a folder records its runtime
     run_crashing(f"self@{killed_at}", "covnet_predict", *arguments)
     last = "reversed.seg.dcm" if output_type == "dicom-seg" else "reversed.nii.gz"
     assert not (output / last).exists() and [path.name.endswith(f"-{last}") for path in temporaries(output)] == [True]

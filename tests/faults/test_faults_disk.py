@@ -133,7 +133,7 @@ def test_predict_into_a_full_disk_stops_in_one_line_and_continue_redoes_only_the
     for name in ("a", "b"):
         write_image(image, geometry, inputs / f"{name}.nii.gz")
     probe = tmp_path / "probe"
-    arguments = ["--workspace", trained.root, "--disable-tta", "--device", "cpu"]
+    arguments = ["--workspace", trained.root, "--disable-tta", "--device", "cpu", "--runtime", "torch"]
     assert run("covnet_predict", "-i", inputs, "-o", probe, *arguments).returncode == 0
     one_case = sum(-(-path.stat().st_size // 4096) * 4096 for path in probe.rglob("*")
                    if path.is_file() and path.name.startswith("a"))

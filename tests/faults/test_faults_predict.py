@@ -32,8 +32,10 @@ def inputs(trained, tmp_path_factory):
 
 
 def arguments(trained, inputs, output) -> list:
-    # --no-lateral-fix: the tiny model calls lungs either side, and the warning would add lines to count
-    return ["-i", inputs, "-o", output, "--workspace", trained.root, "-f", "0", "--disable-tta", "--no-lateral-fix"]
+    # --no-lateral-fix: the tiny model calls lungs either side, and the warning would add lines to count;
+    # --runtime torch: the runs in this process (run_predict) use torch, and a folder records its runtime
+    return ["-i", inputs, "-o", output, "--workspace", trained.root, "-f", "0", "--disable-tta", "--no-lateral-fix",
+            "--runtime", "torch"]
 
 
 def test_kill_while_writing_a_label_map_then_continue_gives_the_full_run(trained, inputs, tmp_path):
