@@ -82,7 +82,9 @@ def evaluate_case(predictor: Predictor, name: str, image_file: Path, label_file:
     return {"case": name, "shape": list(image.shape), "preprocessed_shape": list(shape), "configurations": rows}
 
 
-def summary_table(results: list[dict]) -> str:
+def summary_table(results: list[dict], infected: set[str]) -> str:
+    """Means over the cases (infection: over the ``infected`` cases only; a clean case's infection Dice is 0 or
+    undefined whatever the configuration)."""
     lines = ["| configuration | windows (all cases) | network s (all cases) | lungs Dice vs reference (min) | "
              "infection Dice vs reference (min) | lungs vs truth, Δ | infection vs truth, Δ | reference outside box |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -91,12 +93,14 @@ def summary_table(results: list[dict]) -> str:
         reference_rows = [result["configurations"][REFERENCE] for result in results]
 
         def agreement(key):
-            values = [row["vs_reference"][key] for row in rows if not np.isnan(row["vs_reference"][key])]
+            values = [row["vs_reference"][key] for row, result in zip(rows, results)
+                      if (key == "lungs" or result["case"] in infected) and not np.isnan(row["vs_reference"][key])]
             return f"{np.mean(values):.4f} ({min(values):.4f})"
 
         def truth(key):
-            pairs = [(row["vs_truth"][key], ref["vs_truth"][key]) for row, ref in zip(rows, reference_rows)
-                     if not np.isnan(row["vs_truth"][key]) and not np.isnan(ref["vs_truth"][key])]
+            pairs = [(row["vs_truth"][key], ref["vs_truth"][key]) for row, ref, result in zip(rows, reference_rows, results)
+                     if (key == "lungs" or result["case"] in infected)
+                     and not np.isnan(row["vs_truth"][key]) and not np.isnan(ref["vs_truth"][key])]
             return f"{np.mean([value for value, _ in pairs]):.4f}, {np.mean([v - r for v, r in pairs]):+.4f}"
 
         lines.append(f"| {name} | {sum(row['windows'] for row in rows)} | {sum(row['seconds'] for row in rows):.0f} | "
@@ -130,7 +134,10 @@ def main() -> int:
         partial = args.out.with_suffix(".partial")
         partial.write_text(json.dumps({"checkpoint": str(checkpoint), "results": done}, indent=1))
         partial.replace(args.out)
-    print(summary_table(done))
+    infected = {result["case"] for result in done
+                if (read_image(raw / "labelsTs" / f"{result['case']}.nii.gz")[0] == 3).any()}
+    print(f"{len(done)} cases, {len(infected)} with infection")
+    print(summary_table(done, infected))
     return 0
 
 

@@ -28,7 +28,8 @@ from covnet.runtime.errors import CovnetError
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
-SETTINGS = dataclasses.replace(covnet.api.PREDICT_SETTINGS, use_mirroring=False)
+# torch runs the network, as in the covnet_predict runs (run_predict) these results are compared with
+SETTINGS = dataclasses.replace(covnet.api.PREDICT_SETTINGS, use_mirroring=False, runtime="torch")
 # name in the report, input, covnet_predict's label map
 CASES = (("case", "case_0000.nii.gz", "case.nii.gz"), ("flipped", "flipped.mha", "flipped.mha"),
          ("series", "series", "series.nii.gz"))

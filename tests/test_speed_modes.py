@@ -64,7 +64,7 @@ def test_the_cpu_default_is_fast_and_the_first_line_says_so(trained, one_case, t
     predict(trained, one_case, tmp_path / "out")
     line = first_line(capsys)
     assert line.startswith("covnet_predict: fast mode (the default on a CPU; --accurate for the full prediction): ")
-    assert "no mirroring" in line and "lung box" in line
+    assert "no mirroring" in line and "lung box" in line and "window 1×2×2 the patch" in line
     assert used_settings == [replace(speed_mode_settings(FAST, covnet.api.PREDICT_SETTINGS), runtime=TORCH)]
     assert used_settings[0].lung_box == LungBoxSettings() and not used_settings[0].use_mirroring
 

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--fast", dest="speed_mode", action="store_const", const=FAST,
                        help="fast mode (the default on a CPU): the sliding window covers only the box of the "
-                            "air-filled lungs (plus 20 mm), without test-time mirroring")
+                            "air-filled lungs (plus 20 mm), with windows twice the patch in-plane, without test-time "
+                            "mirroring")
     speed.add_argument("--accurate", dest="speed_mode", action="store_const", const=ACCURATE,
                        help="accurate mode (the default on a GPU): every window of the body box, mirrored along "
                             "z, y and x (8 passes)")
