@@ -29,19 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from covnet.checkpoint import Checkpoint  # noqa: E402
+from covnet.inference.cpu_runtime import FullResolution  # noqa: E402
 from covnet.network.unet import ResidualEncoderUNet  # noqa: E402
-
-
-class FullResolution(torch.nn.Module):
-    """The network's full-resolution logits only (deep supervision off)."""
-
-    def __init__(self, network: torch.nn.Module):
-        super().__init__()
-        self.network = network
-
-    def forward(self, x):
-        output = self.network(x)
-        return output[0] if isinstance(output, (list, tuple)) else output
 
 
 def median_seconds(function, repeats: int) -> float:

@@ -42,7 +42,7 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     return runtime
 
 
-class _FullResolution(torch.nn.Module):
+class FullResolution(torch.nn.Module):
     """The network's full-resolution logits only (the first output under deep supervision)."""
 
     def __init__(self, network: torch.nn.Module):
@@ -65,7 +65,7 @@ class OpenVinoNetwork:
         # every window (the channels never change).
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._model = openvino.convert_model(_FullResolution(network).eval(), example_input=example)
+            self._model = openvino.convert_model(FullResolution(network).eval(), example_input=example)
         self._config = {"INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32", "INFERENCE_NUM_THREADS": threads}
         self._requests = {}
 
