@@ -52,7 +52,8 @@ def compare_cases(fold_dir: Path) -> list[dict]:
             seconds[amp] = time.perf_counter() - started
         row = {"case": case, "seconds_float32": seconds[False], "seconds_autocast": seconds[True],
                "labels_differ_share": float(np.mean(labels[False] != labels[True])),
-               "max_probability_difference": float(np.abs(probabilities[False] - probabilities[True]).max())}
+               "max_probability_difference": float(np.abs(probabilities[False].full()
+                                                          - probabilities[True].full()).max())}
         for name, values in structures_of(description).items():
             truth = np.isin(reference, values)
             row[f"{name}_dice_float32"] = dice(np.isin(labels[False], values), truth)

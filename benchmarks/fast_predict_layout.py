@@ -50,7 +50,8 @@ CONFIGURATIONS = {
     "step 0.75": replace(BASE, step_size=0.75),
     "window 1×2×2": replace(BASE, window_scale=(1.0, 2.0, 2.0)),
     "lung box + half a window, window 1×2×2": replace(BASE, lung_box=BOX, window_scale=(1.0, 2.0, 2.0)),
-    "lung box, 20 mm margin only, window 1×2×2": replace(BASE, lung_box=BOX_MARGIN_ONLY, window_scale=(1.0, 2.0, 2.0)),
+    "lung box, 20 mm margin only, window 1×2×2": replace(BASE, lung_box=BOX_MARGIN_ONLY,
+                                                         window_scale=(1.0, 2.0, 2.0)),
 }
 
 
@@ -98,7 +99,8 @@ def summary_table(results: list[dict], infected: set[str]) -> str:
             return f"{np.mean(values):.4f} ({min(values):.4f})"
 
         def truth(key):
-            pairs = [(row["vs_truth"][key], ref["vs_truth"][key]) for row, ref, result in zip(rows, reference_rows, results)
+            pairs = [(row["vs_truth"][key], ref["vs_truth"][key])
+                     for row, ref, result in zip(rows, reference_rows, results)
                      if (key == "lungs" or result["case"] in infected)
                      and not np.isnan(row["vs_truth"][key]) and not np.isnan(ref["vs_truth"][key])]
             return f"{np.mean([value for value, _ in pairs]):.4f}, {np.mean([v - r for v, r in pairs]):+.4f}"

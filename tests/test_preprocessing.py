@@ -81,7 +81,8 @@ def test_crop_resample_and_inverse_reproduce_the_original_geometry(planned):
     for value in (1, 2, 3):
         assert dice(restored == value, label == value) > 0.9
     one_hot = np.stack([segmentation == value for value in range(4)]).astype(np.float32)
-    probabilities = probabilities_to_original(BoxedProbabilities.everywhere(one_hot), properties, plan.resampling).full()
+    probabilities = probabilities_to_original(BoxedProbabilities.everywhere(one_hot), properties,
+                                              plan.resampling).full()
     assert probabilities.shape == (4,) + label.shape
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
     # Same interpolation as the label map, so the most probable class agrees with it (up to ties).

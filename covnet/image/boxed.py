@@ -74,7 +74,8 @@ class BoxedProbabilities:
         box = [None, None, None]
         shape = [0, 0, 0]
         for axis, (part, size) in enumerate(zip(self.box, self.shape)):
-            start, stop = (size - part.stop, size - part.start) if reorientation.flips[axis] else (part.start, part.stop)
+            flipped = reorientation.flips[axis]
+            start, stop = (size - part.stop, size - part.start) if flipped else (part.start, part.stop)
             original_axis = reorientation.permutation[axis]
             box[original_axis], shape[original_axis] = slice(start, stop), size
         return BoxedProbabilities(reorientation.to_original(self.values), tuple(box), tuple(shape))

@@ -48,7 +48,7 @@ class LungBoxSettings:
     margin_mm: float = 20.0          # added to the air's box on every side, in mm
     air_hu: float = -400.0           # darker than this is air
     min_share: float = 0.05          # air components smaller than this share of the largest are left out
-    # Grow by half a patch (the training patch) where that is more than the margin (context for the windows at the edge).
+    # Grow by half the training patch where that is more than the margin (context for the windows at the edge).
     half_window: bool = True
 
     def __post_init__(self):
