@@ -46,6 +46,7 @@ def test_openvino_computes_the_networks_logits(trained):
     network.load_state_dict(checkpoint.network_state)
     patch = checkpoint.typed_plan.patch_size
     converted = OpenVinoNetwork(network, torch.zeros((2, 1, *patch)), bfloat16=False, threads=1)
+    # a full batch, a last partial one (padded), a wider window
     for batch in (torch.randn(2, 1, *patch), torch.randn(1, 1, *patch), torch.randn(1, 1, patch[0], 2 * patch[1],
                                                                                     patch[2])):
         with torch.inference_mode():
@@ -54,6 +55,7 @@ def test_openvino_computes_the_networks_logits(trained):
         logits = converted(batch)
         assert logits.shape == expected.shape and logits.dtype == torch.float32
         assert torch.allclose(logits, expected, atol=1e-3, rtol=1e-3)
+    assert len(converted._requests) == 2          # the partial batch used the full batch's compiled model
 
 
 @needs_openvino

@@ -114,7 +114,8 @@ def test_fast_and_accurate_together_are_a_usage_error(trained, one_case, tmp_pat
 
 
 @pytest.mark.parametrize("flags", [("--mirror-axes", "xq"), ("--mirror-axes", "x", "--disable-tta"),
-                                   ("--window-scale", "1x0.5x2"), ("--window-scale", "2x2")])
+                                   ("--window-scale", "1x0.5x2"), ("--window-scale", "2x2"),
+                                   ("--window-scale", "1xinfx2")])
 def test_bad_mirroring_and_window_flags_are_one_line(trained, one_case, tmp_path, flags, capsys):
     code = run_predict("-i", one_case, "-o", tmp_path / "out", "--workspace", trained.root, *flags)
     error = capsys.readouterr().err.strip().splitlines()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -150,7 +151,7 @@ def window_scale(text: str | None) -> tuple[float, float, float] | None:
         scale = tuple(float(part) for part in text.lower().split("x"))
     except ValueError:
         scale = ()
-    if len(scale) != 3 or not all(factor >= 1 for factor in scale):
+    if len(scale) != 3 or not all(1 <= factor < math.inf for factor in scale):
         raise CovnetError(None, f"--window-scale {text}: give three factors of at least 1 for z, y and x, e.g. 1x2x2")
     return scale
 

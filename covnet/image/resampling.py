@@ -279,22 +279,22 @@ def resample_probabilities(probabilities: np.ndarray, current_spacing: Sequence[
     """Resample (C, z, y, x) class probabilities channel by channel (linear, same separate-z rule)."""
     if probabilities.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) probabilities, got shape {probabilities.shape}")
-    new_shape, _ = _resolve_target(probabilities.shape[1:], current_spacing, target_spacing, new_shape)
-    return resample_boxed_probabilities(BoxedProbabilities.everywhere(probabilities), new_shape,
-                                        current_spacing=current_spacing, order=order, separate_z=separate_z,
+    return resample_boxed_probabilities(BoxedProbabilities.everywhere(probabilities), current_spacing,
+                                        target_spacing, new_shape=new_shape, order=order, separate_z=separate_z,
                                         order_z=order_z, anisotropy_threshold=anisotropy_threshold).values
 
 
-def resample_boxed_probabilities(probabilities: BoxedProbabilities, new_shape: Sequence[int], *,
-                                 current_spacing: Sequence[float], order: int = 1, separate_z: bool | None = None,
-                                 order_z: int = 0, anisotropy_threshold: float = ANISOTROPY_THRESHOLD
-                                 ) -> BoxedProbabilities:
-    """:func:`resample_probabilities` of the whole image (``probabilities.shape`` to ``new_shape``), computed on
-    its box alone: exactly the full result, since every row of an interpolation operator sums to 1 and so maps
-    certain background to certain background. The new box holds the output samples that any voxel of the old
-    box reaches; the operators' rows for them are applied to the old box widened to their support (a voxel or
+def resample_boxed_probabilities(probabilities: BoxedProbabilities, current_spacing: Sequence[float],
+                                 target_spacing: Sequence[float] | None = None, *,
+                                 new_shape: Sequence[int] | None = None, order: int = 1,
+                                 separate_z: bool | None = None, order_z: int = 0,
+                                 anisotropy_threshold: float = ANISOTROPY_THRESHOLD) -> BoxedProbabilities:
+    """:func:`resample_probabilities` of the whole image, computed on its box alone: the full result (up to float
+    rounding, about 1e-7), since every row of an interpolation operator sums to 1 and so maps certain background
+    to certain background. The new box holds the output samples that any voxel of the old box reaches (none: an
+    empty box); the operators' rows for them are applied to the old box widened to their support (a voxel or
     two, filled with background)."""
-    new_shape, target_spacing = _resolve_target(probabilities.shape, current_spacing, None, new_shape)
+    new_shape, target_spacing = _resolve_target(probabilities.shape, current_spacing, target_spacing, new_shape)
     orders = _axis_orders(current_spacing, target_spacing, order, separate_z, order_z, anisotropy_threshold)
     matrices, rows, columns = [], [], []
     for part, matrix in zip(probabilities.box, _axis_matrices(probabilities.shape, new_shape, orders)):
@@ -304,6 +304,9 @@ def resample_boxed_probabilities(probabilities: BoxedProbabilities, new_shape: S
             columns.append(part)
             continue
         reached = np.flatnonzero(np.any(matrix[:, part] != 0, axis=1))
+        if reached.size == 0:          # an empty box, or one that shrinking skips: every output is background
+            empty = np.zeros((probabilities.num_classes, 0, 0, 0), dtype=np.float32)
+            return BoxedProbabilities(empty, (slice(0, 0),) * 3, new_shape)
         row_part = slice(int(reached[0]), int(reached[-1]) + 1)
         support = np.flatnonzero(np.any(matrix[row_part] != 0, axis=0))
         column_part = slice(min(int(support[0]), part.start), max(int(support[-1]) + 1, part.stop))

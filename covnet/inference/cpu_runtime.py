@@ -7,13 +7,15 @@ torch to within bfloat16's own disagreement with float32 (benchmarks/cpu_runtime
 than torch). ``auto`` uses it on a CPU when the package is installed; torch otherwise, and always on a GPU.
 
 How: :class:`OpenVinoNetwork` converts the network with its weights (``openvino.convert_model``, a few seconds,
-once per model) and compiles it once per input shape (the sliding window's batches have one or two shapes), in
-bfloat16 where the CPU computes it natively and autocast is on, else float32.
+once per model) and compiles it for each window shape (the lung box can clamp the window; the last, partial
+batch is padded to a full one), keeping the last few, in bfloat16 where the CPU computes it natively and
+autocast is on, else float32.
 """
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from covnet.runtime.errors import CovnetError
 
 AUTO, TORCH, OPENVINO = "auto", "torch", "openvino"
 RUNTIMES = (AUTO, TORCH, OPENVINO)
+KEPT_SHAPES = 4      # compiled input shapes kept per model
 
 
 def openvino_installed() -> bool:
@@ -67,13 +70,21 @@ class OpenVinoNetwork:
             warnings.simplefilter("ignore")
             self._model = openvino.convert_model(FullResolution(network).eval(), example_input=example)
         self._config = {"INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32", "INFERENCE_NUM_THREADS": threads}
-        self._requests = {}
+        self._batch = int(example.shape[0])
+        self._requests: OrderedDict[tuple, object] = OrderedDict()     # the most recently used shapes last
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        count = int(batch.shape[0])
+        if count < self._batch:     # a last, partial batch is padded: it needs no compiled model of its own
+            batch = torch.cat([batch, batch.new_zeros((self._batch - count, *batch.shape[1:]))])
         shape = tuple(batch.shape)
-        if shape not in self._requests:
+        request = self._requests.pop(shape, None)
+        if request is None:
             model = self._model.clone()
             model.reshape(list(shape))              # a static shape compiles to faster code than a dynamic one
-            self._requests[shape] = self._core.compile_model(model, "CPU", self._config).create_infer_request()
-        result = self._requests[shape].infer({0: np.ascontiguousarray(batch.numpy(), dtype=np.float32)})
-        return torch.from_numpy(np.array(result[0], dtype=np.float32))
+            request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+        self._requests[shape] = request
+        while len(self._requests) > KEPT_SHAPES:     # windows follow each case's lung box: keep a few, not all
+            self._requests.popitem(last=False)
+        result = request.infer({0: np.ascontiguousarray(batch.numpy(), dtype=np.float32)})
+        return torch.from_numpy(np.array(result[0][:count], dtype=np.float32))

@@ -65,7 +65,8 @@ class InferenceSettings:
             raise ValueError(f"mirror axes must be among {MIRROR_AXES} (z, y, x), got {self.mirror_axes}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if len(self.window_scale) != len(MIRROR_AXES) or not all(scale >= 1 for scale in self.window_scale):
+        if len(self.window_scale) != len(MIRROR_AXES) or not all(1 <= scale < math.inf
+                                                                  for scale in self.window_scale):
             raise ValueError(f"window_scale needs one factor of at least 1 per axis (z, y, x), got "
                              f"{self.window_scale}")
 

@@ -106,9 +106,8 @@ def probabilities_to_original(probabilities: BoxedProbabilities, properties: Cas
     """Class probabilities on the plan's grid (certain background outside their box) → on the original image grid,
     still as a box: the resampled box inside the body box inside the whole reoriented CT (background outside the
     body box too)."""
-    resampled = resample_boxed_probabilities(probabilities, properties.shape_after_crop,
-                                             current_spacing=properties.target_spacing,
-                                             **anisotropy_settings(resampling))
+    resampled = resample_boxed_probabilities(probabilities, properties.target_spacing,
+                                             new_shape=properties.shape_after_crop, **anisotropy_settings(resampling))
     canonical = resampled.placed([start for start, _ in properties.bounding_box], properties.canonical_shape)
     return canonical.reoriented(properties.reorientation)
 
