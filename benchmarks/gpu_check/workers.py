@@ -17,6 +17,7 @@ out-of-memory means the plan does not fit the memory it was planned for, and rea
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib
 import importlib.metadata
@@ -87,6 +88,16 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_freed_memory() -> None:
+    """Give the heap's freed memory back to the system (glibc's malloc_trim), so that a baseline taken after it
+    sees what the next allocations add: otherwise memory an earlier step freed absorbs a small plan's training
+    step and its measured peak is 0."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):        # not glibc: the measurement keeps its old baseline
+        pass
+
+
 def _reset_peak_resident() -> None:
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")   # VmHWM back to the current resident set (Linux >= 4.0)
@@ -148,6 +159,8 @@ def _training_steps(plan, device, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     else:
+        gc.collect()
+        _release_freed_memory()
         baseline = _resident_bytes()
         _reset_peak_resident()
 
