@@ -194,8 +194,8 @@ def evaluate_case(predictor: Predictor, case: Case, *, with_combinations: bool) 
         configurations.update({
             "lung box, step 0.75": replace(box, step_size=0.75),
             "lung box, window 1×2×2": replace(box, window_scale=(1.0, 2.0, 2.0)),
-            "lung box, 20 mm margin only": replace(box, lung_box=LungBoxSettings(half_window=False)),
-            "lung box, 20 mm margin only, window 1×2×2": replace(box, lung_box=LungBoxSettings(half_window=False),
+            "lung box, 20 mm margin only": replace(box, lung_box=LungBoxSettings(half_patch=False)),
+            "lung box, 20 mm margin only, window 1×2×2": replace(box, lung_box=LungBoxSettings(half_patch=False),
                                                                  window_scale=(1.0, 2.0, 2.0)),
         })
     for name, settings in configurations.items():

@@ -42,7 +42,7 @@ from covnet.preprocessing.case import preprocess_case  # noqa: E402
 
 REFERENCE = "reference: body box, window = patch, step 0.5"
 BASE = InferenceSettings(use_mirroring=False, postprocess=True, lateral_fix=True)
-BOX, BOX_MARGIN_ONLY = LungBoxSettings(), LungBoxSettings(half_window=False)
+BOX, BOX_MARGIN_ONLY = LungBoxSettings(), LungBoxSettings(half_patch=False)
 CONFIGURATIONS = {
     REFERENCE: BASE,
     "lung box + half a window": replace(BASE, lung_box=BOX),

@@ -84,7 +84,7 @@ def test_the_lung_box_holds_every_lung_and_infection_voxel(plan, seed, burden):
     """Heavily infected phantoms too: consolidation denser than the air threshold lies within the margin."""
     image, truth, geometry = make_phantom_case(seed, spacing_zyx=(5.0, 5.0, 5.0), infection_burden=burden)
     preprocessed, labels, _ = preprocess_case("test", [image], geometry, plan, truth)
-    region = find_lung_region(preprocessed, plan, LungBoxSettings(), window_size=(8, 8, 8))   # the 20 mm margin
+    region = find_lung_region(preprocessed, plan, LungBoxSettings(), patch_size=(8, 8, 8))   # the 20 mm margin
     assert region is not None
     kept = inside(region, labels.shape)
     assert (labels > 0).any() and not ((labels > 0) & ~kept).any()
@@ -98,9 +98,9 @@ def test_a_lung_without_air_lies_in_the_box(plan):
     opaque = (truth > 0) & (np.arange(truth.shape[2]) < np.median(lung_x))[None, None, :]
     image = np.where(opaque, TISSUE_HU, image).astype(image.dtype)
     preprocessed, labels, _ = preprocess_case("test", [image], geometry, plan, truth)
-    region = find_lung_region(preprocessed, plan, LungBoxSettings(), window_size=(8, 8, 8))
+    region = find_lung_region(preprocessed, plan, LungBoxSettings(), patch_size=(8, 8, 8))
     assert region is not None and not ((labels > 0) & ~inside(region, labels.shape)).any()
-    unmirrored = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=0), window_size=(1, 1, 1))
+    unmirrored = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=0), patch_size=(1, 1, 1))
     assert unmirrored[2].stop - unmirrored[2].start > 1.5 * (labels.shape[2] / 4)   # wider than one lung
 
 
@@ -121,9 +121,9 @@ def test_the_full_prediction_is_background_outside_the_box(plan):
 def test_the_margin_grows_the_box(plan):
     image, _, geometry = make_phantom_case(21, spacing_zyx=(5.0, 5.0, 5.0))
     preprocessed, _, _ = preprocess_case("test", [image], geometry, plan)
-    tight = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=0), window_size=(1, 1, 1))
-    wide = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=10), window_size=(1, 1, 1))
-    wider = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=10), window_size=(16, 16, 16))
+    tight = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=0), patch_size=(1, 1, 1))
+    wide = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=10), patch_size=(1, 1, 1))
+    wider = find_lung_region(preprocessed, plan, LungBoxSettings(margin_mm=10), patch_size=(16, 16, 16))
     assert [part.start for part in wider] == [max(0, part.start - 8) for part in tight]      # half a window: 8 > 4
     for narrow, grown, size in zip(tight, wide, preprocessed.shape[1:]):
         assert grown.start == max(0, narrow.start - 4) and grown.stop == min(size, narrow.stop + 4)   # 10 mm / 2.5
@@ -145,21 +145,21 @@ def test_without_air_or_with_air_clipped_away_it_is_the_whole_image(plan):
     image, _, geometry = make_phantom_case(21, spacing_zyx=(5.0, 5.0, 5.0))
     bright = np.full_like(image, TISSUE_HU)
     preprocessed, _, _ = preprocess_case("test", [bright], geometry, plan)
-    assert find_lung_region(preprocessed, plan, LungBoxSettings(), window_size=plan.patch_size) is None
+    assert find_lung_region(preprocessed, plan, LungBoxSettings(), patch_size=plan.patch_size) is None
     boxed = stand_in_predictor(plan, InferenceSettings(use_mirroring=False, lung_box=LungBoxSettings()))
     assert boxed.predict_probabilities(preprocessed).shape[1:] == preprocessed.shape[1:]
     soft_tissue_only = dataclasses.replace(plan, normalization={"0": NormalizationScheme("CT", (-100.0, 200.0),
                                                                                          50.0, 60.0)})
     image_preprocessed, _, _ = preprocess_case("test", [image], geometry, soft_tissue_only)
     assert find_lung_region(image_preprocessed, soft_tissue_only, LungBoxSettings(),
-                            window_size=plan.patch_size) is None
+                            patch_size=plan.patch_size) is None
 
 
 def test_grown_region_covers_the_box_plus_the_margin_or_half_a_window_and_one_window():
-    assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, window=[4]) == (slice(37, 83),)
-    assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, window=[16]) == (slice(32, 88),)   # half a window
-    assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, window=[16], half_window=False) == (slice(37, 83),)
-    assert grown_region([(0, 200)], [200], [1.0], margin_mm=3.0, window=[8]) == (slice(0, 200),)
-    small = grown_region([(100, 104)], [200], [1.0], margin_mm=0.0, window=[64])
+    assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, patch=[4]) == (slice(37, 83),)
+    assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, patch=[16]) == (slice(32, 88),)   # half a patch
+    assert grown_region([(40, 80)], [200], [1.0], margin_mm=3.0, patch=[16], half_patch=False) == (slice(37, 83),)
+    assert grown_region([(0, 200)], [200], [1.0], margin_mm=3.0, patch=[8]) == (slice(0, 200),)
+    small = grown_region([(100, 104)], [200], [1.0], margin_mm=0.0, patch=[64])
     assert small[0].stop - small[0].start == 68 and small[0].start <= 100 and small[0].stop >= 104
-    assert grown_region([(196, 200)], [200], [1.0], margin_mm=0.0, window=[64]) == (slice(136, 200),)
+    assert grown_region([(196, 200)], [200], [1.0], margin_mm=0.0, patch=[64]) == (slice(136, 200),)

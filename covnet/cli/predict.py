@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +20,14 @@ from covnet.inference.cpu_runtime import AUTO, RUNTIMES, resolve_runtime
 from covnet.inference.inputs import DICOM_SEG, NIFTI, OUTPUT_TYPES, SEG_SUFFIX, check_output_folder, find_cohort
 from covnet.inference.lung_box import LungBoxSettings
 from covnet.inference.model_choice import CHECKPOINT_CHOICES
-from covnet.inference.predictor import ACCURATE, FAST, InferenceSettings, default_speed_mode, speed_mode_settings
+from covnet.inference.predictor import (
+    ACCURATE,
+    FAST,
+    InferenceSettings,
+    default_speed_mode,
+    speed_mode_settings,
+    valid_window_scale,
+)
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.sharding import shard
@@ -151,7 +157,7 @@ def window_scale(text: str | None) -> tuple[float, float, float] | None:
         scale = tuple(float(part) for part in text.lower().split("x"))
     except ValueError:
         scale = ()
-    if len(scale) != 3 or not all(1 <= factor < math.inf for factor in scale):
+    if not valid_window_scale(scale):
         raise CovnetError(None, f"--window-scale {text}: give three factors of at least 1 for z, y and x, e.g. 1x2x2")
     return scale
 

@@ -110,8 +110,6 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
-
-
 @contextlib.contextmanager
 def _native_output_captured() -> Iterator[list[str]]:
     """Keep what ITK's C++ readers and writers print (e.g. MetaIO's "data not read completely") off the

@@ -49,7 +49,7 @@ class LungBoxSettings:
     air_hu: float = -400.0           # darker than this is air
     min_share: float = 0.05          # air components smaller than this share of the largest are left out
     # Grow by half the training patch where that is more than the margin (context for the windows at the edge).
-    half_window: bool = True
+    half_patch: bool = True
 
     def __post_init__(self):
         if not self.margin_mm >= 0:
@@ -104,16 +104,16 @@ def mirrored_about_body(box: list[tuple[int, int]], body: np.ndarray) -> list[tu
 
 
 def grown_region(box: Sequence[tuple[int, int]], shape: Sequence[int], spacing: Sequence[float], margin_mm: float,
-                 window: Sequence[int], *, half_window: bool = True) -> Region:
-    """``box`` grown on every side by ``margin_mm`` (or half the inference ``window`` with ``half_window``, where
-    that is larger) and, centred, to at least one window, clipped to ``shape``. The half window is context: a
+                 patch: Sequence[int], *, half_patch: bool = True) -> Region:
+    """``box`` grown on every side by ``margin_mm`` (or half the training ``patch`` with ``half_patch``, where
+    that is larger) and, centred, to at least one patch, clipped to ``shape``. The half patch is context: a
     window at the region's edge then still sees what lies beyond the lungs (BENCHMARKS.md, "Fast prediction on the
     CPU", measures what it buys)."""
     region = []
-    for (start, stop), size, axis_spacing, window_size in zip(box, shape, spacing, window):
-        margin = max(math.ceil(margin_mm / axis_spacing), int(window_size) // 2 if half_window else 0)
+    for (start, stop), size, axis_spacing, patch_size in zip(box, shape, spacing, patch):
+        margin = max(math.ceil(margin_mm / axis_spacing), int(patch_size) // 2 if half_patch else 0)
         low, high = max(0, start - margin), min(size, stop + margin)
-        wanted = min(int(window_size), size)
+        wanted = min(int(patch_size), size)
         if high - low < wanted:
             low = min(max(0, round((low + high - wanted) / 2)), size - wanted)
             high = low + wanted
@@ -122,7 +122,7 @@ def grown_region(box: Sequence[tuple[int, int]], shape: Sequence[int], spacing: 
 
 
 def find_lung_region(image: np.ndarray | torch.Tensor, plan: Plan, settings: LungBoxSettings, *,
-                     window_size: Sequence[int]) -> Region | None:
+                     patch_size: Sequence[int]) -> Region | None:
     """The region of the (C, z, y, x) preprocessed ``image`` that the sliding window needs (module doc), or None
     (the whole image) when no air is found."""
     threshold = air_threshold(plan, settings.air_hu)
@@ -135,8 +135,8 @@ def find_lung_region(image: np.ndarray | torch.Tensor, plan: Plan, settings: Lun
     if not lungs.any():
         return None
     box = mirrored_about_body(list(bounding_box(lungs)), ~outside)
-    return grown_region(box, lungs.shape, plan.target_spacing, settings.margin_mm, window_size,
-                        half_window=settings.half_window)
+    return grown_region(box, lungs.shape, plan.target_spacing, settings.margin_mm, patch_size,
+                        half_patch=settings.half_patch)
 
 
 def region_fraction(region: Region | None, shape: Sequence[int]) -> float:

@@ -40,6 +40,11 @@ from covnet.runtime.log import logger
 log = logger(__name__)
 
 
+def valid_window_scale(scale: Sequence[float]) -> bool:
+    """One finite factor of at least 1 per axis (z, y, x)."""
+    return len(scale) == len(MIRROR_AXES) and all(1 <= factor < math.inf for factor in scale)
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     # Neighbouring windows overlap by (1 - step_size) of the training patch: for windows of the patch size, the
@@ -65,8 +70,7 @@ class InferenceSettings:
             raise ValueError(f"mirror axes must be among {MIRROR_AXES} (z, y, x), got {self.mirror_axes}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if len(self.window_scale) != len(MIRROR_AXES) or not all(1 <= scale < math.inf
-                                                                  for scale in self.window_scale):
+        if not valid_window_scale(self.window_scale):
             raise ValueError(f"window_scale needs one factor of at least 1 per axis (z, y, x), got "
                              f"{self.window_scale}")
 
@@ -188,7 +192,7 @@ class Predictor:
         """The part of a preprocessed image the lung box keeps (:mod:`covnet.inference.lung_box`); None (the whole
         image) when it finds no air inside the body."""
         region = find_lung_region(image, self.plan, self.settings.lung_box or LungBoxSettings(),
-                                  window_size=self.plan.patch_size)
+                                  patch_size=self.plan.patch_size)
         if region is None:
             log.info("the lung box found no air inside the body: predicting the whole image")
             return None
