@@ -17,6 +17,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -91,8 +92,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if total == 0 else 2 * int((a & b).sum()) / total
 
 
-def round_diagnostics(root: Path, regime: str, arms: list[str]) -> tuple[str, list[dict]]:
-    """Per arm and round, averaged over seeds: pseudo-label quality against the pool's truth."""
+def round_diagnostics(root: Path, regime: str, arms: list[str],
+                      selftrain_of: Callable[[int, str], Path] | None = None) -> tuple[str, list[dict]]:
+    """Per arm and round, averaged over seeds: pseudo-label quality against the pool's truth. ``selftrain_of``
+    (seed, arm) -> the arm's ``results/selftrain`` folder (default: ``selftrain_experiment.py``'s layout)."""
     rows = []
     for arm in arms:
         if arm in SUPERVISED:
@@ -100,7 +103,8 @@ def round_diagnostics(root: Path, regime: str, arms: list[str]) -> tuple[str, li
         per_round: dict[int, list[dict]] = {}
         for seed in _seeds(root, regime):
             truth_dir = regime_root(root, regime) / f"seed_{seed}" / "pool_truth"
-            selftrain = regime_root(root, regime) / f"seed_{seed}" / slug(arm) / "results" / "selftrain"
+            selftrain = (selftrain_of(seed, arm) if selftrain_of else
+                         regime_root(root, regime) / f"seed_{seed}" / slug(arm) / "results" / "selftrain")
             for round_dir in sorted(selftrain.glob("round_*")):
                 selection_file = round_dir / "selection.json"
                 if not selection_file.is_file():

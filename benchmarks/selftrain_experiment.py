@@ -99,7 +99,6 @@ def data_workspace(root: Path, regime: str, seed: int):
 
 def experiment_plan(root: Path, regime: str, schedule: Schedule):
     """The regime's plan, made once from seed 0's expert cases, with the experiment's network and patch."""
-    from covnet.network.topology import Topology
     from covnet.planning.planner import plan_dataset
     from covnet.planning.plans import Plan
     path = regime_root(root, regime) / "plans.json"
@@ -107,15 +106,21 @@ def experiment_plan(root: Path, regime: str, schedule: Schedule):
         return Plan.load(path)
     workspace = data_workspace(root, regime, 0)
     make_data(workspace, regime, 0, schedule)
-    plan = plan_dataset(workspace, device="cpu", measure_cpu_time=False)
-    stages = len(schedule.features)
-    network = Topology(in_channels=plan.in_channels, num_classes=plan.num_classes,
-                       features_per_stage=schedule.features, kernel_sizes=((3, 3, 3),) * stages,
-                       strides=((1, 1, 1),) + ((2, 2, 2),) * (stages - 1), n_blocks_per_stage=(1,) + (2,) * (stages - 1),
-                       n_conv_per_stage_decoder=(1,) * (stages - 1), deep_supervision=True)
-    plan = dataclasses.replace(plan, patch_size=list(schedule.patch), batch_size=2, network=network)
+    plan = with_network(plan_dataset(workspace, device="cpu", measure_cpu_time=False), schedule.features,
+                        schedule.patch)
     plan.save(path)
     return plan
+
+
+def with_network(plan, features: tuple[int, ...], patch: tuple[int, int, int]):
+    """``plan`` with the experiment's small residual UNet (``features`` per stage), ``patch`` and batch 2."""
+    from covnet.network.topology import Topology
+    stages = len(features)
+    network = Topology(in_channels=plan.in_channels, num_classes=plan.num_classes,
+                       features_per_stage=tuple(features), kernel_sizes=((3, 3, 3),) * stages,
+                       strides=((1, 1, 1),) + ((2, 2, 2),) * (stages - 1), n_blocks_per_stage=(1,) + (2,) * (stages - 1),
+                       n_conv_per_stage_decoder=(1,) * (stages - 1), deep_supervision=True)
+    return dataclasses.replace(plan, patch_size=list(patch), batch_size=2, network=network)
 
 
 def make_data(workspace, regime: str, seed: int, schedule: Schedule) -> None:
@@ -235,26 +240,30 @@ def models_of(root: Path, regime: str, seed: int, arm: str) -> dict[str, list[Pa
 
 
 def evaluate_arm(root: Path, regime: str, seed: int, arm: str) -> None:
+    folder = regime_root(root, regime) / f"seed_{seed}" / slug(arm)
+    for name, checkpoints in models_of(root, regime, seed, arm).items():
+        score_on_held_out(data_workspace(root, regime, seed), checkpoints, folder / "test" / name)
+
+
+def score_on_held_out(data, checkpoints: list[Path], folder: Path) -> None:
+    """Predict the held-out cases of the data workspace ``data`` with the model ``checkpoints`` (no mirroring)
+    into ``folder`` and score them (``folder/summary.json``); a scored folder is left as it is."""
     import torch
 
     from covnet.dataset import DatasetDescription
     from covnet.evaluation.folders import evaluate_folders
     from covnet.image.io import read_image
     from covnet.inference.predictor import InferenceSettings, Predictor
-    data = data_workspace(root, regime, seed)
-    description = DatasetDescription.load(data.dataset_json)
-    folder = regime_root(root, regime) / f"seed_{seed}" / slug(arm)
-    for name, checkpoints in models_of(root, regime, seed, arm).items():
-        summary_file = folder / "test" / name / "summary.json"
-        if summary_file.is_file():
-            continue
-        predictor = Predictor.from_files(checkpoints, torch.device("cpu"), InferenceSettings(use_mirroring=False))
-        for image_file in sorted(data.images_ts.glob("*_0000.nii.gz")):
-            output = folder / "test" / name / image_file.name.replace("_0000", "")
-            if not output.is_file():
-                image, geometry = read_image(image_file)
-                predictor.predict_image(image, geometry, output_file=output)
-        evaluate_folders(data.labels_ts, summary_file.parent, description, output_json=summary_file)
+    summary_file = folder / "summary.json"
+    if summary_file.is_file():
+        return
+    predictor = Predictor.from_files(checkpoints, torch.device("cpu"), InferenceSettings(use_mirroring=False))
+    for image_file in sorted(data.images_ts.glob("*_0000.nii.gz")):
+        output = folder / image_file.name.replace("_0000", "")
+        if not output.is_file():
+            image, geometry = read_image(image_file)
+            predictor.predict_image(image, geometry, output_file=output)
+    evaluate_folders(data.labels_ts, folder, DatasetDescription.load(data.dataset_json), output_json=summary_file)
 
 
 # ------------------------------------------------------------------------------------------------ scheduling

@@ -1,0 +1,207 @@
+"""Given the same extra training, do pseudo-labelled pool cases beat more iterations on the expert cases alone?
+
+    python benchmarks/selftrain_headroom.py --root R --seeds 0 1 2 3 4 5 --budgets 3000 --patch 24 32 32
+    python benchmarks/selftrain_continuation.py --root R --seeds 0 1 2 3 4 5 --base 3000 --extra 1500 \\
+        --patch 24 32 32 --output benchmarks/results/selftrain/continuation
+
+The compute-matched question a user faces once a model exists (``selftrain_experiment.py`` asks it with
+saturated, from-scratch students, which this CPU cannot afford). Per seed, on ``selftrain_experiment.py``'s data
+and plan (with the given network and patch):
+
+* ``base``: one model on the 4 expert cases for ``--base`` iterations (``selftrain_headroom.py``'s ``experts``
+  model; the teacher of every arm);
+* ``control``: the base fine-tuned on the expert cases alone for ``--extra`` iterations;
+* ``self-trained``: ``covnet_selftrain`` with a fine-tuned student, 1 round: the base with test-time mirroring
+  labels the whole pool (argmax), the student trains ``--extra`` iterations, half of each batch from the expert
+  cases, strong noise on pseudo-labelled patches;
+* ``-strong noise`` and ``threshold labels`` (voxels below 0.9 confidence ignored): one element changed;
+* ``oracle``: the self-trained arm with the pool's true labels.
+
+The control and every student share the fine-tuned student's settings (``SelfTrainingSettings.student_training``:
+learning rate a tenth of the base's, the same seed), so they differ only in what the extra iterations see. Every
+model is scored on the same held-out cases without mirroring; the table has the paired difference to the control
+over (seed, case) pairs with a bootstrap 95% interval and a Wilcoxon p. One process per model, ``--workers`` at a
+time, single-threaded, resumable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from selftrain_experiment import (Schedule, data_workspace, experiment_plan, oracle_folder,  # noqa: E402
+                                  regime_root, score_on_held_out, with_network)
+from selftrain_analysis import arm_table, plot, round_diagnostics  # noqa: E402
+from selftrain_headroom import ITERATIONS_PER_EPOCH, model_folder, network_name, train_and_score  # noqa: E402
+
+ARMS = {
+    "control": None,
+    "self-trained": {},
+    "-strong noise": {"strong_noise": False},
+    "threshold labels": {"pseudo_labels": "threshold", "min_confidence": 0.9},
+    "oracle": {},
+}
+
+
+def arm_folder(root: Path, regime: str, seed: int, network: str, budgets: tuple[int, int], arm: str) -> Path:
+    """Where an arm trained with (base, extra) iterations lives; the base's is ``selftrain_headroom``'s."""
+    if arm == "base":
+        return model_folder(root, regime, seed, network, "experts", budgets[0])
+    return (regime_root(root, regime) / f"seed_{seed}" / "continuation" / f"{network}_{budgets[0]}+{budgets[1]}" /
+            ("minus_" + arm[1:] if arm.startswith("-") else arm).replace(" ", "_"))
+
+
+def arm_workspace(folder: Path, data, plan):
+    """An arm's workspace: the data's raw/ and preprocessed cases, and a plans.json with the experiment's network."""
+    from covnet.workspace import Workspace
+    workspace = Workspace(folder)
+    workspace.preprocessed.mkdir(parents=True, exist_ok=True)
+    links = [(workspace.raw, data.raw)] + [(workspace.preprocessed / name, data.preprocessed / name)
+                                           for name in ("cases", "unlabelled", "dataset_fingerprint.json")]
+    for link, target in links:
+        if not link.is_symlink():
+            link.symlink_to(target)
+    if not workspace.plans_json.is_file():
+        plan.save(workspace.plans_json)
+    return workspace
+
+
+def teacher_of(base_checkpoint: Path, experts: list[str]):
+    from covnet.checkpoint import Checkpoint
+    from covnet.selftrain.teacher import Teacher
+    from covnet.training.settings import TrainingSettings
+    training = TrainingSettings.from_json(Checkpoint.load(base_checkpoint).settings)
+    return Teacher(mode="all", fold="all", members=[base_checkpoint], pretrained=base_checkpoint,
+                   train_cases=experts, holdout_cases=[], training=training, folds=["all"])
+
+
+def recipe(arm: str, seed: int, extra: int):
+    from covnet.selftrain.settings import SelfTrainingSettings
+    overrides = {"device": "cpu", "num_workers": 0, "seed": seed, "validation_mirroring": False,
+                 "validation_iterations": 0, "epochs": extra // ITERATIONS_PER_EPOCH}
+    return SelfTrainingSettings(teacher="all", student="finetune", holdout="none", max_rounds=1, select_fraction=1.0,
+                                **(ARMS[arm] or {}), training_overrides=overrides)
+
+
+def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int, features, patch) -> tuple[str, float]:
+    import torch
+
+    from covnet.selftrain.run import run_selftraining
+    from covnet.training.distributed import context_from_environment
+    from covnet.training.run import run_training
+    from covnet.training.settings import TrainingJob
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    network = network_name(features, patch)
+    plan = with_network(experiment_plan(root, regime, Schedule()), features, patch)
+    data = data_workspace(root, regime, seed)
+    workspace = arm_workspace(arm_folder(root, regime, seed, network, (base, extra), arm), data, plan)
+    base_checkpoint = arm_folder(root, regime, seed, network, (base, extra), "base") / "checkpoint_final.pth"
+    experts = sorted(path.stem for path in data.preprocessed_cases.glob("*.json"))
+    teacher = teacher_of(base_checkpoint, experts)
+    settings = recipe(arm, seed, extra)
+    if arm == "control":
+        student = settings.student_training(teacher.training, round_index=1, pretrained=str(base_checkpoint))
+        folder = workspace.fold("all")
+        job = TrainingJob(name="all", plan=plan, workspace=workspace, folder=folder, train_cases=experts,
+                          validation_cases=[], case_folders={case: data.preprocessed_cases for case in experts})
+        run_training(job, student, resume=True, validate_only=False, context=context_from_environment(),
+                     device=torch.device("cpu"))
+        final = folder.checkpoint("final")
+    else:
+        run_selftraining(workspace, settings, resume=True, teacher=teacher,
+                         oracle_folder=oracle_folder(root, regime, seed) if arm == "oracle" else None)
+        final = workspace.selftrain_round(1).checkpoint("final")
+    score_on_held_out(data, [final], workspace.root / "test")
+    return f"seed {seed} {arm}", time.monotonic() - started
+
+
+def scores_of(root: Path, regime: str, seed: int, network: str, budgets: tuple[int, int], arm: str) -> dict:
+    summary = arm_folder(root, regime, seed, network, budgets, arm) / "test" / "summary.json"
+    return {(seed, row["case"]): row for row in json.loads(summary.read_text())["per_case"]} if summary.is_file() \
+        else {}
+
+
+def per_case_scores(root: Path, regime: str, seeds: list[int], network: str,
+                    budgets: tuple[int, int]) -> dict[str, dict]:
+    """arm -> (seed, case) -> the case's held-out scores."""
+    return {arm: {key: row for seed in seeds for key, row in scores_of(root, regime, seed, network, budgets,
+                                                                      arm).items()} for arm in ["base", *ARMS]}
+
+
+def per_seed_means(scores: dict) -> dict[str, dict[int, float]]:
+    """arm -> seed -> mean infection Dice over the seed's held-out cases."""
+    means = {}
+    for arm, rows in scores.items():
+        for (seed, _case), row in rows.items():
+            means.setdefault(arm, {}).setdefault(seed, []).append(row["infection"]["dice"])
+    return {arm: {seed: sum(v) / len(v) for seed, v in sorted(seeds.items())} for arm, seeds in means.items()}
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="a selftrain_experiment.py folder (its data)")
+    parser.add_argument("--regime", default="shift")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    parser.add_argument("--base", type=int, default=3000, help="the base model's iterations")
+    parser.add_argument("--extra", type=int, default=1500, help="iterations of the control and of every student")
+    parser.add_argument("--features", type=int, nargs="+", default=list(Schedule().features))
+    parser.add_argument("--patch", type=int, nargs=3, default=list(Schedule().patch))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--output", type=Path, help="write the table (.md) and every number (.json) here")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: tables of the models scored so far")
+    args = parser.parse_args()
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    features, patch = tuple(args.features), tuple(args.patch)
+    if not args.report_only:
+        train_every_arm(args, features, patch)
+    report(args, features, patch)
+
+
+def train_every_arm(args, features, patch) -> None:
+    experiment_plan(args.root, args.regime, Schedule())      # made once, before the seeds' jobs read it
+    with ProcessPoolExecutor(args.workers) as pool:
+        def base_of(seed):
+            return pool.submit(train_and_score, args.root, args.regime, seed, "experts", args.base, features, patch)
+        # Seeds finish in order (a stopped run leaves whole seeds): a seed's arms queue before the base
+        # ``--workers`` seeds later.
+        bases = {seed: base_of(seed) for seed in args.seeds[:args.workers]}
+        arms = []
+        for index, seed in enumerate(args.seeds):
+            name, seconds = bases[seed].result()
+            print(f"{time.strftime('%H:%M:%S')} seed {seed} base ({name}): {seconds:.0f} s", flush=True)
+            arms += [pool.submit(run_arm, args.root, args.regime, seed, arm, args.base, args.extra, features, patch)
+                     for arm in args.arms]
+            if index + args.workers < len(args.seeds):
+                bases[args.seeds[index + args.workers]] = base_of(args.seeds[index + args.workers])
+        for future in arms:
+            name, seconds = future.result()
+            print(f"{time.strftime('%H:%M:%S')} {name}: {seconds:.0f} s", flush=True)
+
+
+def report(args, features, patch) -> None:
+    scores = per_case_scores(args.root, args.regime, args.seeds, network_name(features, patch), (args.base, args.extra))
+    text, results = arm_table(scores, list(scores))
+    print(text)
+    if args.output:
+        args.output.mkdir(parents=True, exist_ok=True)
+        stem = args.output / f"continuation_{args.regime}_{network_name(features, patch)}_{args.base}+{args.extra}"
+        stem.with_suffix(".json").write_text(json.dumps(
+            {"seeds": args.seeds, "arms": results, "per_seed_infection_dice": per_seed_means(scores),
+             "per_case": {arm: {f"{s}/{c}": row for (s, c), row in rows.items()} for arm, rows in scores.items()}},
+            indent=1))
+        network = network_name(features, patch)
+        diagnostics, _ = round_diagnostics(args.root, args.regime, list(ARMS), lambda seed, arm: arm_folder(
+            args.root, args.regime, seed, network, (args.base, args.extra), arm) / "results" / "selftrain")
+        stem.with_suffix(".md").write_text(text + "\n\nPseudo-labels against the pool's truth:\n\n" + diagnostics + "\n")
+        plot(scores, list(scores), stem.with_suffix(".png"),
+             f"{args.regime}: {args.extra} more iterations after {args.base}, {len(args.seeds)} seeds")
+
+
+if __name__ == "__main__":
+    main()
