@@ -15,7 +15,7 @@ and plan (with the given network and patch):
   labels the whole pool (argmax), the student trains ``--extra`` iterations, half of each batch from the expert
   cases, strong noise on pseudo-labelled patches;
 * ``-strong noise`` and ``threshold labels`` (voxels below 0.9 confidence ignored): one element changed;
-* ``oracle``: the self-trained arm with the pool's true labels.
+* ``oracle`` and ``oracle -strong noise``: those two arms with the pool's true labels.
 
 The control and every student share the fine-tuned student's settings (``SelfTrainingSettings.student_training``:
 learning rate a tenth of the base's, the same seed), so they differ only in what the extra iterations see. Every
@@ -26,8 +26,10 @@ time, single-threaded, resumable.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +47,7 @@ ARMS = {
     "-strong noise": {"strong_noise": False},
     "threshold labels": {"pseudo_labels": "threshold", "min_confidence": 0.9},
     "oracle": {},
+    "oracle -strong noise": {"strong_noise": False},
 }
 
 
@@ -53,7 +56,7 @@ def arm_folder(root: Path, regime: str, seed: int, network: str, budgets: tuple[
     if arm == "base":
         return model_folder(root, regime, seed, network, "experts", budgets[0])
     return (regime_root(root, regime) / f"seed_{seed}" / "continuation" / f"{network}_{budgets[0]}+{budgets[1]}" /
-            ("minus_" + arm[1:] if arm.startswith("-") else arm).replace(" ", "_"))
+            re.sub(r"(^| )-", r"\1minus_", arm).replace(" ", "_"))
 
 
 def arm_workspace(folder: Path, data, plan):
@@ -115,7 +118,7 @@ def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int,
         final = folder.checkpoint("final")
     else:
         run_selftraining(workspace, settings, resume=True, teacher=teacher,
-                         oracle_folder=oracle_folder(root, regime, seed) if arm == "oracle" else None)
+                         oracle_folder=oracle_folder(root, regime, seed) if arm.startswith("oracle") else None)
         final = workspace.selftrain_round(1).checkpoint("final")
     score_on_held_out(data, [final], workspace.root / "test")
     return f"seed {seed} {arm}", time.monotonic() - started
@@ -127,11 +130,33 @@ def scores_of(root: Path, regime: str, seed: int, network: str, budgets: tuple[i
         else {}
 
 
-def per_case_scores(root: Path, regime: str, seeds: list[int], network: str,
-                    budgets: tuple[int, int]) -> dict[str, dict]:
-    """arm -> (seed, case) -> the case's held-out scores."""
+def per_case_scores(root: Path, regime: str, seeds: list[int], network: str, budgets: tuple[int, int],
+                    arms: list[str]) -> dict[str, dict]:
+    """arm -> (seed, case) -> the case's held-out scores, for the base and ``arms``."""
     return {arm: {key: row for seed in seeds for key, row in scores_of(root, regime, seed, network, budgets,
-                                                                      arm).items()} for arm in ["base", *ARMS]}
+                                                                      arm).items()} for arm in ["base", *arms]}
+
+
+# What each element is worth: (arm, the arm it differs from in one element).
+ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self-trained"),
+                   ("oracle", "self-trained"), ("oracle -strong noise", "-strong noise"),
+                   ("oracle -strong noise", "oracle"))
+
+
+def element_table(scores: dict) -> tuple[str, dict]:
+    """Paired infection Dice differences between arms that differ in one element."""
+    from covnet.evaluation.paired import paired_difference
+    lines = ["| arm | minus arm | infection Dice difference (95% CI, Wilcoxon p) |", "| --- | --- | --- |"]
+    results = {}
+    for arm, other in ELEMENT_EFFECTS:
+        if not scores.get(arm) or not scores.get(other):
+            continue
+        pairs = sorted(set(scores[arm]) & set(scores[other]))
+        difference = paired_difference([scores[arm][k]["infection"]["dice"] for k in pairs],
+                                       [scores[other][k]["infection"]["dice"] for k in pairs])
+        lines.append(f"| {arm} | {other} | {difference.describe()} |")
+        results[f"{arm} - {other}"] = dataclasses.asdict(difference)
+    return "\n".join(lines), results
 
 
 def per_seed_means(scores: dict) -> dict[str, dict[int, float]]:
@@ -185,20 +210,24 @@ def train_every_arm(args, features, patch) -> None:
 
 
 def report(args, features, patch) -> None:
-    scores = per_case_scores(args.root, args.regime, args.seeds, network_name(features, patch), (args.base, args.extra))
+    scores = per_case_scores(args.root, args.regime, args.seeds, network_name(features, patch),
+                             (args.base, args.extra), args.arms)
     text, results = arm_table(scores, list(scores))
+    effects, effect_numbers = element_table(scores)
+    text = f"{text}\n\nOne element at a time (paired over (seed, case)):\n\n{effects}"
     print(text)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
         stem = args.output / f"continuation_{args.regime}_{network_name(features, patch)}_{args.base}+{args.extra}"
         stem.with_suffix(".json").write_text(json.dumps(
-            {"seeds": args.seeds, "arms": results, "per_seed_infection_dice": per_seed_means(scores),
+            {"seeds": args.seeds, "arms": results, "elements": effect_numbers,
+             "per_seed_infection_dice": per_seed_means(scores),
              "per_case": {arm: {f"{s}/{c}": row for (s, c), row in rows.items()} for arm, rows in scores.items()}},
             indent=1))
         network = network_name(features, patch)
-        diagnostics, _ = round_diagnostics(args.root, args.regime, list(ARMS), lambda seed, arm: arm_folder(
+        diagnostics, _ = round_diagnostics(args.root, args.regime, args.arms, lambda seed, arm: arm_folder(
             args.root, args.regime, seed, network, (args.base, args.extra), arm) / "results" / "selftrain")
-        stem.with_suffix(".md").write_text(text + "\n\nPseudo-labels against the pool's truth:\n\n" + diagnostics + "\n")
+        stem.with_suffix(".md").write_text(f"{text}\n\nPseudo-labels against the pool's truth:\n\n{diagnostics}\n")
         plot(scores, list(scores), stem.with_suffix(".png"),
              f"{args.regime}: {args.extra} more iterations after {args.base}, {len(args.seeds)} seeds")
 

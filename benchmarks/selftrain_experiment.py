@@ -51,7 +51,7 @@ ARMS = {
     "-argmax labels": {"pseudo_labels": "class_balanced"},
     "-agreement selection": {"selection": "random"},
     "-retrained student": {"student": "finetune"},
-    "-strong noise": {"strong_noise": False},
+    "+strong noise": {"strong_noise": True},
     "-refreshed labels": {"refresh": False},
     "oracle": {},
 }

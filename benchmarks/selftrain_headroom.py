@@ -38,7 +38,8 @@ ITERATIONS_PER_EPOCH = 25
 
 
 def model_folder(root: Path, regime: str, seed: int, network: str, arm: str, budget: int) -> Path:
-    return regime_root(root, regime) / f"seed_{seed}" / "headroom" / network / f"{arm.replace('+', '_').replace(' ', '_')}_{budget}"
+    name = arm.replace("+", "_").replace(" ", "_")
+    return regime_root(root, regime) / f"seed_{seed}" / "headroom" / network / f"{name}_{budget}"
 
 
 def network_name(features: tuple[int, ...], patch: tuple[int, ...]) -> str:

@@ -5,7 +5,7 @@ The defaults are the recipe the experiment in BENCHMARKS.md supports (``benchmar
 covnet's first recipe is one set of flags away (README, "covnet_selftrain")::
 
     --teacher best --pseudo-labels threshold --selection confidence --cases-per-round 2 --student finetune
-    --no-strong-noise --no-refresh --max-rounds 8
+    --no-refresh --max-rounds 8
 
 The student's training settings are the teacher fold's own (its recorded ``settings.json``: epochs, iterations,
 learning rate, ...), changed by the ``covnet_train`` flags given to ``covnet_selftrain`` (``training_overrides``)
@@ -60,7 +60,9 @@ class SelfTrainingSettings:
                                       "rate)")
     expert_share: float = setting(0.5, "share of each batch drawn from the expert cases (at least one patch)",
                                   above=0, maximum=1)
-    strong_noise: bool = setting(True, "strong augmentation (intensity, blur, cutout) on pseudo-labelled patches")
+    # Off by default: measured, it cost infection Dice with pseudo-labels and with true ones alike
+    # (BENCHMARKS.md, "Self-training, compute-matched").
+    strong_noise: bool = setting(False, "strong augmentation (intensity, blur, cutout) on pseudo-labelled patches")
     refresh: bool = setting(True, "each round the newest model re-labels the whole pool; off: pseudo-labels are "
                                   "kept and only unused cases are labelled")
     max_rounds: int = setting(2, "at most this many rounds", minimum=1)
