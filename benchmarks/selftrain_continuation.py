@@ -41,12 +41,13 @@ from selftrain_experiment import (Schedule, data_workspace, experiment_plan, ora
 from selftrain_analysis import arm_table, plot, round_diagnostics  # noqa: E402
 from selftrain_headroom import ITERATIONS_PER_EPOCH, model_folder, network_name, train_and_score  # noqa: E402
 
+# Every element spelled out: an arm must mean the same whatever covnet_selftrain's defaults become.
 ARMS = {
     "control": None,
-    "self-trained": {},
-    "-strong noise": {"strong_noise": False},
-    "threshold labels": {"pseudo_labels": "threshold", "min_confidence": 0.9},
-    "oracle": {},
+    "self-trained": {"pseudo_labels": "argmax", "strong_noise": True},
+    "-strong noise": {"pseudo_labels": "argmax", "strong_noise": False},
+    "threshold labels": {"pseudo_labels": "threshold", "min_confidence": 0.9, "strong_noise": True},
+    "oracle": {"strong_noise": True},
     "oracle -strong noise": {"strong_noise": False},
 }
 

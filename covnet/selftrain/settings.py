@@ -1,8 +1,8 @@
 """What a self-training is told: the recipe (teacher, pseudo-labels, case selection, student, noise, rounds) and
 the student's training settings, declared once; ``covnet_selftrain``'s flags are derived from them.
 
-The defaults are the recipe the experiment in BENCHMARKS.md supports (``benchmarks/selftrain_experiment.py``);
-covnet's first recipe is one set of flags away (README, "covnet_selftrain")::
+The defaults are the published recipe (README, "covnet_selftrain") except where a measurement in BENCHMARKS.md
+decided otherwise (strong noise: off); covnet's first recipe is one set of flags away::
 
     --teacher best --pseudo-labels threshold --selection confidence --cases-per-round 2 --student finetune
     --no-refresh --max-rounds 8
