@@ -1,8 +1,7 @@
 """Given the same extra training, do pseudo-labelled pool cases beat more iterations on the expert cases alone?
 
-    python benchmarks/selftrain_headroom.py --root R --seeds 0 1 2 3 4 5 --budgets 3000 --patch 24 32 32
-    python benchmarks/selftrain_continuation.py --root R --seeds 0 1 2 3 4 5 --base 3000 --extra 1500 \\
-        --patch 24 32 32 --output benchmarks/results/selftrain/continuation
+    python benchmarks/selftrain_continuation.py --root R --regime shift --seeds 0 1 2 3 4 5 --base 3000 \\
+        --extra 1500 --patch 24 32 32 --output benchmarks/results/selftrain/continuation
 
 The compute-matched question a user faces once a model exists (``selftrain_experiment.py`` asks it with
 saturated, from-scratch students, which this CPU cannot afford). Per seed, on ``selftrain_experiment.py``'s data
@@ -88,8 +87,8 @@ def recipe(arm: str, seed: int, extra: int):
     from covnet.selftrain.settings import SelfTrainingSettings
     overrides = {"device": "cpu", "num_workers": 0, "seed": seed, "validation_mirroring": False,
                  "validation_iterations": 0, "epochs": extra // ITERATIONS_PER_EPOCH}
-    return SelfTrainingSettings(teacher="all", student="finetune", holdout="none", max_rounds=1, select_fraction=1.0,
-                                **(ARMS[arm] or {}), training_overrides=overrides)
+    return SelfTrainingSettings(teacher="all", teacher_mirroring=True, student="finetune", holdout="none",
+                                max_rounds=1, select_fraction=1.0, **(ARMS[arm] or {}), training_overrides=overrides)
 
 
 def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int, features, patch) -> tuple[str, float]:
