@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from selftrain_experiment import (Schedule, data_workspace, experiment_plan, oracle_folder,  # noqa: E402
-                                  regime_root, score_on_held_out, with_network)
+                                  regime_root, score_on_held_out, slug, with_network)
 from selftrain_analysis import arm_table, plot, round_diagnostics  # noqa: E402
-from selftrain_headroom import ITERATIONS_PER_EPOCH, model_folder, network_name, train_and_score  # noqa: E402
+from selftrain_headroom import model_folder, network_name, train_and_score, train_on  # noqa: E402
 
 # Every element spelled out: an arm must mean the same whatever covnet_selftrain's defaults become.
 ARMS = {
@@ -56,7 +55,7 @@ def arm_folder(root: Path, regime: str, seed: int, network: str, budgets: tuple[
     if arm == "base":
         return model_folder(root, regime, seed, network, "experts", budgets[0])
     return (regime_root(root, regime) / f"seed_{seed}" / "continuation" / f"{network}_{budgets[0]}+{budgets[1]}" /
-            re.sub(r"(^| )-", r"\1minus_", arm).replace(" ", "_"))
+            slug(arm))
 
 
 def arm_workspace(folder: Path, data, plan):
@@ -86,7 +85,7 @@ def teacher_of(base_checkpoint: Path, experts: list[str]):
 def recipe(arm: str, seed: int, extra: int):
     from covnet.selftrain.settings import SelfTrainingSettings
     overrides = {"device": "cpu", "num_workers": 0, "seed": seed, "validation_mirroring": False,
-                 "validation_iterations": 0, "epochs": extra // ITERATIONS_PER_EPOCH}
+                 "validation_iterations": 0, "epochs": extra // Schedule().iterations_per_epoch}
     return SelfTrainingSettings(teacher="all", teacher_mirroring=True, student="finetune", holdout="none",
                                 max_rounds=1, select_fraction=1.0, **(ARMS[arm] or {}), training_overrides=overrides)
 
@@ -95,9 +94,6 @@ def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int,
     import torch
 
     from covnet.selftrain.run import run_selftraining
-    from covnet.training.distributed import context_from_environment
-    from covnet.training.run import run_training
-    from covnet.training.settings import TrainingJob
     torch.set_num_threads(1)
     started = time.monotonic()
     network = network_name(features, patch)
@@ -110,12 +106,8 @@ def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int,
     settings = recipe(arm, seed, extra)
     if arm == "control":
         student = settings.student_training(teacher.training, round_index=1, pretrained=str(base_checkpoint))
-        folder = workspace.fold("all")
-        job = TrainingJob(name="all", plan=plan, workspace=workspace, folder=folder, train_cases=experts,
-                          validation_cases=[], case_folders={case: data.preprocessed_cases for case in experts})
-        run_training(job, student, resume=True, validate_only=False, context=context_from_environment(),
-                     device=torch.device("cpu"))
-        final = folder.checkpoint("final")
+        train_on(plan, workspace, workspace.fold("all"), {case: data.preprocessed_cases for case in experts}, student)
+        final = workspace.fold("all").checkpoint("final")
     else:
         run_selftraining(workspace, settings, resume=True, teacher=teacher,
                          oracle_folder=oracle_folder(root, regime, seed) if arm.startswith("oracle") else None)

@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -84,7 +85,8 @@ SCHEDULE_FILE = "schedule.json"
 
 
 def slug(arm: str) -> str:
-    return arm.replace(" ", "_").replace("-", "minus_")
+    """An arm's folder name: a leading "-" (one element left out) reads "minus_", spaces become "_"."""
+    return re.sub(r"(^| )-", r"\1minus_", arm).replace(" ", "_")
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -30,16 +30,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from selftrain_analysis import _mean, _value  # noqa: E402
 from selftrain_experiment import (Schedule, data_workspace, experiment_plan, oracle_folder,  # noqa: E402
-                                  prepare_seed, regime_root, score_on_held_out, with_network)
+                                  prepare_seed, regime_root, score_on_held_out, slug, training_settings,
+                                  with_network)
 
 ARMS = ("experts", "experts+pool truth")
-ITERATIONS_PER_EPOCH = 25
 
 
 def model_folder(root: Path, regime: str, seed: int, network: str, arm: str, budget: int) -> Path:
-    name = arm.replace("+", "_").replace(" ", "_")
-    return regime_root(root, regime) / f"seed_{seed}" / "headroom" / network / f"{name}_{budget}"
+    return regime_root(root, regime) / f"seed_{seed}" / "headroom" / network / f"{slug(arm)}_{budget}"
 
 
 def network_name(features: tuple[int, ...], patch: tuple[int, ...]) -> str:
@@ -51,9 +51,6 @@ def train_and_score(root: Path, regime: str, seed: int, arm: str, budget: int, f
     """Train one model (resumably) and score it on the held-out cases; return its name and the seconds taken."""
     import torch
 
-    from covnet.training.distributed import context_from_environment
-    from covnet.training.run import run_training
-    from covnet.training.settings import TrainingJob, TrainingSettings
     from covnet.workspace import ModelFolder
     torch.set_num_threads(1)
     started = time.monotonic()
@@ -66,16 +63,23 @@ def train_and_score(root: Path, regime: str, seed: int, arm: str, budget: int, f
     if arm == "experts+pool truth":
         truth = oracle_folder(root, regime, seed)
         cases.update({path.stem: truth for path in sorted(truth.glob("*.json"))})
-    job = TrainingJob(name="all", plan=plan, workspace=data, folder=ModelFolder(folder), train_cases=sorted(cases),
-                      validation_cases=[], case_folders=cases)
-    settings = TrainingSettings(epochs=budget // ITERATIONS_PER_EPOCH, iterations_per_epoch=ITERATIONS_PER_EPOCH,
-                                validation_iterations=0, seed=seed, device="cpu", num_workers=0,
-                                checkpoint_every=max(1, budget // ITERATIONS_PER_EPOCH // 4),
-                                validation_mirroring=False, oversample_foreground=Schedule().oversample_foreground)
-    run_training(job, settings, resume=True, validate_only=False, context=context_from_environment(),
-                 device=torch.device("cpu"))
+    settings = training_settings(Schedule(), seed, epochs=budget // Schedule().iterations_per_epoch)
+    train_on(plan, data, ModelFolder(folder), cases, settings)
     score_on_held_out(data, [ModelFolder(folder).checkpoint("final")], folder / "test")
     return folder.name, time.monotonic() - started
+
+
+def train_on(plan, workspace, folder, case_folders: dict[str, Path], settings) -> None:
+    """Train one model (fold ``all``, no validation) on ``case_folders``' cases into ``folder``, resumably."""
+    import torch
+
+    from covnet.training.distributed import context_from_environment
+    from covnet.training.run import run_training
+    from covnet.training.settings import TrainingJob
+    job = TrainingJob(name="all", plan=plan, workspace=workspace, folder=folder, train_cases=sorted(case_folders),
+                      validation_cases=[], case_folders=case_folders)
+    run_training(job, settings, resume=True, validate_only=False, context=context_from_environment(),
+                 device=torch.device("cpu"))
 
 
 def table(root: Path, regime: str, seeds: list[int], network: str, budgets: list[int]) -> tuple[str, dict]:
@@ -96,16 +100,13 @@ def table(root: Path, regime: str, seeds: list[int], network: str, budgets: list
         keys = sorted(rows)
 
         def mean(structure, metric):
-            values = [(rows[k].get(structure) or {}).get(metric) for k in keys]
-            values = [v for v in values if v is not None and v == v]
-            return sum(values) / len(values) if values else float("nan")
+            return _mean(_value(rows[k], structure, metric) for k in keys)
         pairs = [k for k in keys if k in reference]
         difference = None if (arm, budget) == ("experts", budgets[-1]) or not pairs else paired_difference(
             [rows[k]["infection"]["dice"] for k in pairs], [reference[k]["infection"]["dice"] for k in pairs])
-        text = "—" if difference is None else (f"{difference.mean_difference:+.3f} [{difference.ci_low:+.3f}, "
-                                               f"{difference.ci_high:+.3f}], p = {difference.p_value:.0e}")
         lines.append(f"| {arm} | {budget} | {len(keys)} | {mean('lungs', 'dice'):.3f} | "
-                     f"{mean('infection', 'dice'):.3f} | {mean('infection', 'nsd'):.3f} | {text} |")
+                     f"{mean('infection', 'dice'):.3f} | {mean('infection', 'nsd'):.3f} | "
+                     f"{'—' if difference is None else difference.describe()} |")
         results[f"{arm} {budget}"] = {"pairs": len(keys), "infection dice": mean("infection", "dice"),
                                       "lungs dice": mean("lungs", "dice"),
                                       "difference": None if difference is None else dataclasses.asdict(difference),
