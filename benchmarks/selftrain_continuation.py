@@ -10,11 +10,17 @@ and plan (with the given network and patch):
 * ``base``: one model on the 4 expert cases for ``--base`` iterations (``selftrain_headroom.py``'s ``experts``
   model; the teacher of every arm);
 * ``control``: the base fine-tuned on the expert cases alone for ``--extra`` iterations;
-* ``self-trained``: ``covnet_selftrain`` with a fine-tuned student, 1 round: the base with test-time mirroring
-  labels the whole pool (argmax), the student trains ``--extra`` iterations, half of each batch from the expert
-  cases, strong noise on pseudo-labelled patches;
-* ``-strong noise`` and ``threshold labels`` (voxels below 0.9 confidence ignored): one element changed;
-* ``oracle`` and ``oracle -strong noise``: those two arms with the pool's true labels.
+* ``self-trained``: ``covnet_selftrain`` with a fine-tuned student, 1 round (``RECIPE``): the base with test-time
+  mirroring labels the whole pool (argmax), the student trains ``--extra`` iterations, half of each batch from
+  the expert cases, strong noise on pseudo-labelled patches;
+* ``-strong noise`` (the reference for the elements below, as strong noise is off by default) and
+  ``threshold labels`` (voxels below 0.9 confidence ignored): one element changed;
+* without strong noise, one element each: ``threshold -strong noise``, ``class-balanced labels``, the half of
+  the pool chosen by ``agreement``/``confidence``/at ``random``, an ``unmirrored teacher``, an ``ensemble
+  teacher`` (the base and 2 more models trained like it from other initialisations, as a cross-validation's
+  folds would be; the student still fine-tunes the base), and ``2 rounds`` of half the iterations each (the
+  first student re-labels the whole pool);
+* ``oracle`` and ``oracle -strong noise``: the first two arms with the pool's true labels.
 
 The control and every student share the fine-tuned student's settings (``SelfTrainingSettings.student_training``:
 learning rate a tenth of the base's, the same seed), so they differ only in what the extra iterations see. Every
@@ -39,15 +45,30 @@ from selftrain_experiment import (Schedule, data_workspace, experiment_plan, ora
 from selftrain_analysis import arm_table, plot, round_diagnostics  # noqa: E402
 from selftrain_headroom import model_folder, network_name, train_and_score, train_on  # noqa: E402
 
-# Every element spelled out: an arm must mean the same whatever covnet_selftrain's defaults become.
+# Every element spelled out: an arm must mean the same whatever covnet_selftrain's defaults become. Beyond
+# these, every arm takes the whole pool, argmax labels from the mirrored base, one round (RECIPE).
 ARMS = {
     "control": None,
-    "self-trained": {"pseudo_labels": "argmax", "strong_noise": True},
-    "-strong noise": {"pseudo_labels": "argmax", "strong_noise": False},
+    "self-trained": {"strong_noise": True},
+    "-strong noise": {"strong_noise": False},
     "threshold labels": {"pseudo_labels": "threshold", "min_confidence": 0.9, "strong_noise": True},
     "oracle": {"strong_noise": True},
     "oracle -strong noise": {"strong_noise": False},
+    "threshold -strong noise": {"pseudo_labels": "threshold", "min_confidence": 0.9, "strong_noise": False},
+    "class-balanced labels": {"pseudo_labels": "class_balanced", "strong_noise": False},
+    "agreement half": {"selection": "agreement", "select_fraction": 0.5, "strong_noise": False},
+    "confidence half": {"selection": "confidence", "select_fraction": 0.5, "strong_noise": False},
+    "random half": {"selection": "random", "select_fraction": 0.5, "strong_noise": False},
+    "unmirrored teacher": {"teacher_mirroring": False, "strong_noise": False},
+    # Two rounds of half the iterations each (compute-matched): the round-1 student re-labels the whole pool.
+    "2 rounds": {"max_rounds": 2, "stable_change": 0.0, "refresh": True, "strong_noise": False},
+    "ensemble teacher": {"strong_noise": False},
 }
+# Arms whose teacher averages this many base models (the base and others trained like it from other
+# initialisations, as the folds of a cross-validation would be); the student still fine-tunes the base.
+TEACHER_MODELS = {"ensemble teacher": 3}
+RECIPE = {"teacher": "all", "teacher_mirroring": True, "pseudo_labels": "argmax", "student": "finetune",
+          "holdout": "none", "max_rounds": 1, "select_fraction": 1.0, "keep_best": False}
 
 
 def arm_folder(root: Path, regime: str, seed: int, network: str, budgets: tuple[int, int], arm: str) -> Path:
@@ -73,21 +94,25 @@ def arm_workspace(folder: Path, data, plan):
     return workspace
 
 
-def teacher_of(base_checkpoint: Path, experts: list[str]):
+def teacher_of(base_checkpoint: Path, experts: list[str], others: list[Path]):
+    """The base as the teacher, averaged with the ``others`` models when given."""
     from covnet.checkpoint import Checkpoint
     from covnet.selftrain.teacher import Teacher
     from covnet.training.settings import TrainingSettings
     training = TrainingSettings.from_json(Checkpoint.load(base_checkpoint).settings)
-    return Teacher(mode="all", fold="all", members=[base_checkpoint], pretrained=base_checkpoint,
-                   train_cases=experts, holdout_cases=[], training=training, folds=["all"])
+    return Teacher(mode="ensemble" if others else "all", fold="all", members=[base_checkpoint, *others],
+                   pretrained=base_checkpoint, train_cases=experts, holdout_cases=[], training=training,
+                   folds=["all"] + [f"all (initialisation {init})" for init in range(1, len(others) + 1)])
 
 
 def recipe(arm: str, seed: int, extra: int):
+    """The arm's settings; its ``extra`` iterations split evenly over its rounds."""
     from covnet.selftrain.settings import SelfTrainingSettings
+    elements = {**RECIPE, **(ARMS[arm] or {})}
+    epochs = extra // Schedule().iterations_per_epoch // elements["max_rounds"]
     overrides = {"device": "cpu", "num_workers": 0, "seed": seed, "validation_mirroring": False,
-                 "validation_iterations": 0, "epochs": extra // Schedule().iterations_per_epoch}
-    return SelfTrainingSettings(teacher="all", teacher_mirroring=True, student="finetune", holdout="none",
-                                max_rounds=1, select_fraction=1.0, **(ARMS[arm] or {}), training_overrides=overrides)
+                 "validation_iterations": 0, "epochs": epochs}
+    return SelfTrainingSettings(**elements, training_overrides=overrides)
 
 
 def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int, features, patch) -> tuple[str, float]:
@@ -102,7 +127,11 @@ def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int,
     workspace = arm_workspace(arm_folder(root, regime, seed, network, (base, extra), arm), data, plan)
     base_checkpoint = arm_folder(root, regime, seed, network, (base, extra), "base") / "checkpoint_final.pth"
     experts = sorted(path.stem for path in data.preprocessed_cases.glob("*.json"))
-    teacher = teacher_of(base_checkpoint, experts)
+    others = []
+    for init in range(1, TEACHER_MODELS.get(arm, 1)):
+        train_and_score(root, regime, seed, "experts", base, features, patch, init=init)
+        others.append(model_folder(root, regime, seed, network, "experts", base, init=init) / "checkpoint_final.pth")
+    teacher = teacher_of(base_checkpoint, experts, others)
     settings = recipe(arm, seed, extra)
     if arm == "control":
         student = settings.student_training(teacher.training, round_index=1, pretrained=str(base_checkpoint))
@@ -111,7 +140,7 @@ def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int,
     else:
         run_selftraining(workspace, settings, resume=True, teacher=teacher,
                          oracle_folder=oracle_folder(root, regime, seed) if arm.startswith("oracle") else None)
-        final = workspace.selftrain_round(1).checkpoint("final")
+        final = workspace.selftrain_final.checkpoint("final")
     score_on_held_out(data, [final], workspace.root / "test")
     return f"seed {seed} {arm}", time.monotonic() - started
 
@@ -124,15 +153,20 @@ def scores_of(root: Path, regime: str, seed: int, network: str, budgets: tuple[i
 
 def per_case_scores(root: Path, regime: str, seeds: list[int], network: str, budgets: tuple[int, int],
                     arms: list[str]) -> dict[str, dict]:
-    """arm -> (seed, case) -> the case's held-out scores, for the base and ``arms``."""
+    """arm -> (seed, case) -> the case's held-out scores, for the base, the control and ``arms``."""
+    names = ["base", "control", *(arm for arm in arms if arm != "control")]
     return {arm: {key: row for seed in seeds for key, row in scores_of(root, regime, seed, network, budgets,
-                                                                      arm).items()} for arm in ["base", *arms]}
+                                                                      arm).items()} for arm in names}
 
 
 # What each element is worth: (arm, the arm it differs from in one element).
 ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self-trained"),
                    ("oracle", "self-trained"), ("oracle -strong noise", "-strong noise"),
-                   ("oracle -strong noise", "oracle"))
+                   ("oracle -strong noise", "oracle"), ("threshold -strong noise", "-strong noise"),
+                   ("class-balanced labels", "-strong noise"), ("agreement half", "-strong noise"),
+                   ("confidence half", "agreement half"), ("random half", "agreement half"),
+                   ("unmirrored teacher", "-strong noise"), ("2 rounds", "-strong noise"),
+                   ("ensemble teacher", "-strong noise"))
 
 
 def element_table(scores: dict) -> tuple[str, dict]:

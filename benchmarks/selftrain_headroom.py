@@ -38,8 +38,10 @@ from selftrain_experiment import (Schedule, data_workspace, experiment_plan, ora
 ARMS = ("experts", "experts+pool truth")
 
 
-def model_folder(root: Path, regime: str, seed: int, network: str, arm: str, budget: int) -> Path:
-    return regime_root(root, regime) / f"seed_{seed}" / "headroom" / network / f"{slug(arm)}_{budget}"
+def model_folder(root: Path, regime: str, seed: int, network: str, arm: str, budget: int, *, init: int = 0) -> Path:
+    """The model's folder; ``init`` > 0 names another initialisation (and patch draw) of the same arm."""
+    name = f"{slug(arm)}_{budget}" + (f"_init{init}" if init else "")
+    return regime_root(root, regime) / f"seed_{seed}" / "headroom" / network / name
 
 
 def network_name(features: tuple[int, ...], patch: tuple[int, ...]) -> str:
@@ -47,7 +49,7 @@ def network_name(features: tuple[int, ...], patch: tuple[int, ...]) -> str:
 
 
 def train_and_score(root: Path, regime: str, seed: int, arm: str, budget: int, features: tuple[int, ...],
-                    patch: tuple[int, ...]) -> tuple[str, float]:
+                    patch: tuple[int, ...], *, init: int = 0) -> tuple[str, float]:
     """Train one model (resumably) and score it on the held-out cases; return its name and the seconds taken."""
     import torch
 
@@ -57,13 +59,13 @@ def train_and_score(root: Path, regime: str, seed: int, arm: str, budget: int, f
     prepare_seed(root, regime, seed, Schedule())
     data = data_workspace(root, regime, seed)
     plan = with_network(experiment_plan(root, regime, Schedule()), features, patch)
-    folder = model_folder(root, regime, seed, network_name(features, patch), arm, budget)
+    folder = model_folder(root, regime, seed, network_name(features, patch), arm, budget, init=init)
     experts = sorted(path.stem for path in data.preprocessed_cases.glob("*.json"))
     cases = {case: data.preprocessed_cases for case in experts}
     if arm == "experts+pool truth":
         truth = oracle_folder(root, regime, seed)
         cases.update({path.stem: truth for path in sorted(truth.glob("*.json"))})
-    settings = training_settings(Schedule(), seed, epochs=budget // Schedule().iterations_per_epoch)
+    settings = training_settings(Schedule(), seed + 1000 * init, epochs=budget // Schedule().iterations_per_epoch)
     train_on(plan, data, ModelFolder(folder), cases, settings)
     score_on_held_out(data, [ModelFolder(folder).checkpoint("final")], folder / "test")
     return folder.name, time.monotonic() - started
