@@ -17,7 +17,8 @@ expert cases), and these arms, every one measured on the same held-out cases wit
   self-training, and the teacher of every self-training arm;
 * ``control``: one model trained on the expert cases alone for as many iterations as the base's folds and the
   full recipe's students together;
-* ``full``: ``covnet_selftrain`` with its defaults, ``--holdout none`` (students train on all 4 expert cases);
+* ``full``: ``covnet_selftrain`` with the published recipe (``FULL_RECIPE``: the defaults before the
+  compute-matched benchmark changed some), ``--holdout none`` (students train on all 4 expert cases);
 * ``seed recipe``: covnet's first recipe (best fold, threshold 0.9, most confident cases, fine-tuned student,
   standard augmentation, labels kept, 4 cases a round);
 * ``-<element>``: the full recipe with one element changed to its alternative (leave-one-out);
@@ -43,7 +44,11 @@ from pathlib import Path
 
 REGIMES = {"scarcity": ("standard", "standard"), "shift": ("standard", "low_dose_soft")}
 EXPERTS, POOL, HELD_OUT, FOLDS = 4, 16, 24, 4
-# The elements of the full recipe and what each is replaced by in its leave-one-out arm.
+# The full recipe, spelled out so that an arm means the same whatever covnet_selftrain's defaults become (runs 1
+# and 2 in BENCHMARKS.md ran it with strong noise on, then the default), and what each element is replaced by in
+# its leave-one-out arm.
+FULL_RECIPE = {"teacher": "ensemble", "teacher_mirroring": True, "pseudo_labels": "argmax", "selection": "agreement",
+               "select_fraction": 0.5, "student": "retrain", "strong_noise": False, "refresh": True}
 ARMS = {
     "full": {},
     "seed recipe": {"teacher": "best", "pseudo_labels": "threshold", "selection": "confidence", "cases_per_round": 4,
@@ -198,7 +203,7 @@ def arm_settings(arm: str, seed: int, schedule: Schedule):
     from covnet.selftrain.settings import SelfTrainingSettings
     overrides = {"device": "cpu", "num_workers": 0, "seed": seed, "validation_mirroring": False,
                  "validation_iterations": 0}
-    recipe = {"holdout": "none", "max_rounds": schedule.rounds, "keep_candidates": True, **ARMS[arm]}
+    recipe = {**FULL_RECIPE, "holdout": "none", "max_rounds": schedule.rounds, "keep_candidates": True, **ARMS[arm]}
     return SelfTrainingSettings(**recipe, training_overrides=overrides)
 
 

@@ -1,8 +1,9 @@
 """What a self-training is told: the recipe (teacher, pseudo-labels, case selection, student, noise, rounds) and
 the student's training settings, declared once; ``covnet_selftrain``'s flags are derived from them.
 
-The defaults are the published recipe (README, "covnet_selftrain") except where a measurement in BENCHMARKS.md
-decided otherwise (strong noise: off); covnet's first recipe is one set of flags away::
+The defaults are the published recipe (README, "covnet_selftrain") except where the compute-matched benchmark
+in BENCHMARKS.md ("Self-training, compute-matched") measured a better choice: no strong noise, threshold labels,
+cases chosen by confidence, one round. covnet's first recipe is one set of flags away::
 
     --teacher best --pseudo-labels threshold --selection confidence --cases-per-round 2 --student finetune
     --no-refresh --max-rounds 8
@@ -39,18 +40,20 @@ class SelfTrainingSettings:
                                        "with the best validation), a fold number, or all (fold_all)")
     teacher_mirroring: bool = setting(True, "test-time mirroring when the teacher (and each later student) "
                                             "pseudo-labels the pool")
-    pseudo_labels: str = setting("argmax", "argmax (every voxel labelled), class_balanced (per class only the most "
-                                           "confident portion, the rest ignored) or threshold (voxels below "
-                                           "--min-confidence ignored)")
+    # Threshold: measured above argmax (BENCHMARKS.md, "Self-training, compute-matched").
+    pseudo_labels: str = setting("threshold", "threshold (voxels below --min-confidence ignored), argmax (every "
+                                              "voxel labelled) or class_balanced (per class only the most confident "
+                                              "portion, the rest ignored)")
     min_confidence: float = setting(0.9, "threshold: voxels whose largest class probability is below this are "
                                          "ignored (above 1: every voxel)", minimum=0, maximum=1.01)
     class_portion: float = setting(0.2, "class_balanced: share of each class's voxels kept in round 1", above=0,
                                    maximum=1)
     class_portion_step: float = setting(0.05, "class_balanced: growth of that share per round", minimum=0)
     class_portion_max: float = setting(0.5, "class_balanced: largest share", above=0, maximum=1)
-    selection: str = setting("agreement", "which pool cases become training cases: agreement (the teacher's members "
-                                          "agree most on infection), confidence (highest mean confidence) or "
-                                          "random")
+    # Confidence: measured above agreement in both regimes (BENCHMARKS.md, "Self-training, compute-matched").
+    selection: str = setting("confidence", "which pool cases become training cases: confidence (highest mean "
+                                           "confidence), agreement (the teacher's members agree most on "
+                                           "infection) or random")
     select_fraction: float = setting(0.5, "share of the pool taken in round 1; round r takes r times as much, up "
                                           "to all of it", above=0, maximum=1)
     cases_per_round: int | None = setting(None, "take this many more cases each round instead of "
@@ -65,7 +68,9 @@ class SelfTrainingSettings:
     strong_noise: bool = setting(False, "strong augmentation (intensity, blur, cutout) on pseudo-labelled patches")
     refresh: bool = setting(True, "each round the newest model re-labels the whole pool; off: pseudo-labels are "
                                   "kept and only unused cases are labelled")
-    max_rounds: int = setting(2, "at most this many rounds", minimum=1)
+    # One: a second round re-labels the pool with a student no better than its teacher; measured, it cost
+    # infection Dice at the same compute (BENCHMARKS.md, "Self-training, compute-matched").
+    max_rounds: int = setting(1, "at most this many rounds", minimum=1)
     stable_change: float = setting(0.01, "stop early when the pool's pseudo-labels change less than this share of "
                                          "their foreground between rounds", minimum=0)
     holdout: str = setting("fold", "fold (hold out the teacher fold's validation cases and validate every "
