@@ -50,7 +50,8 @@ class SelfTrainingSettings:
                                    maximum=1)
     class_portion_step: float = setting(0.05, "class_balanced: growth of that share per round", minimum=0)
     class_portion_max: float = setting(0.5, "class_balanced: largest share", above=0, maximum=1)
-    # Confidence: measured above agreement in both regimes (BENCHMARKS.md, "Self-training, compute-matched").
+    # Confidence: measured above agreement under shift, and not below it under scarcity (BENCHMARKS.md,
+    # "Self-training, compute-matched").
     selection: str = setting("confidence", "which pool cases become training cases: confidence (highest mean "
                                            "confidence), agreement (the teacher's members agree most on "
                                            "infection) or random")

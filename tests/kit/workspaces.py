@@ -51,9 +51,8 @@ TRAIN_FLAGS = ("--epochs", "3", "--iters-per-epoch", "2", "--val-iters", "1", "-
 TINY_TRAIN = ("--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--num-workers", "0",
               "--no-val-mirroring")
 # The default recipe (ensemble teacher, half the pool, retrained students) with 2 rounds (the second relabels the
-# whole pool and takes all of it), cases chosen by agreement, and argmax labels (a one-iteration model is too
-# unsure for the default threshold to keep anything), at the teacher folds' own one-iteration schedule, without
-# test-time mirroring.
+# whole pool and takes all of it), cases chosen by agreement and argmax labels (what the tests of this fixture
+# check), at the teacher folds' own one-iteration schedule, without test-time mirroring.
 SELFTRAIN_FLAGS = ("--max-rounds", "2", "--selection", "agreement", "--pseudo-labels", "argmax", "--iters-per-epoch",
                    "1", "--val-iters", "1", "--num-workers", "0", "--no-teacher-mirroring", "--no-val-mirroring")
 
