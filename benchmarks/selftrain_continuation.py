@@ -164,9 +164,11 @@ ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self
                    ("oracle", "self-trained"), ("oracle -strong noise", "-strong noise"),
                    ("oracle -strong noise", "oracle"), ("threshold -strong noise", "-strong noise"),
                    ("class-balanced labels", "-strong noise"), ("agreement half", "-strong noise"),
+                   ("confidence half", "-strong noise"), ("random half", "-strong noise"),
                    ("confidence half", "agreement half"), ("random half", "agreement half"),
-                   ("unmirrored teacher", "-strong noise"), ("2 rounds", "-strong noise"),
-                   ("ensemble teacher", "-strong noise"))
+                   ("threshold -strong noise", "class-balanced labels"), ("unmirrored teacher", "-strong noise"),
+                   ("ensemble teacher", "-strong noise"), ("ensemble teacher", "unmirrored teacher"),
+                   ("2 rounds", "-strong noise"))
 
 
 def element_table(scores: dict) -> tuple[str, dict]:
