@@ -8,7 +8,9 @@ Regimes (phantoms, ``covnet_make_phantoms``' acquisition profiles):
 
 * ``scarcity``: 4 expert cases, 16 pool cases and 24 held-out cases, all from one scanner (``standard``);
 * ``shift``: 4 expert cases from the ``standard`` scanner, pool and held-out cases from another
-  (``low_dose_soft``: thick slices, soft kernel, grainy noise, +50 HU, fainter and more numerous lesions).
+  (``low_dose_soft``: thick slices, soft kernel, grainy noise, +50 HU, fainter and more numerous lesions);
+* ``varied``: as ``scarcity``, from a cohort at every stage of the disease (``varied_lesions``: each patient's
+  lesions share one stage, faint ground glass to consolidation), so that 4 expert cases see only a few stages.
 
 Per seed, a fresh draw of every case (the data seed is the seed), one plan for the regime (made once from seed 0's
 expert cases), and these arms, every one measured on the same held-out cases without test-time mirroring:
@@ -42,7 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REGIMES = {"scarcity": ("standard", "standard"), "shift": ("standard", "low_dose_soft")}
+REGIMES = {"scarcity": ("standard", "standard"), "shift": ("standard", "low_dose_soft"),
+           "varied": ("varied_lesions", "varied_lesions")}
 EXPERTS, POOL, HELD_OUT, FOLDS = 4, 16, 24, 4
 # The full recipe, spelled out so that an arm means the same whatever covnet_selftrain's defaults become (runs 1
 # and 2 in BENCHMARKS.md ran it with strong noise on, then the default), and what each element is replaced by in

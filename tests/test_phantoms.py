@@ -13,9 +13,11 @@ from covnet.image.io import read_image
 from covnet.phantoms.acquisition import profile_named
 from covnet.phantoms.anatomy import draw_anatomy
 from covnet.phantoms.generate import (
+    INFECTION,
     SMALL_MAX_VOXELS,
     case_plan,
     draw_scan,
+    draw_infection,
     draw_spacing,
     generate_split,
     infection_fraction,
@@ -225,6 +227,26 @@ def test_acquisition_profiles_change_the_scan_not_the_anatomy(tmp_path):
     image, truth, _ = scans["shifted"]                                 # case 1 is heavily infected
     reference, reference_truth, _ = scans["standard"]
     assert np.median(image[truth == 3]) - 50 < np.median(reference[reference_truth == 3])   # fainter lesions
+
+
+def test_varied_lesions_give_each_patient_one_disease_stage_and_the_cohort_every_stage():
+    """``varied_lesions``: a case's lesions share one density (within the profile's spread), cases differ in it
+    from faint ground glass below the standard floor to consolidation, and the lesion voxels follow."""
+    profile = profile_named("varied_lesions")
+    stages = []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        infection = draw_infection(rng, draw_anatomy(rng), 0.1, profile)
+        densities = [blob.base_hu for blob in infection.blobs]
+        assert max(densities) - min(densities) <= 2 * profile.lesion_stage_spread_hu
+        assert infection.floor_hu == profile.lesion_floor_hu < -720
+        stages.append(float(np.mean(densities)))
+    assert min(stages) < -650 and max(stages) > -300
+    lesion_hu = {}
+    for seed in range(40):
+        image, label, _ = make_phantom_case(seed, spacing_zyx=TINY_SPACING, infection_burden=0.2, profile=profile)
+        lesion_hu[seed] = float(np.median(image[label == INFECTION]))
+    assert min(lesion_hu.values()) < -650 and max(lesion_hu.values()) > -350
 
 
 def test_distinct_patients_make_every_labelled_case_its_own_group(tmp_path):

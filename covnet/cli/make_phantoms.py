@@ -23,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spacing", choices=SPACING_MODES, default="mixed",
                         help="mixed: fine and coarse slices as in COVID-19-CT-Seg; isotropic; anisotropic (z >= 4x)")
     parser.add_argument("--profile", choices=tuple(PROFILES), default="standard",
-                        help="acquisition profile (scanner and protocol) of every split: standard, or "
-                             "low_dose_soft (thick slices, soft kernel, grainy noise, +50 HU, faint lesions)")
+                        help="acquisition profile (scanner, protocol, cohort) of every split: standard; "
+                             "low_dose_soft (thick slices, soft kernel, grainy noise, +50 HU, faint lesions); "
+                             "varied_lesions (each patient at one disease stage, faint ground glass to "
+                             "consolidation)")
     parser.add_argument("--unlabelled-profile", choices=tuple(PROFILES), default=None,
                         help="scan the unlabelled pool with another profile (domain shift; default: --profile)")
     parser.add_argument("--test-profile", choices=tuple(PROFILES), default=None,

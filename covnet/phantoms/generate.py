@@ -68,6 +68,7 @@ class Blob:
 class Infection:
     blobs: tuple[Blob, ...]
     field: SmoothField
+    floor_hu: float = -720.0  # the faintest a lesion voxel may be
 
 
 def draw_infection(rng: np.random.Generator, anatomy: Anatomy, burden: float,
@@ -80,6 +81,7 @@ def draw_infection(rng: np.random.Generator, anatomy: Anatomy, burden: float,
     lung_volume = sum(lung.volume_mm3() for lung in anatomy.lungs) * 0.75  # carving removes about a quarter
     count = int(min(8 * profile.lesion_count_scale, 1 + rng.poisson(burden * 15 * profile.lesion_count_scale)))
     shares = rng.dirichlet(np.ones(count))
+    stage = profile.lesion_stage(rng)
     blobs = []
     for share in shares:
         lung = anatomy.lungs[int(rng.integers(2))]
@@ -94,12 +96,12 @@ def draw_infection(rng: np.random.Generator, anatomy: Anatomy, burden: float,
         aspect /= np.cbrt(aspect.prod())
         # Part of each blob falls outside the lung and is cut away, hence the 1.3 volume margin.
         radius = np.cbrt(3.0 * 1.3 * share * burden * lung_volume / (4.0 * np.pi))
-        blobs.append(Blob(centre, radius * aspect, rng.uniform(*profile.lesion_hu), rng.uniform(0.0, 200.0)))
-    return Infection(tuple(blobs), field)
+        blobs.append(Blob(centre, radius * aspect, profile.lesion_density(rng, stage), rng.uniform(0.0, 200.0)))
+    return Infection(tuple(blobs), field, profile.lesion_floor_hu)
 
 
 def paint_infection(infection: Infection, block: Block, labels: np.ndarray, hu: np.ndarray) -> None:
-    """Label 3 and infection HU (-720…-90) where a blob meets a lung; the blob edge is irregular."""
+    """Label 3 and infection HU (the profile's floor, -720 by default, …-90) where a blob meets a lung; the blob edge is irregular."""
     for blob in infection.blobs:
         reach = 1.5 * blob.radii
         index = block.box(blob.centre - reach, blob.centre + reach)
@@ -113,7 +115,7 @@ def paint_infection(infection: Infection, block: Block, labels: np.ndarray, hu: 
         inside = (distance < 1.0 + 0.3 * noise) & (labels[index] > 0)
         value = blob.base_hu + blob.core_hu * np.clip(1.0 - distance, 0.0, 1.0) + 40.0 * noise
         labels[index][inside] = INFECTION
-        hu[index][inside] = np.clip(value, -720.0, -90.0)[inside]
+        hu[index][inside] = np.clip(value, infection.floor_hu, -90.0)[inside]
 
 
 @dataclass(frozen=True)
