@@ -68,7 +68,7 @@ class Blob:
 class Infection:
     blobs: tuple[Blob, ...]
     field: SmoothField
-    floor_hu: float = -720.0  # the faintest a lesion voxel may be
+    floor_hu: float = DEFAULT_PROFILE.lesion_floor_hu  # the faintest a lesion voxel may be
 
 
 def draw_infection(rng: np.random.Generator, anatomy: Anatomy, burden: float,
@@ -101,7 +101,8 @@ def draw_infection(rng: np.random.Generator, anatomy: Anatomy, burden: float,
 
 
 def paint_infection(infection: Infection, block: Block, labels: np.ndarray, hu: np.ndarray) -> None:
-    """Label 3 and infection HU (the profile's floor, -720 by default, …-90) where a blob meets a lung; the blob edge is irregular."""
+    """Label 3 and infection HU (the profile's floor … -90) where a blob meets a lung; the blob edge is
+    irregular."""
     for blob in infection.blobs:
         reach = 1.5 * blob.radii
         index = block.box(blob.centre - reach, blob.centre + reach)
