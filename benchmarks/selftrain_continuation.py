@@ -195,15 +195,20 @@ def per_seed_means(scores: dict) -> dict[str, dict[int, float]]:
             means.setdefault(arm, {}).setdefault(seed, []).append(row["infection"]["dice"])
     return {arm: {seed: sum(v) / len(v) for seed, v in sorted(seeds.items())} for arm, seeds in means.items()}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser, *, regime: str) -> None:
+    """Where the models are and which: the data root, regime, seeds, budgets, network and patch."""
     parser.add_argument("--root", type=Path, required=True, help="a selftrain_experiment.py folder (its data)")
-    parser.add_argument("--regime", default="shift")
+    parser.add_argument("--regime", default=regime)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--base", type=int, default=3000, help="the base model's iterations")
     parser.add_argument("--extra", type=int, default=1500, help="iterations of the control and of every student")
     parser.add_argument("--features", type=int, nargs="+", default=list(Schedule().features))
     parser.add_argument("--patch", type=int, nargs=3, default=list(Schedule().patch))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, regime="shift")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", type=Path, help="write the table (.md) and every number (.json) here")

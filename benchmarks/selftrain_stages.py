@@ -1,19 +1,18 @@
 """Where do pseudo-labels help? The continuation benchmark's held-out cases grouped by their disease stage.
 
-    python benchmarks/selftrain_stages.py --root /tmp/st800 --regime varied --arms "-strong noise" \\
-        "oracle -strong noise" --output benchmarks/results/selftrain/continuation
+    python benchmarks/selftrain_stages.py --root /tmp/st800 --regime varied --patch 24 32 32 \\
+        --arms "-strong noise" "oracle -strong noise" --output benchmarks/results/selftrain/continuation
 
 In the ``varied`` regime each phantom's lesions share one stage (``varied_lesions``), so 4 expert cases cover
 a few stages and a held-out case may lie outside them. A case's stage is the median HU of its true infection
 voxels in the raw image (the expert cases' measured the same way). Per seed, each held-out case is *fainter*
-than the faintest expert case, *denser* than the densest, or *within* their range; per group and arm the table
-has the mean infection Dice and the paired difference to the control over (seed, case) pairs (bootstrap 95%
-interval, Wilcoxon p). The grouping is chosen after the fact, to explain the pooled result, not to test it.
+than the faintest expert case, *denser* than the densest, or *within* their range; per group, the arm table of
+the other self-training benchmarks (mean Dice and NSD, the paired difference to the control over (seed, case)
+pairs with a bootstrap 95% interval and a Wilcoxon p). The grouping is chosen after the fact, to explain the pooled result, not to test it.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,16 +20,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selftrain_continuation import per_case_scores  # noqa: E402
-from selftrain_experiment import Schedule, data_workspace  # noqa: E402
+from selftrain_analysis import arm_table  # noqa: E402
+from selftrain_continuation import add_model_arguments, per_case_scores  # noqa: E402
+from selftrain_experiment import data_workspace  # noqa: E402
 from selftrain_headroom import network_name  # noqa: E402
 
 from covnet.dataset import image_path, label_path  # noqa: E402
-from covnet.evaluation.paired import paired_difference  # noqa: E402
 from covnet.image.io import read_image  # noqa: E402
 from covnet.phantoms.generate import INFECTION  # noqa: E402
 
-GROUPS = ("fainter", "within", "denser")
+GROUPS = {"fainter": "fainter than every expert case", "within": "within the expert cases' stages",
+          "denser": "denser than every expert case"}
 
 
 def lesion_stage(images: Path, labels: Path, case: str) -> float | None:
@@ -57,37 +57,21 @@ def case_groups(root: Path, regime: str, seed: int) -> dict[str, tuple[float, st
     return groups
 
 
-def stage_table(scores: dict, groups: dict[tuple[int, str], tuple[float, str]]) -> tuple[str, dict]:
-    lines = ["| group | pairs | arm | infection Dice | vs control (95% CI, Wilcoxon p) |", "| --- | --- | --- | --- | --- |"]
-    results = {}
-    for group in GROUPS:
-        keys = sorted(key for key, (_, name) in groups.items() if name == group and key in scores["control"])
-        if not keys:
-            continue
-        for arm, rows in scores.items():
-            pairs = [key for key in keys if key in rows]
-            if not pairs:
-                continue
-            mean = float(np.mean([rows[key]["infection"]["dice"] for key in pairs]))
-            difference = None if arm == "control" else paired_difference(
-                [rows[key]["infection"]["dice"] for key in pairs],
-                [scores["control"][key]["infection"]["dice"] for key in pairs])
-            lines.append(f"| {group} | {len(pairs)} | {arm} | {mean:.3f} | "
-                         f"{'—' if difference is None else difference.describe()} |")
-            results[f"{group} / {arm}"] = {"pairs": len(pairs), "infection dice": mean,
-                                           "difference": None if difference is None else dataclasses.asdict(difference)}
-    return "\n".join(lines), results
+def stage_tables(scores: dict, groups: dict[tuple[int, str], tuple[float, str]]) -> tuple[str, dict]:
+    """``selftrain_analysis.arm_table`` (every arm against the control) over each group's (seed, case) pairs."""
+    texts, results = [], {}
+    for group, title in GROUPS.items():
+        keys = {key for key, (_, name) in groups.items() if name == group}
+        subset = {arm: {key: row for key, row in rows.items() if key in keys} for arm, rows in scores.items()}
+        if subset["control"]:
+            text, results[group] = arm_table(subset, list(subset))
+            texts.append(f"Held-out cases {title}:\n\n{text}")
+    return "\n\n".join(texts), results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, required=True, help="a selftrain_continuation.py folder")
-    parser.add_argument("--regime", default="varied")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
-    parser.add_argument("--base", type=int, default=3000)
-    parser.add_argument("--extra", type=int, default=1500)
-    parser.add_argument("--features", type=int, nargs="+", default=list(Schedule().features))
-    parser.add_argument("--patch", type=int, nargs=3, default=list(Schedule().patch))
+    add_model_arguments(parser, regime="varied")
     parser.add_argument("--arms", nargs="+", default=["-strong noise", "oracle -strong noise"])
     parser.add_argument("--output", type=Path, help="write the table (.md) and every number (.json) here")
     args = parser.parse_args()
@@ -95,7 +79,7 @@ def main() -> None:
     scores = per_case_scores(args.root, args.regime, args.seeds, network, (args.base, args.extra), args.arms)
     groups = {(seed, case): value for seed in args.seeds
               for case, value in case_groups(args.root, args.regime, seed).items()}
-    text, results = stage_table(scores, groups)
+    text, results = stage_tables(scores, groups)
     print(text)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
