@@ -32,7 +32,7 @@ demo: venv
 	$(BIN)/covnet_plan_and_preprocess --workspace $(DEMO_WORKSPACE) -np 2 --device cpu
 	$(BIN)/covnet_train 0 --workspace $(DEMO_WORKSPACE) --epochs $(DEMO_EPOCHS) --iters-per-epoch $(DEMO_ITERATIONS) \
 		--val-iters 5 --checkpoint-every 5 --no-val-mirroring
-	$(BIN)/covnet_selftrain --workspace $(DEMO_WORKSPACE) --max-rounds 2 --student finetune --keep-best \
+	$(BIN)/covnet_selftrain --workspace $(DEMO_WORKSPACE) --max-rounds 2 --student finetune \
 		--epochs $(DEMO_STUDENT_EPOCHS) --val-iters 5 --no-teacher-mirroring --no-val-mirroring
 	$(BIN)/covnet_predict --workspace $(DEMO_WORKSPACE) -i $(DEMO_WORKSPACE)/raw/imagesTs -o $(DEMO_WORKSPACE)/predictions
 	$(BIN)/covnet_evaluate --ref $(DEMO_WORKSPACE)/raw/labelsTs --pred $(DEMO_WORKSPACE)/predictions \

@@ -20,7 +20,11 @@ and plan (with the given network and patch):
   teacher`` (the base and 2 more models trained like it from other initialisations, as a cross-validation's
   folds would be; the student still fine-tunes the base), and ``2 rounds`` of half the iterations each (the
   first student re-labels the whole pool);
-* ``oracle`` and ``oracle -strong noise``: the first two arms with the pool's true labels.
+* ``oracle`` and ``oracle -strong noise``: the first two arms with the pool's true labels;
+* ``retrained student`` (``--student retrain``: re-initialised, trained ``--extra`` iterations at the base's
+  learning rate; the base's own schedule, and so compute-matched with the control, when ``--extra`` equals
+  ``--base``), with ``+strong noise`` (Noisy Student's pairing), and with the pool's true labels (``oracle
+  retrained student``).
 
 The control and every student share the fine-tuned student's settings (``SelfTrainingSettings.student_training``:
 learning rate a tenth of the base's, the same seed), so they differ only in what the extra iterations see. Every
@@ -63,6 +67,11 @@ ARMS = {
     # Two rounds of half the iterations each (compute-matched): the round-1 student re-labels the whole pool.
     "2 rounds": {"max_rounds": 2, "stable_change": 0.0, "refresh": True, "strong_noise": False},
     "ensemble teacher": {"strong_noise": False},
+    # A re-initialised student on the base's full schedule and learning rate: compute-matched with a control
+    # of as many extra iterations only when --extra equals --base.
+    "retrained student": {"student": "retrain", "strong_noise": False},
+    "retrained +strong noise": {"student": "retrain", "strong_noise": True},
+    "oracle retrained student": {"student": "retrain", "strong_noise": False},
 }
 # Arms whose teacher averages this many base models (the base and others trained like it from other
 # initialisations, as the folds of a cross-validation would be); the student still fine-tunes the base.
@@ -168,7 +177,9 @@ ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self
                    ("confidence half", "agreement half"), ("random half", "agreement half"),
                    ("threshold -strong noise", "class-balanced labels"), ("unmirrored teacher", "-strong noise"),
                    ("ensemble teacher", "-strong noise"), ("ensemble teacher", "unmirrored teacher"),
-                   ("2 rounds", "-strong noise"))
+                   ("2 rounds", "-strong noise"), ("retrained student", "-strong noise"),
+                   ("retrained +strong noise", "retrained student"),
+                   ("oracle retrained student", "retrained student"))
 
 
 def element_table(scores: dict) -> tuple[str, dict]:
@@ -194,6 +205,7 @@ def per_seed_means(scores: dict) -> dict[str, dict[int, float]]:
         for (seed, _case), row in rows.items():
             means.setdefault(arm, {}).setdefault(seed, []).append(row["infection"]["dice"])
     return {arm: {seed: sum(v) / len(v) for seed, v in sorted(seeds.items())} for arm, seeds in means.items()}
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, regime: str) -> None:
     """Where the models are and which: the data root, regime, seeds, budgets, network and patch."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from kit.workspaces import (
     TINY_TRAIN,
+    best_validated_round,
     command,
     copy_workspace,
     make_tiny_trainable_workspace,
@@ -59,6 +60,9 @@ def test_defaults_are_the_measured_choices():
     # the published recipe where the benchmark found no better choice
     assert (defaults.teacher, defaults.teacher_mirroring, defaults.select_fraction, defaults.student,
             defaults.refresh) == ("ensemble", True, 0.5, "retrain", True)
+    # the best-validated student where students are validated (measured: BENCHMARKS.md, "Keep the best student")
+    assert defaults.keep_best is None
+    assert defaults.keeps_best(validated=True) and not defaults.keeps_best(validated=False)
 
 
 def test_two_rounds_take_half_the_pool_then_all_of_it_relabelled(selftrained):
@@ -76,9 +80,11 @@ def test_two_rounds_take_half_the_pool_then_all_of_it_relabelled(selftrained):
         order = sorted(scores, key=lambda case: (-scores[case]["agreement"], -scores[case]["confidence"], case))
         assert selection["cases_added"] == order[:len(selection["cases_added"])]
     assert _selection(workspace, 2)["scores"][_pool(workspace)[0]]["change"] is not None
-    assert summary["final"] == {**summary["final"], "round": 2, "reason": "last"}
+    # validated students: final/ is the best of them by default (--keep-best)
+    best = best_validated_round(workspace)
+    assert summary["final"] == {**summary["final"], "round": best, "reason": "best validation"}
     final = workspace.selftrain_final.checkpoint("final")
-    assert final.read_bytes() == workspace.selftrain_round(2).checkpoint("final").read_bytes()
+    assert final.read_bytes() == workspace.selftrain_round(best).checkpoint("final").read_bytes()
     # round 1's predictions are gone once round 2 compared with them; the last round's stay for a continuation
     assert not (workspace.selftrain_round(1) / "candidates").exists()
     assert len(list((workspace.selftrain_round(2) / "candidates").glob("*.json"))) == 4
@@ -131,7 +137,8 @@ def test_students_are_retrained_on_expert_and_pseudo_cases_never_the_held_out_on
                                                                Plan.load(workspace.plans_json)))
     assert len(seeds) == 2
     checkpoint = Checkpoint.load(workspace.selftrain_final.checkpoint("final"))
-    assert checkpoint.fold == "selftrain_round_02" and checkpoint.typed_plan.ignore_label == IGNORE
+    assert checkpoint.fold == f"selftrain_round_0{best_validated_round(workspace)}"
+    assert checkpoint.typed_plan.ignore_label == IGNORE
 
 
 def test_a_second_run_needs_continue_and_continue_redoes_nothing(selftrained, capsys):
@@ -242,10 +249,10 @@ def test_labels_that_stop_changing_end_the_rounds(trained, tmp_path):
     workspace = copy_workspace(trained, tmp_path / "ws")
     # Round 2 adds the other half of the pool whatever the change; round 3 would add nothing and the labels
     # moved less than the (here: absurdly high) bar.
-    assert run_selftrain(workspace, "--max-rounds", "3", "--stable-change", "1.5") == 0
+    assert run_selftrain(workspace, "--max-rounds", "3", "--stable-change", "1.5", "--no-keep-best") == 0
     summary = _summary(workspace)
     assert [entry["round"] for entry in summary["rounds"]] == [1, 2] and "changed by" in summary["stopped"]
-    assert summary["final"]["round"] == 2
+    assert summary["final"]["round"] == 2 and summary["final"]["reason"] == "last"       # as told
 
 
 def test_oracle_labels_replace_the_teacher(trained, tmp_path):
@@ -284,7 +291,8 @@ def test_four_labelled_cases_leave_one_out_or_no_holdout(tmp_path, capsys):
     assert run_selftrain(workspace, "--max-rounds", "1", "--holdout", "none") == 0
     summary = _summary(workspace)
     assert len(summary["teacher"]["train_cases"]) == 4 and summary["teacher"]["validation"] is None
-    assert summary["rounds"][0]["validation"] is None and summary["final"]["round"] == 1
+    assert summary["rounds"][0]["validation"] is None
+    assert summary["final"]["round"] == 1 and summary["final"]["reason"] == "last (no validation)"
 
 
 def test_ranking_without_regions_uses_every_foreground_label(trained):

@@ -30,12 +30,13 @@ _METAVARS = {int: "N", float: "X"}      # strings show the flag's own name
 
 
 def _value_type(annotation):
-    """``int`` for ``int`` or ``int | None``; None for types that are no flag (tuples, dataclasses, ...)."""
+    """``int`` for ``int`` or ``int | None`` (``bool | None``: a ``--x`` / ``--no-x`` flag whose absence leaves
+    None, "decide for me"); None for types that are no flag (tuples, dataclasses, ...)."""
     if annotation in _FLAG_TYPES or annotation is bool:
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [member for member in typing.get_args(annotation) if member is not type(None)]
-        if len(members) == 1 and members[0] in _FLAG_TYPES:
+        if len(members) == 1 and (members[0] in _FLAG_TYPES or members[0] is bool):
             return members[0]
     return None
 

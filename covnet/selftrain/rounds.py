@@ -247,9 +247,10 @@ class SelfTrainingRun:
         return summary
 
     def write_final(self, report: RoundReport) -> dict:
-        """``final/checkpoint_final.pth``: a copy of the last student, or of the best one with ``keep_best``."""
-        chosen, reason = report.rounds[-1], "last"
-        if self.settings.keep_best:
+        """``final/checkpoint_final.pth``: a copy of the best-validated student (``keep_best``), else of the last."""
+        validated = bool(self.teacher.holdout_cases)
+        chosen, reason = report.rounds[-1], "last" if validated else "last (no validation)"
+        if self.settings.keeps_best(validated=validated):
             def score(entry):
                 value = ranking_score(entry["validation"] or {}, self.plan)
                 return -math.inf if math.isnan(value) else value

@@ -85,18 +85,23 @@ def start_or_resume(workspace: Workspace, settings: SelfTrainingSettings, teache
         if settings.max_rounds < _rounds_done(workspace):
             raise CovnetError(None, f"--max-rounds {settings.max_rounds}: {_rounds_done(workspace)} rounds are already "
                                     "trained; a continuation can only add rounds")
+        _check_keep_best(settings, stored_teacher)
         return stored_teacher
     if workspace.selftrain.exists() and any(workspace.selftrain.iterdir()) and not resume:
         raise CovnetError(workspace.selftrain, "already holds files; pass --continue, or delete the folder")
     teacher = teacher or choose_teacher(workspace, settings.teacher, settings.holdout)
     checked_pool(workspace, teacher)
-    if settings.keep_best and not teacher.holdout_cases:
-        raise CovnetError(None, "--keep-best needs validation cases; leave out --holdout none")
+    _check_keep_best(settings, teacher)
     workspace.selftrain.mkdir(parents=True, exist_ok=True)
     write_json(_settings_file(workspace), {"settings": settings.to_json(),
                                            "teacher": teacher_to_json(teacher, workspace.root),
                                            "plan_key": _plan_key(workspace)})
     return teacher
+
+
+def _check_keep_best(settings: SelfTrainingSettings, teacher: Teacher) -> None:
+    if settings.keep_best and not teacher.holdout_cases:
+        raise CovnetError(None, "--keep-best needs validation cases; leave out --holdout none")
 
 
 def _plan_key(workspace: Workspace) -> dict:

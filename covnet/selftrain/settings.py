@@ -76,7 +76,11 @@ class SelfTrainingSettings:
                                          "their foreground between rounds", minimum=0)
     holdout: str = setting("fold", "fold (hold out the teacher fold's validation cases and validate every "
                                     "student on them) or none (train on every expert case; no validation)")
-    keep_best: bool = setting(False, "final/ keeps the student with the best validation (default: the last)")
+    # On where there is validation: measured, keeping the best of 2 rounds beat keeping the last under shift and
+    # with every disease stage, and tied under scarcity (BENCHMARKS.md, "Keep the best student").
+    keep_best: bool | None = setting(None, "final/ keeps the student with the best validation; --no-keep-best: "
+                                           "the last", default_text="on when the students are validated, else "
+                                                                    "the last")
     keep_candidates: bool = setting(False, "keep every round's pool predictions (round_NN/candidates/)")
     training_overrides: dict = setting(default_factory=dict, cli=False)   # covnet_train flags given
 
@@ -96,6 +100,10 @@ class SelfTrainingSettings:
         unknown = sorted(set(self.training_overrides) - {item.name for item in dataclasses.fields(TrainingSettings)})
         if unknown:
             raise CovnetError(None, f"unknown training settings {', '.join(unknown)}")
+
+    def keeps_best(self, *, validated: bool) -> bool:
+        """Whether final/ is the best-validated student: as told, else whenever the students are validated."""
+        return validated if self.keep_best is None else self.keep_best
 
     @property
     def label_policy(self) -> PseudoLabelPolicy:

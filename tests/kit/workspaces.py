@@ -4,6 +4,8 @@ and self-trained ones built once per test session; the commands run in-process."
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from covnet.phantoms.generate import make_phantom_dataset
 from covnet.planning.planner import plan_dataset
 from covnet.planning.plans import Plan
 from covnet.preprocessing.run import preprocess_dataset
+from covnet.selftrain.teacher import ranking_score
 from covnet.workspace import Workspace
 
 TINY_PATCH = (32, 48, 64)
@@ -99,6 +102,15 @@ def selftrained_workspace_once(tmp_path_factory) -> Workspace:
         assert run_selftrain(workspace) == 0
         (root / ".ready").touch()
     return Workspace(root)
+
+
+def best_validated_round(workspace: Workspace) -> int:
+    """The round whose student validated best (covnet's ranking; the first of equals): final/ by default."""
+    rounds = json.loads((workspace.selftrain / "summary.json").read_text())["rounds"]
+    plan = Plan.load(workspace.plans_json)
+    scores = [ranking_score(entry["validation"], plan) for entry in rounds]
+    scores = [-math.inf if math.isnan(score) else score for score in scores]
+    return rounds[scores.index(max(scores))]["round"]
 
 
 def phantom_image(workspace: Workspace, index: int):
