@@ -24,7 +24,8 @@ and plan (with the given network and patch):
 * ``retrained student`` (``--student retrain``: re-initialised, trained ``--extra`` iterations at the base's
   learning rate; the base's own schedule, and so compute-matched with the control, when ``--extra`` equals
   ``--base``), with ``+strong noise`` (Noisy Student's pairing), and with the pool's true labels (``oracle
-  retrained student``).
+  retrained student``); ``retrained defaults``: ``covnet_selftrain``'s defaults (threshold labels, the confident
+  half of the pool) with a retrained student and the base as the teacher.
 
 The control and every student share the fine-tuned student's settings (``SelfTrainingSettings.student_training``:
 learning rate a tenth of the base's, the same seed), so they differ only in what the extra iterations see. Every
@@ -72,6 +73,9 @@ ARMS = {
     "retrained student": {"student": "retrain", "strong_noise": False},
     "retrained +strong noise": {"student": "retrain", "strong_noise": True},
     "oracle retrained student": {"student": "retrain", "strong_noise": False},
+    # covnet_selftrain's defaults but its teacher (the base alone here, not a fold ensemble).
+    "retrained defaults": {"student": "retrain", "pseudo_labels": "threshold", "min_confidence": 0.9,
+                           "selection": "confidence", "select_fraction": 0.5, "strong_noise": False},
 }
 # Arms whose teacher averages this many base models (the base and others trained like it from other
 # initialisations, as the folds of a cross-validation would be); the student still fine-tunes the base.
@@ -179,7 +183,7 @@ ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self
                    ("ensemble teacher", "-strong noise"), ("ensemble teacher", "unmirrored teacher"),
                    ("2 rounds", "-strong noise"), ("retrained student", "-strong noise"),
                    ("retrained +strong noise", "retrained student"),
-                   ("oracle retrained student", "retrained student"))
+                   ("oracle retrained student", "retrained student"), ("retrained defaults", "retrained student"))
 
 
 def element_table(scores: dict) -> tuple[str, dict]:
