@@ -293,6 +293,10 @@ def test_four_labelled_cases_leave_one_out_or_no_holdout(tmp_path, capsys):
     assert len(summary["teacher"]["train_cases"]) == 4 and summary["teacher"]["validation"] is None
     assert summary["rounds"][0]["validation"] is None
     assert summary["final"]["round"] == 1 and summary["final"]["reason"] == "last (no validation)"
+    before = (workspace.selftrain / "summary.json").read_text()
+    assert run_selftrain(workspace, "--continue", "--keep-best") == 2      # nothing to choose by, as at a start
+    assert "--keep-best needs validation cases" in capsys.readouterr().err
+    assert (workspace.selftrain / "summary.json").read_text() == before
 
 
 def test_ranking_without_regions_uses_every_foreground_label(trained):

@@ -76,8 +76,8 @@ class SelfTrainingSettings:
                                          "their foreground between rounds", minimum=0)
     holdout: str = setting("fold", "fold (hold out the teacher fold's validation cases and validate every "
                                     "student on them) or none (train on every expert case; no validation)")
-    # On where there is validation: measured, keeping the best of 2 rounds beat keeping the last under shift and
-    # with every disease stage, and tied under scarcity (BENCHMARKS.md, "Keep the best student").
+    # On by default where the students are validated: measured, keeping the best of 2 rounds beat keeping the last
+    # under shift and with every disease stage, and tied under scarcity (BENCHMARKS.md, "Keep the best student").
     keep_best: bool | None = setting(None, "final/ keeps the student with the best validation; --no-keep-best: "
                                            "the last", default_text="on when the students are validated, else "
                                                                     "the last")
