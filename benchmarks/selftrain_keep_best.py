@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from covnet.selftrain.teacher import ranking_score
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from selftrain_continuation import add_model_arguments, arm_folder  # noqa: E402
-from selftrain_experiment import data_workspace, score_on_held_out  # noqa: E402
+from selftrain_experiment import Schedule, data_workspace, experiment_plan, score_on_held_out  # noqa: E402
 from selftrain_headroom import network_name  # noqa: E402
 
 ARM = "2 rounds"
@@ -54,10 +56,6 @@ def round_scores(args, seed: int, held_out_regime: str | None = None) -> dict[in
             for index, test in tests.items()}
 
 
-def ranking(row: dict) -> float:
-    return (row["lungs"]["dice"] + row["infection"]["dice"]) / 2
-
-
 def validation_draws(cases: list[str], size: int, draws: int, seed: int) -> list[tuple[str, ...]]:
     """Every set of one case; ``draws`` random sets of more."""
     if size == 1:
@@ -66,7 +64,7 @@ def validation_draws(cases: list[str], size: int, draws: int, seed: int) -> list
     return [tuple(rng.choice(cases, size=size, replace=False)) for _ in range(draws)]
 
 
-def keep_best_vs_last(scores: dict[int, dict[int, dict]], size: int, draws: int,
+def keep_best_vs_last(scores: dict[int, dict[int, dict]], size: int, draws: int, plan,
                       validation_scores: dict[int, dict[int, dict]] | None = None) -> dict:
     """Per (seed, test case): the keep-best Dice averaged over the validation draws leaving it out, and the last's.
     Validation sets are drawn from the test cases, or from ``validation_scores``' cases when given."""
@@ -76,7 +74,8 @@ def keep_best_vs_last(scores: dict[int, dict[int, dict]], size: int, draws: int,
         validating = (validation_scores or scores)[seed]
         chosen_dice = {case: [] for case in cases}
         for validation in validation_draws(sorted(validating[2]), size, draws, seed):
-            means = {index: np.mean([ranking(validating[index][case]) for case in validation]) for index in ROUNDS}
+            means = {index: np.mean([ranking_score(validating[index][case], plan) for case in validation])
+                     for index in ROUNDS}
             chosen = max(ROUNDS, key=lambda index: means[index])
             round_one_chosen, total = round_one_chosen + (chosen == 1), total + 1
             for case in set(cases) - (set() if validation_scores else set(validation)):
@@ -86,7 +85,8 @@ def keep_best_vs_last(scores: dict[int, dict[int, dict]], size: int, draws: int,
     return {"kept": kept, "last": last, "round_1_share": round_one_chosen / total}
 
 
-def report(scores: dict, sizes: list[int], draws: int, validation_scores: dict | None = None) -> tuple[str, dict]:
+def report(scores: dict, sizes: list[int], draws: int, plan,
+           validation_scores: dict | None = None) -> tuple[str, dict]:
     from covnet.evaluation.paired import paired_difference
     first = [scores[s][1][c]["infection"]["dice"] for s in scores for c in sorted(scores[s][2])]
     second = [scores[s][2][c]["infection"]["dice"] for s in scores for c in sorted(scores[s][2])]
@@ -96,7 +96,7 @@ def report(scores: dict, sizes: list[int], draws: int, validation_scores: dict |
              "| --- | --- | --- |"]
     results = {"round 1 - round 2": dataclasses.asdict(always_first), "validation": {}}
     for size in sizes:
-        outcome = keep_best_vs_last(scores, size, draws, validation_scores)
+        outcome = keep_best_vs_last(scores, size, draws, plan, validation_scores)
         difference = paired_difference(outcome["kept"], outcome["last"])
         lines.append(f"| {size} | {outcome['round_1_share']:.0%} | {difference.describe()} |")
         results["validation"][size] = {"round_1_share": outcome["round_1_share"], **dataclasses.asdict(difference)}
@@ -122,7 +122,8 @@ def main() -> None:
         sys.exit(f"no scored '{ARM}' arm under {args.root}/{args.regime}")
     validation_scores = ({seed: round_scores(args, seed, args.validation_from) for seed in scores}
                          if args.validation_from else None)
-    text, results = report(scores, args.validation_cases, args.draws, validation_scores)
+    plan = experiment_plan(args.root, args.regime, Schedule())
+    text, results = report(scores, args.validation_cases, args.draws, plan, validation_scores)
     source = f"{args.validation_from}'s held-out cases" if args.validation_from else "the other held-out cases"
     text = f"{args.regime}, seeds {sorted(scores)}, {ARM!r} arm; validation cases from {source}\n\n{text}"
     print(text)
