@@ -8,8 +8,8 @@ DEMO_WORKSPACE ?= demo_workspace
 # A few minutes of CPU training: enough to see the pipeline work end to end, not to converge.
 DEMO_EPOCHS ?= 8
 DEMO_ITERATIONS ?= 25
-# Each round's student fine-tunes the newest model (a new network learns nothing in a demo's few iterations:
-# the default --student retrain is for the teacher's full schedule), and final/ keeps the best on validation.
+# Each round's student fine-tunes the newest model (the default) for this many epochs, and final/ keeps the best
+# on validation.
 DEMO_STUDENT_EPOCHS ?= 4
 
 .PHONY: venv test demo clean
@@ -32,7 +32,7 @@ demo: venv
 	$(BIN)/covnet_plan_and_preprocess --workspace $(DEMO_WORKSPACE) -np 2 --device cpu
 	$(BIN)/covnet_train 0 --workspace $(DEMO_WORKSPACE) --epochs $(DEMO_EPOCHS) --iters-per-epoch $(DEMO_ITERATIONS) \
 		--val-iters 5 --checkpoint-every 5 --no-val-mirroring
-	$(BIN)/covnet_selftrain --workspace $(DEMO_WORKSPACE) --max-rounds 2 --student finetune \
+	$(BIN)/covnet_selftrain --workspace $(DEMO_WORKSPACE) --max-rounds 2 \
 		--epochs $(DEMO_STUDENT_EPOCHS) --val-iters 5 --no-teacher-mirroring --no-val-mirroring
 	$(BIN)/covnet_predict --workspace $(DEMO_WORKSPACE) -i $(DEMO_WORKSPACE)/raw/imagesTs -o $(DEMO_WORKSPACE)/predictions
 	$(BIN)/covnet_evaluate --ref $(DEMO_WORKSPACE)/raw/labelsTs --pred $(DEMO_WORKSPACE)/predictions \

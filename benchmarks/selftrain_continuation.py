@@ -23,9 +23,9 @@ and plan (with the given network and patch):
 * ``oracle`` and ``oracle -strong noise``: the first two arms with the pool's true labels;
 * ``retrained student`` (``--student retrain``: re-initialised, trained ``--extra`` iterations at the base's
   learning rate; the base's own schedule, and so compute-matched with the control, when ``--extra`` equals
-  ``--base``), with ``+strong noise`` (Noisy Student's pairing), and with the pool's true labels (``oracle
-  retrained student``); ``retrained defaults``: ``covnet_selftrain``'s defaults (threshold labels, the confident
-  half of the pool) with a retrained student and the base as the teacher.
+  ``--base``), and with ``+strong noise`` (Noisy Student's pairing);
+* ``default recipe``: every element at ``covnet_selftrain``'s default at once (the ensemble teacher with
+  mirroring, threshold labels, the confident half of the pool, a fine-tuned student, no strong noise, 1 round).
 
 The control and every student share the fine-tuned student's settings (``SelfTrainingSettings.student_training``:
 learning rate a tenth of the base's, the same seed), so they differ only in what the extra iterations see. Every
@@ -72,14 +72,14 @@ ARMS = {
     # of as many extra iterations only when --extra equals --base.
     "retrained student": {"student": "retrain", "strong_noise": False},
     "retrained +strong noise": {"student": "retrain", "strong_noise": True},
-    "oracle retrained student": {"student": "retrain", "strong_noise": False},
-    # covnet_selftrain's defaults but its teacher (the base alone here, not a fold ensemble).
-    "retrained defaults": {"student": "retrain", "pseudo_labels": "threshold", "min_confidence": 0.9,
-                           "selection": "confidence", "select_fraction": 0.5, "strong_noise": False},
+    # Every element at covnet_selftrain's default at once (its teacher: TEACHER_MODELS).
+    "default recipe": {"teacher_mirroring": True, "pseudo_labels": "threshold", "min_confidence": 0.9,
+                       "selection": "confidence", "select_fraction": 0.5, "student": "finetune",
+                       "strong_noise": False, "max_rounds": 1},
 }
 # Arms whose teacher averages this many base models (the base and others trained like it from other
 # initialisations, as the folds of a cross-validation would be); the student still fine-tunes the base.
-TEACHER_MODELS = {"ensemble teacher": 3}
+TEACHER_MODELS = {"ensemble teacher": 3, "default recipe": 3}
 RECIPE = {"teacher": "all", "teacher_mirroring": True, "pseudo_labels": "argmax", "student": "finetune",
           "holdout": "none", "max_rounds": 1, "select_fraction": 1.0, "keep_best": False}
 
@@ -182,8 +182,9 @@ ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self
                    ("threshold -strong noise", "class-balanced labels"), ("unmirrored teacher", "-strong noise"),
                    ("ensemble teacher", "-strong noise"), ("ensemble teacher", "unmirrored teacher"),
                    ("2 rounds", "-strong noise"), ("retrained student", "-strong noise"),
-                   ("retrained +strong noise", "retrained student"),
-                   ("oracle retrained student", "retrained student"), ("retrained defaults", "retrained student"))
+                   ("retrained +strong noise", "retrained student"), ("default recipe", "-strong noise"),
+                   ("default recipe", "ensemble teacher"), ("default recipe", "threshold -strong noise"),
+                   ("default recipe", "confidence half"))
 
 
 def element_table(scores: dict) -> tuple[str, dict]:

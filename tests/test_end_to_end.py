@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from kit.releases import as_covid19ctseg_release
 
 from covnet.dataset import DatasetDescription
@@ -77,6 +78,10 @@ def test_phantoms_import_plan_preprocess_evaluate(tmp_path):
     selftrain = json.loads((workspace / "results" / "selftrain" / "summary.json").read_text())
     assert len(selftrain["rounds"]) == 1 and len(selftrain["rounds"][0]["cases_added"]) == 1
     assert (workspace / "results" / "selftrain" / "final" / "checkpoint_final.pth").is_file()
+    # the default student fine-tunes the teacher at a tenth of its learning rate
+    student = json.loads((workspace / "results" / "selftrain" / "round_01" / "settings.json").read_text())
+    assert student["settings"]["pretrained"] == str(fold / "checkpoint_final.pth")
+    assert student["settings"]["initial_lr"] == pytest.approx(0.001)
     predictions = tmp_path / "predictions"
     printed = run("covnet_predict", "--workspace", workspace, "-i", phantoms / "raw" / "imagesTs", "-o", predictions,
                   "--disable-tta")

@@ -3,7 +3,7 @@ the student's training settings, declared once; ``covnet_selftrain``'s flags are
 
 The defaults are the published recipe (README, "covnet_selftrain") except where the compute-matched benchmark
 in BENCHMARKS.md ("Self-training, compute-matched") measured a better choice: no strong noise, threshold labels,
-cases chosen by confidence, one round. covnet's first recipe is one set of flags away::
+cases chosen by confidence, one round, a fine-tuned student. covnet's first recipe is one set of flags away::
 
     --teacher best --pseudo-labels threshold --selection confidence --cases-per-round 2 --student finetune
     --no-refresh --max-rounds 8
@@ -59,9 +59,11 @@ class SelfTrainingSettings:
                                           "to all of it", above=0, maximum=1)
     cases_per_round: int | None = setting(None, "take this many more cases each round instead of "
                                                 "--select-fraction", minimum=1)
-    student: str = setting("retrain", "retrain (a new network on the teacher's full schedule) or finetune (start "
-                                      "from the latest model, a quarter of the epochs at a tenth of the learning "
-                                      "rate)")
+    # Fine-tune: at the same compute a retrained student was below a fine-tuned one under shift and tied with it
+    # under scarcity (BENCHMARKS.md, "Retrained vs fine-tuned students"); it also costs a quarter of the epochs.
+    student: str = setting("finetune", "finetune (start from the latest model, a quarter of the epochs at a tenth "
+                                       "of the learning rate) or retrain (a new network on the teacher's full "
+                                       "schedule)")
     expert_share: float = setting(0.5, "share of each batch drawn from the expert cases (at least one patch)",
                                   above=0, maximum=1)
     # Off by default: measured, it cost infection Dice with pseudo-labels and with true ones alike
