@@ -135,9 +135,13 @@ def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int,
     torch.set_num_threads(1)
     started = time.monotonic()
     network = network_name(features, patch)
+    folder = arm_folder(root, regime, seed, network, (base, extra), arm)
+    # A scored arm is done: left as it is, whatever covnet_selftrain's defaults have become since it ran.
+    if held_out_summary(folder).is_file():
+        return f"seed {seed} {arm}", 0.0
     plan = with_network(experiment_plan(root, regime, Schedule()), features, patch)
     data = data_workspace(root, regime, seed)
-    workspace = arm_workspace(arm_folder(root, regime, seed, network, (base, extra), arm), data, plan)
+    workspace = arm_workspace(folder, data, plan)
     base_checkpoint = arm_folder(root, regime, seed, network, (base, extra), "base") / "checkpoint_final.pth"
     experts = sorted(path.stem for path in data.preprocessed_cases.glob("*.json"))
     others = []
@@ -154,12 +158,17 @@ def run_arm(root: Path, regime: str, seed: int, arm: str, base: int, extra: int,
         run_selftraining(workspace, settings, resume=True, teacher=teacher,
                          oracle_folder=oracle_folder(root, regime, seed) if arm.startswith("oracle") else None)
         final = workspace.selftrain_final.checkpoint("final")
-    score_on_held_out(data, [final], workspace.root / "test")
+    score_on_held_out(data, [final], held_out_summary(folder).parent)
     return f"seed {seed} {arm}", time.monotonic() - started
 
 
+def held_out_summary(folder: Path) -> Path:
+    """Where an arm's held-out scores are (``score_on_held_out``'s summary)."""
+    return folder / "test" / "summary.json"
+
+
 def scores_of(root: Path, regime: str, seed: int, network: str, budgets: tuple[int, int], arm: str) -> dict:
-    summary = arm_folder(root, regime, seed, network, budgets, arm) / "test" / "summary.json"
+    summary = held_out_summary(arm_folder(root, regime, seed, network, budgets, arm))
     return {(seed, row["case"]): row for row in json.loads(summary.read_text())["per_case"]} if summary.is_file() \
         else {}
 
@@ -240,9 +249,11 @@ def main() -> None:
 
 def train_every_arm(args, features, patch) -> None:
     experiment_plan(args.root, args.regime, Schedule())      # made once, before the seeds' jobs read it
+    extra_teachers = max(TEACHER_MODELS.get(arm, 1) for arm in args.arms) - 1
     with ProcessPoolExecutor(args.workers) as pool:
-        def base_of(seed):
-            return pool.submit(train_and_score, args.root, args.regime, seed, "experts", args.base, features, patch)
+        def base_of(seed, init=0):
+            return pool.submit(train_and_score, args.root, args.regime, seed, "experts", args.base, features, patch,
+                               init=init)
         # Seeds finish in order (a stopped run leaves whole seeds): a seed's arms queue before the base
         # ``--workers`` seeds later.
         bases = {seed: base_of(seed) for seed in args.seeds[:args.workers]}
@@ -250,6 +261,9 @@ def train_every_arm(args, features, patch) -> None:
         for index, seed in enumerate(args.seeds):
             name, seconds = bases[seed].result()
             print(f"{time.strftime('%H:%M:%S')} seed {seed} base ({name}): {seconds:.0f} s", flush=True)
+            # The ensemble's other models before the seed's arms: two arms sharing them must not train them at once.
+            for future in [base_of(seed, init) for init in range(1, extra_teachers + 1)]:
+                future.result()
             arms += [pool.submit(run_arm, args.root, args.regime, seed, arm, args.base, args.extra, features, patch)
                      for arm in args.arms]
             if index + args.workers < len(args.seeds):

@@ -29,7 +29,7 @@ import numpy as np
 from covnet.selftrain.teacher import ranking_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selftrain_continuation import add_model_arguments, arm_folder  # noqa: E402
+from selftrain_continuation import add_model_arguments, arm_folder, held_out_summary  # noqa: E402
 from selftrain_experiment import Schedule, data_workspace, experiment_plan, score_on_held_out  # noqa: E402
 from selftrain_headroom import network_name  # noqa: E402
 
@@ -44,7 +44,7 @@ def round_scores(args, seed: int, held_out_regime: str | None = None) -> dict[in
                         (args.base, args.extra), ARM)
     checkpoints = {index: folder / "results" / "selftrain" / f"round_{index:02d}" / "checkpoint_final.pth"
                    for index in ROUNDS}
-    if not (folder / "test" / "summary.json").is_file() or not all(path.is_file() for path in checkpoints.values()):
+    if not held_out_summary(folder).is_file() or not all(path.is_file() for path in checkpoints.values()):
         return {}
     suffix = f"_{held_out_regime}" if held_out_regime else ""
     tests = {index: folder / (f"test{suffix}" if index == ROUNDS[-1] else f"test_round_{index:02d}{suffix}")
