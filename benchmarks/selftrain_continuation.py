@@ -25,7 +25,11 @@ and plan (with the given network and patch):
   learning rate; the base's own schedule, and so compute-matched with the control, when ``--extra`` equals
   ``--base``), and with ``+strong noise`` (Noisy Student's pairing);
 * ``default recipe``: every element at ``covnet_selftrain``'s default at once (the ensemble teacher with
-  mirroring, threshold labels, the confident half of the pool, a fine-tuned student, no strong noise, 1 round).
+  mirroring, threshold labels, the confident half of the pool, a fine-tuned student, no strong noise, 1 round),
+  and that recipe minus one element at a time: ``default -ensemble teacher`` (the mirrored base alone labels),
+  ``default -threshold`` (argmax labels), ``default -confidence half`` (the whole pool);
+* ``seed recipe``: covnet's first recipe (the base alone, threshold labels, 4 more of the most confident cases
+  each round, labels kept, 4 rounds of a quarter of ``--extra`` each).
 
 The control and every student share the fine-tuned student's settings (``SelfTrainingSettings.student_training``:
 learning rate a tenth of the base's, the same seed), so they differ only in what the extra iterations see. Every
@@ -52,6 +56,9 @@ from selftrain_headroom import model_folder, network_name, train_and_score, trai
 
 # Every element spelled out: an arm must mean the same whatever covnet_selftrain's defaults become. Beyond
 # these, every arm takes the whole pool, argmax labels from the mirrored base, one round (RECIPE).
+DEFAULT_RECIPE = {"teacher_mirroring": True, "pseudo_labels": "threshold", "min_confidence": 0.9,
+                  "selection": "confidence", "select_fraction": 0.5, "student": "finetune", "strong_noise": False,
+                  "max_rounds": 1}
 ARMS = {
     "control": None,
     "self-trained": {"strong_noise": True},
@@ -73,13 +80,20 @@ ARMS = {
     "retrained student": {"student": "retrain", "strong_noise": False},
     "retrained +strong noise": {"student": "retrain", "strong_noise": True},
     # Every element at covnet_selftrain's default at once (its teacher: TEACHER_MODELS).
-    "default recipe": {"teacher_mirroring": True, "pseudo_labels": "threshold", "min_confidence": 0.9,
-                       "selection": "confidence", "select_fraction": 0.5, "student": "finetune",
-                       "strong_noise": False, "max_rounds": 1},
+    "default recipe": DEFAULT_RECIPE,
+    # The default recipe minus one element (leave-one-out): a single mirrored teacher, argmax labels, the whole pool.
+    "default -ensemble teacher": DEFAULT_RECIPE,
+    "default -threshold": {**DEFAULT_RECIPE, "pseudo_labels": "argmax"},
+    "default -confidence half": {**DEFAULT_RECIPE, "select_fraction": 1.0},
+    # covnet's first recipe: the base alone labels, 4 more of the most confident cases a round (threshold labels,
+    # kept, not refreshed) for 4 rounds of a quarter of the iterations each, so the whole pool by the last.
+    "seed recipe": {"pseudo_labels": "threshold", "min_confidence": 0.9, "selection": "confidence",
+                    "cases_per_round": 4, "student": "finetune", "strong_noise": False, "refresh": False,
+                    "max_rounds": 4, "stable_change": 0.0},
 }
 # Arms whose teacher averages this many base models (the base and others trained like it from other
 # initialisations, as the folds of a cross-validation would be); the student still fine-tunes the base.
-TEACHER_MODELS = {"ensemble teacher": 3, "default recipe": 3}
+TEACHER_MODELS = {"ensemble teacher": 3, "default recipe": 3, "default -threshold": 3, "default -confidence half": 3}
 RECIPE = {"teacher": "all", "teacher_mirroring": True, "pseudo_labels": "argmax", "student": "finetune",
           "holdout": "none", "max_rounds": 1, "select_fraction": 1.0, "keep_best": False}
 
@@ -193,7 +207,9 @@ ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self
                    ("2 rounds", "-strong noise"), ("retrained student", "-strong noise"),
                    ("retrained +strong noise", "retrained student"), ("default recipe", "-strong noise"),
                    ("default recipe", "ensemble teacher"), ("default recipe", "threshold -strong noise"),
-                   ("default recipe", "confidence half"))
+                   ("default recipe", "confidence half"), ("default recipe", "default -ensemble teacher"),
+                   ("default recipe", "default -threshold"), ("default recipe", "default -confidence half"),
+                   ("default recipe", "seed recipe"))
 
 
 def element_table(scores: dict) -> tuple[str, dict]:
