@@ -290,8 +290,11 @@ def train_every_arm(args, features, patch) -> None:
 
 
 def report(args, features, patch) -> None:
+    """Tables, numbers and figure of every arm scored so far at these budgets, not only ``--arms``: a run of
+    some arms rewrites the regime's files, which must keep the others."""
     scores = per_case_scores(args.root, args.regime, args.seeds, network_name(features, patch),
-                             (args.base, args.extra), args.arms)
+                             (args.base, args.extra), list(ARMS))
+    scores = {arm: rows for arm, rows in scores.items() if rows or arm in ("base", "control")}
     text, results = arm_table(scores, list(scores))
     effects, effect_numbers = element_table(scores)
     text = f"{text}\n\nOne element at a time (paired over (seed, case)):\n\n{effects}"
@@ -305,7 +308,7 @@ def report(args, features, patch) -> None:
              "per_case": {arm: {f"{s}/{c}": row for (s, c), row in rows.items()} for arm, rows in scores.items()}},
             indent=1))
         network = network_name(features, patch)
-        diagnostics, _ = round_diagnostics(args.root, args.regime, args.arms, lambda seed, arm: arm_folder(
+        diagnostics, _ = round_diagnostics(args.root, args.regime, list(scores), lambda seed, arm: arm_folder(
             args.root, args.regime, seed, network, (args.base, args.extra), arm) / "results" / "selftrain")
         stem.with_suffix(".md").write_text(f"{text}\n\nPseudo-labels against the pool's truth:\n\n{diagnostics}\n")
         plot(scores, list(scores), stem.with_suffix(".png"),
