@@ -27,7 +27,9 @@ and plan (with the given network and patch):
 * ``default recipe``: every element at ``covnet_selftrain``'s default at once (the ensemble teacher with
   mirroring, threshold labels, the confident half of the pool, a fine-tuned student, no strong noise, 1 round),
   and that recipe minus one element at a time: ``default -ensemble teacher`` (the mirrored base alone labels),
-  ``default -threshold`` (argmax labels), ``default -confidence half`` (the whole pool);
+  ``default -threshold`` (argmax labels), ``default -confidence half`` (the whole pool), or with the element it
+  leaves out: ``default +strong noise``, ``default 2 rounds`` (half the iterations each, the first student
+  re-labelling the whole pool);
 * ``seed recipe``: covnet's first recipe (the base alone, threshold labels, 4 more of the most confident cases
   each round, labels kept, 4 rounds of a quarter of ``--extra`` each).
 
@@ -85,6 +87,9 @@ ARMS = {
     "default -ensemble teacher": DEFAULT_RECIPE,
     "default -threshold": {**DEFAULT_RECIPE, "pseudo_labels": "argmax"},
     "default -confidence half": {**DEFAULT_RECIPE, "select_fraction": 1.0},
+    # ... and plus one of the elements it leaves out: strong noise, a second round (half the iterations each).
+    "default +strong noise": {**DEFAULT_RECIPE, "strong_noise": True},
+    "default 2 rounds": {**DEFAULT_RECIPE, "max_rounds": 2, "stable_change": 0.0, "refresh": True},
     # covnet's first recipe: the base alone labels, 4 more of the most confident cases a round (threshold labels,
     # kept, not refreshed) for 4 rounds of a quarter of the iterations each, so the whole pool by the last.
     "seed recipe": {"pseudo_labels": "threshold", "min_confidence": 0.9, "selection": "confidence",
@@ -93,7 +98,8 @@ ARMS = {
 }
 # Arms whose teacher averages this many base models (the base and others trained like it from other
 # initialisations, as the folds of a cross-validation would be); the student still fine-tunes the base.
-TEACHER_MODELS = {"ensemble teacher": 3, "default recipe": 3, "default -threshold": 3, "default -confidence half": 3}
+TEACHER_MODELS = {"ensemble teacher": 3, "default recipe": 3, "default -threshold": 3, "default -confidence half": 3,
+                  "default +strong noise": 3, "default 2 rounds": 3}
 RECIPE = {"teacher": "all", "teacher_mirroring": True, "pseudo_labels": "argmax", "student": "finetune",
           "holdout": "none", "max_rounds": 1, "select_fraction": 1.0, "keep_best": False}
 
@@ -209,6 +215,7 @@ ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self
                    ("default recipe", "ensemble teacher"), ("default recipe", "threshold -strong noise"),
                    ("default recipe", "confidence half"), ("default recipe", "default -ensemble teacher"),
                    ("default recipe", "default -threshold"), ("default recipe", "default -confidence half"),
+                   ("default +strong noise", "default recipe"), ("default 2 rounds", "default recipe"),
                    ("default recipe", "seed recipe"))
 
 
