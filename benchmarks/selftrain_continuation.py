@@ -51,7 +51,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selftrain_experiment import (Schedule, data_workspace, experiment_plan, oracle_folder,  # noqa: E402
+from selftrain_experiment import (SUPERVISED, Schedule, data_workspace, experiment_plan, oracle_folder,  # noqa: E402
                                   regime_root, score_on_held_out, slug, with_network)
 from selftrain_analysis import arm_table, plot, round_diagnostics  # noqa: E402
 from selftrain_headroom import model_folder, network_name, train_and_score, train_on  # noqa: E402
@@ -301,7 +301,7 @@ def report(args, features, patch) -> None:
     some arms rewrites the regime's files, which must keep the others."""
     scores = per_case_scores(args.root, args.regime, args.seeds, network_name(features, patch),
                              (args.base, args.extra), list(ARMS))
-    scores = {arm: rows for arm, rows in scores.items() if rows or arm in ("base", "control")}
+    scores = {arm: rows for arm, rows in scores.items() if rows or arm in SUPERVISED}
     text, results = arm_table(scores, list(scores))
     effects, effect_numbers = element_table(scores)
     text = f"{text}\n\nOne element at a time (paired over (seed, case)):\n\n{effects}"
