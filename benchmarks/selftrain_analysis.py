@@ -133,14 +133,23 @@ def round_diagnostics(root: Path, regime: str, arms: list[str],
         for round_index, entries in sorted(per_round.items()):
             rows.append({"arm": arm, "round": round_index, "seeds": len(entries),
                          **{key: _mean(e[key] for e in entries) for key in entries[0]}})
-    keys = ["pool infection Dice", "taken infection Dice", "pool lungs Dice", "ignored infection",
-            "ignored background", "change", "agreement"]
-    lines = ["| arm | round | seeds | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 3) + "|"]
+    return diagnostics_table(rows), rows
+
+
+# The diagnostics a table shows, of those ``round_diagnostics`` measures.
+DIAGNOSTIC_KEYS = ("pool infection Dice", "taken infection Dice", "pool lungs Dice", "ignored infection",
+                   "ignored background", "change", "agreement")
+
+
+def diagnostics_table(rows: list[dict]) -> str:
+    """``round_diagnostics``' rows as a table, one line per arm and round."""
+    lines = ["| arm | round | seeds | " + " | ".join(DIAGNOSTIC_KEYS) + " |",
+             "| --- " * (len(DIAGNOSTIC_KEYS) + 3) + "|"]
     for row in rows:
         lines.append(f"| {row['arm']} | {row['round']} | {row['seeds']} | " +
-                     " | ".join("—" if row.get(k) is None or math.isnan(row[k]) else f"{row[k]:.3f}" for k in keys)
-                     + " |")
-    return "\n".join(lines), rows
+                     " | ".join("—" if row.get(k) is None or math.isnan(row[k]) else f"{row[k]:.3f}"
+                                for k in DIAGNOSTIC_KEYS) + " |")
+    return "\n".join(lines)
 
 
 def plot(scores: dict, arms: list[str], path: Path, title: str) -> None:

@@ -27,7 +27,9 @@ and plan (with the given network and patch):
 * ``default recipe``: every element at ``covnet_selftrain``'s default at once (the ensemble teacher with
   mirroring, threshold labels, the confident half of the pool, a fine-tuned student, no strong noise, 1 round),
   and that recipe minus one element at a time: ``default -ensemble teacher`` (the mirrored base alone labels),
-  ``default -threshold`` (argmax labels), ``default -confidence half`` (the whole pool), or with the element it
+  ``default -threshold`` (argmax labels), ``default -confidence half`` (the whole pool), ``default -mirroring``
+  (the ensemble labels without test-time mirroring), ``default -fine-tuned student`` (a retrained student, which
+  needs ``--extra`` equal to ``--base`` to be compute-matched), or with the element it
   leaves out: ``default +strong noise``, ``default 2 rounds`` (half the iterations each, the first student
   re-labelling the whole pool);
 * ``seed recipe``: covnet's first recipe (the base alone, threshold labels, 4 more of the most confident cases
@@ -53,7 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from selftrain_experiment import (SUPERVISED, Schedule, data_workspace, experiment_plan, oracle_folder,  # noqa: E402
                                   regime_root, score_on_held_out, slug, with_network)
-from selftrain_analysis import arm_table, plot, round_diagnostics  # noqa: E402
+from selftrain_analysis import arm_table, diagnostics_table, plot, round_diagnostics  # noqa: E402
 from selftrain_headroom import model_folder, network_name, train_and_score, train_on  # noqa: E402
 
 # Every element spelled out: an arm must mean the same whatever covnet_selftrain's defaults become. Beyond
@@ -87,6 +89,9 @@ ARMS = {
     "default -ensemble teacher": DEFAULT_RECIPE,
     "default -threshold": {**DEFAULT_RECIPE, "pseudo_labels": "argmax"},
     "default -confidence half": {**DEFAULT_RECIPE, "select_fraction": 1.0},
+    "default -mirroring": {**DEFAULT_RECIPE, "teacher_mirroring": False},
+    # A re-initialised student: compute-matched with the control only when --extra equals --base.
+    "default -fine-tuned student": {**DEFAULT_RECIPE, "student": "retrain"},
     # ... and plus one of the elements it leaves out: strong noise, a second round (half the iterations each).
     "default +strong noise": {**DEFAULT_RECIPE, "strong_noise": True},
     "default 2 rounds": {**DEFAULT_RECIPE, "max_rounds": 2, "stable_change": 0.0, "refresh": True},
@@ -99,7 +104,8 @@ ARMS = {
 # Arms whose teacher averages this many base models (the base and others trained like it from other
 # initialisations, as the folds of a cross-validation would be); the student still fine-tunes the base.
 TEACHER_MODELS = {"ensemble teacher": 3, "default recipe": 3, "default -threshold": 3, "default -confidence half": 3,
-                  "default +strong noise": 3, "default 2 rounds": 3}
+                  "default -mirroring": 3, "default -fine-tuned student": 3, "default +strong noise": 3,
+                  "default 2 rounds": 3}
 RECIPE = {"teacher": "all", "teacher_mirroring": True, "pseudo_labels": "argmax", "student": "finetune",
           "holdout": "none", "max_rounds": 1, "select_fraction": 1.0, "keep_best": False}
 
@@ -215,6 +221,7 @@ ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self
                    ("default recipe", "ensemble teacher"), ("default recipe", "threshold -strong noise"),
                    ("default recipe", "confidence half"), ("default recipe", "default -ensemble teacher"),
                    ("default recipe", "default -threshold"), ("default recipe", "default -confidence half"),
+                   ("default recipe", "default -mirroring"), ("default recipe", "default -fine-tuned student"),
                    ("default +strong noise", "default recipe"), ("default 2 rounds", "default recipe"),
                    ("default recipe", "seed recipe"))
 
@@ -297,29 +304,58 @@ def train_every_arm(args, features, patch) -> None:
 
 
 def report(args, features, patch) -> None:
-    """Tables, numbers and figure of every arm scored so far at these budgets, not only ``--arms``: a run of
-    some arms rewrites the regime's files, which must keep the others."""
-    scores = per_case_scores(args.root, args.regime, args.seeds, network_name(features, patch),
-                             (args.base, args.extra), list(ARMS))
+    """Tables, numbers and figure of every arm scored at these budgets, not only ``--arms``: a run of some arms
+    rewrites the regime's files, which must keep the others, those on disk and those of the earlier report."""
+    network = network_name(features, patch)
+    stem = args.output / f"continuation_{args.regime}_{network}_{args.base}+{args.extra}" if args.output else None
+    scores = per_case_scores(args.root, args.regime, args.seeds, network, (args.base, args.extra), list(ARMS))
+    _, diagnostics = round_diagnostics(args.root, args.regime, [arm for arm in scores if scores[arm]], lambda seed, arm:
+                                       arm_folder(args.root, args.regime, seed, network, (args.base, args.extra), arm)
+                                       / "results" / "selftrain")
+    if stem is not None and stem.with_suffix(".json").is_file():
+        scores, diagnostics = with_earlier_report(stem.with_suffix(".json"), scores, diagnostics)
     scores = {arm: rows for arm, rows in scores.items() if rows or arm in SUPERVISED}
     text, results = arm_table(scores, list(scores))
     effects, effect_numbers = element_table(scores)
     text = f"{text}\n\nOne element at a time (paired over (seed, case)):\n\n{effects}"
     print(text)
-    if args.output:
-        args.output.mkdir(parents=True, exist_ok=True)
-        stem = args.output / f"continuation_{args.regime}_{network_name(features, patch)}_{args.base}+{args.extra}"
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"seeds": args.seeds, "arms": results, "elements": effect_numbers,
-             "per_seed_infection_dice": per_seed_means(scores),
-             "per_case": {arm: {f"{s}/{c}": row for (s, c), row in rows.items()} for arm, rows in scores.items()}},
-            indent=1))
-        network = network_name(features, patch)
-        diagnostics, _ = round_diagnostics(args.root, args.regime, list(scores), lambda seed, arm: arm_folder(
-            args.root, args.regime, seed, network, (args.base, args.extra), arm) / "results" / "selftrain")
-        stem.with_suffix(".md").write_text(f"{text}\n\nPseudo-labels against the pool's truth:\n\n{diagnostics}\n")
-        plot(scores, list(scores), stem.with_suffix(".png"),
-             f"{args.regime}: {args.extra} more iterations after {args.base}, {len(args.seeds)} seeds")
+    if stem is None:
+        return
+    args.output.mkdir(parents=True, exist_ok=True)
+    seeds = sorted({seed for rows in scores.values() for seed, _case in rows})
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"seeds": seeds, "arms": results, "elements": effect_numbers, "per_seed_infection_dice": per_seed_means(scores),
+         "per_case": {arm: {f"{s}/{c}": row for (s, c), row in rows.items()} for arm, rows in scores.items()},
+         "diagnostics": diagnostics}, indent=1))
+    stem.with_suffix(".md").write_text(
+        f"{text}\n\nPseudo-labels against the pool's truth:\n\n{diagnostics_table(diagnostics)}\n")
+    plot(scores, list(scores), stem.with_suffix(".png"),
+         f"{args.regime}: {args.extra} more iterations after {args.base}, {len(seeds)} seeds")
+
+
+def with_earlier_report(path: Path, scores: dict, diagnostics: list[dict]) -> tuple[dict, list[dict]]:
+    """``scores`` and the round ``diagnostics`` completed from an earlier report (``path``), whose models may be
+    gone: what is not on disk comes from it. Refused where a (seed, case) on disk scores differently from the
+    report, as the models on disk then are not the ones it reported (training is deterministic on one thread)."""
+    earlier = json.loads(path.read_text())
+    merged = {}
+    for arm, rows in scores.items():
+        reported = {(int(key.split("/")[0]), key.split("/", 1)[1]): row
+                    for key, row in earlier["per_case"].get(arm, {}).items()}
+        for seed, case in sorted(set(rows) & set(reported)):
+            if json.dumps(rows[seed, case], sort_keys=True) != json.dumps(reported[seed, case], sort_keys=True):
+                raise SystemExit(f"{path}: {arm}, seed {seed}, {case} scores differently on disk; these models are "
+                                 "not the ones it reports: write this run's report to another --output")
+        merged[arm] = {**reported, **rows}
+    # An arm's diagnostics from whichever has more seeds (on disk, a re-run of some seeds may be all there is).
+    def seeds_in(rows: list[dict]) -> int:
+        return max((row["seeds"] for row in rows), default=0)
+    kept = []
+    for arm in merged:
+        mine = [row for row in diagnostics if row["arm"] == arm]
+        theirs = [row for row in earlier.get("diagnostics", []) if row["arm"] == arm]
+        kept += mine if seeds_in(mine) >= seeds_in(theirs) else theirs
+    return merged, kept
 
 
 if __name__ == "__main__":
