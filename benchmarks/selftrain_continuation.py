@@ -333,20 +333,37 @@ def report(args, features, patch) -> None:
          f"{args.regime}: {args.extra} more iterations after {args.base}, {len(seeds)} seeds")
 
 
+# How far a rebuilt model's held-out scores may stray from the reported ones (any structure's Dice or NSD) and
+# still count as the same model. Training is deterministic on one thread, but not always bit for bit: of the
+# 6 shift bases rebuilt on 2026-11-28, 5 matched exactly and one differed on 2 of its 24 cases, by at most 0.0013.
+REPRODUCTION_TOLERANCE = 0.005
+
+
+def score_gap(row: dict, other: dict) -> float:
+    """The largest difference between two held-out rows of a case, over every structure's Dice and NSD."""
+    gaps = [abs(row[structure][metric] - other[structure][metric]) for structure in row if structure != "case"
+            for metric in row[structure] if row[structure][metric] is not None and other[structure][metric] is not None]
+    return max(gaps, default=0.0)
+
+
 def with_earlier_report(path: Path, scores: dict, diagnostics: list[dict]) -> tuple[dict, list[dict]]:
     """``scores`` and the round ``diagnostics`` completed from an earlier report (``path``), whose models may be
-    gone: what is not on disk comes from it. Refused where a (seed, case) on disk scores differently from the
-    report, as the models on disk then are not the ones it reported (training is deterministic on one thread)."""
+    gone: the report's rows stand, and the disk adds what it lacks. Refused where a (seed, case) on disk scores
+    further than ``REPRODUCTION_TOLERANCE`` from the report: the models on disk then are not the ones it reports."""
     earlier = json.loads(path.read_text())
-    merged = {}
+    merged, changed, largest = {}, 0, 0.0
     for arm, rows in scores.items():
         reported = {(int(key.split("/")[0]), key.split("/", 1)[1]): row
                     for key, row in earlier["per_case"].get(arm, {}).items()}
         for seed, case in sorted(set(rows) & set(reported)):
-            if json.dumps(rows[seed, case], sort_keys=True) != json.dumps(reported[seed, case], sort_keys=True):
-                raise SystemExit(f"{path}: {arm}, seed {seed}, {case} scores differently on disk; these models are "
+            gap = score_gap(rows[seed, case], reported[seed, case])
+            if gap > REPRODUCTION_TOLERANCE:
+                raise SystemExit(f"{path}: {arm}, seed {seed}, {case} scores {gap:.4f} away on disk; these models are "
                                  "not the ones it reports: write this run's report to another --output")
-        merged[arm] = {**reported, **rows}
+            changed, largest = changed + (gap > 0), max(largest, gap)
+        merged[arm] = dict(sorted({**rows, **reported}.items()))
+    print(f"{path.name}: {changed} (arm, seed, case) rows on disk differ from the report's, by at most {largest:.4f}; "
+          "the report's are kept")
     # An arm's diagnostics from whichever has more seeds (on disk, a re-run of some seeds may be all there is).
     def seeds_in(rows: list[dict]) -> int:
         return max((row["seeds"] for row in rows), default=0)
