@@ -221,7 +221,7 @@ ELEMENT_EFFECTS = (("-strong noise", "self-trained"), ("threshold labels", "self
                    ("default recipe", "ensemble teacher"), ("default recipe", "threshold -strong noise"),
                    ("default recipe", "confidence half"), ("default recipe", "default -ensemble teacher"),
                    ("default recipe", "default -threshold"), ("default recipe", "default -confidence half"),
-                   ("default recipe", "default -mirroring"), ("default recipe", "default -fine-tuned student"),
+                   ("default recipe", "default -mirroring"), ("default -fine-tuned student", "retrained student"),
                    ("default +strong noise", "default recipe"), ("default 2 rounds", "default recipe"),
                    ("default recipe", "seed recipe"))
 
