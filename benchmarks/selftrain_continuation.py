@@ -364,14 +364,15 @@ def with_earlier_report(path: Path, scores: dict, diagnostics: list[dict]) -> tu
         merged[arm] = dict(sorted({**rows, **reported}.items()))
     print(f"{path.name}: {changed} (arm, seed, case) rows on disk differ from the report's, by at most {largest:.4f}; "
           "the report's are kept")
-    # An arm's diagnostics from whichever has more seeds (on disk, a re-run of some seeds may be all there is).
+
+    # An arm's diagnostics from whichever has more seeds, the report's on a tie, like its rows.
     def seeds_in(rows: list[dict]) -> int:
         return max((row["seeds"] for row in rows), default=0)
     kept = []
     for arm in merged:
         mine = [row for row in diagnostics if row["arm"] == arm]
         theirs = [row for row in earlier.get("diagnostics", []) if row["arm"] == arm]
-        kept += mine if seeds_in(mine) >= seeds_in(theirs) else theirs
+        kept += mine if seeds_in(mine) > seeds_in(theirs) else theirs
     return merged, kept
 
 
