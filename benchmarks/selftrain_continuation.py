@@ -309,11 +309,14 @@ def report(args, features, patch) -> None:
     network = network_name(features, patch)
     stem = args.output / f"continuation_{args.regime}_{network}_{args.base}+{args.extra}" if args.output else None
     scores = per_case_scores(args.root, args.regime, args.seeds, network, (args.base, args.extra), list(ARMS))
-    _, diagnostics = round_diagnostics(args.root, args.regime, [arm for arm in scores if scores[arm]], lambda seed, arm:
-                                       arm_folder(args.root, args.regime, seed, network, (args.base, args.extra), arm)
-                                       / "results" / "selftrain")
-    if stem is not None and stem.with_suffix(".json").is_file():
-        scores, diagnostics = with_earlier_report(stem.with_suffix(".json"), scores, diagnostics)
+    diagnostics = []
+    if stem is not None:        # the pool's labels are read only for a report that keeps them
+        _, diagnostics = round_diagnostics(args.root, args.regime, [arm for arm in scores if scores[arm]],
+                                           lambda seed, arm: arm_folder(args.root, args.regime, seed, network,
+                                                                        (args.base, args.extra), arm)
+                                           / "results" / "selftrain")
+        if stem.with_suffix(".json").is_file():
+            scores, diagnostics = with_earlier_report(stem.with_suffix(".json"), scores, diagnostics)
     scores = {arm: rows for arm, rows in scores.items() if rows or arm in SUPERVISED}
     text, results = arm_table(scores, list(scores))
     effects, effect_numbers = element_table(scores)
