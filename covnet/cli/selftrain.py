@@ -24,10 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
         description="Self-train on the unlabelled pool: each round the teacher (then the newest student) labels the "
-                    "pool, the cases its members agree on most become pseudo-labelled training cases, and a new "
-                    "student is trained on the expert cases plus those, with strong augmentation on the "
-                    "pseudo-labelled patches. Output: results/selftrain/ (summary.json, progress.png, round_NN/, "
-                    "final/). Under torchrun the ranks share the labelling and train with DistributedDataParallel; "
+                    "pool, the cases it labels most confidently become pseudo-labelled training cases (their "
+                    "uncertain voxels ignored), and a student is trained on the expert cases plus those (by "
+                    "default fine-tuned from the newest model; the recipe flags below choose each step). Output: "
+                    "results/selftrain/ (summary.json, progress.png, round_NN/, final/). Under torchrun the ranks share the labelling and train with DistributedDataParallel; "
                     "--num-parts/--part-id split one round's labelling across separate machines.")
     add_workspace_argument(parser)
     parser.add_argument("--continue", dest="resume", action="store_true",
