@@ -17,6 +17,7 @@ from covnet.cli.common import run_command
 from covnet.cli.train import main as train_main
 from covnet.image.io import read_image
 from covnet.inference.predictor import InferenceSettings, Predictor
+from covnet.training.progress import History
 from covnet.training.session import poly_learning_rate
 from covnet.training.settings import TrainingSettings
 
@@ -84,6 +85,16 @@ def test_poly_schedule_per_epoch():
     assert poly_learning_rate(0.01, 0, 1000) == 0.01
     assert poly_learning_rate(0.01, 500, 1000) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert poly_learning_rate(0.01, 999, 1000) > 0
+
+
+def test_an_epoch_without_validation_says_so_instead_of_nan():
+    history = History()
+    nan = float("nan")
+    history.record(1.25, nan, [nan, nan], 0.01, 3.0, 0.07, 0.1)
+    history.record(1.1, 0.9, [0.5, 0.75], 0.009, 3.0, 0.07, 0.1)
+    assert "no validation" in history.epoch_line(0, ["lungs", "infection"])
+    assert "nan" not in history.epoch_line(0, ["lungs", "infection"])
+    assert "pseudo-Dice lungs 0.500 infection 0.750" in history.epoch_line(1, ["lungs", "infection"])
 
 
 def test_finished_fold_is_not_redone_and_needs_a_choice(trained, capsys):

@@ -53,9 +53,13 @@ class History:
 
     def epoch_line(self, epoch_index: int, label_names: list[str]) -> str:
         i = epoch_index
-        dice = " ".join(f"{name} {value:.3f}" for name, value in zip(label_names, self.pseudo_dice[i]))
-        return (f"epoch {i + 1}: train loss {self.train_loss[i]:.4f}, val loss {self.validation_loss[i]:.4f}, "
-                f"pseudo-Dice {dice} (EMA {self.ema_pseudo_dice[i]:.3f}), lr {self.learning_rate[i]:.2e}, "
+        if math.isnan(self.validation_loss[i]):       # --val-iters 0, or a fold without validation cases
+            validation = "no validation"
+        else:
+            dice = " ".join(f"{name} {value:.3f}" for name, value in zip(label_names, self.pseudo_dice[i]))
+            validation = (f"val loss {self.validation_loss[i]:.4f}, pseudo-Dice {dice} "
+                          f"(EMA {self.ema_pseudo_dice[i]:.3f})")
+        return (f"epoch {i + 1}: train loss {self.train_loss[i]:.4f}, {validation}, lr {self.learning_rate[i]:.2e}, "
                 f"{self.epoch_seconds[i]:.1f} s ({self.seconds_per_iteration[i]:.2f} s/it), "
                 f"{100 * self.data_wait_share[i]:.0f}% waiting for data")
 
