@@ -204,6 +204,27 @@ def test_teacher_choice_and_refused_starts_leave_nothing(trained, tmp_path, caps
     assert len(error) == 1 and "no trained fold" in error[0] and not workspace.selftrain.exists()
 
 
+def test_a_mirrored_single_teacher_labels_with_mirroring_and_agrees_with_its_plain_self(trained, tmp_path):
+    """The default --teacher-mirroring (the tests elsewhere turn it off for speed), here with one fold: the
+    labels are its mirrored prediction, the agreement that of its mirrored and plain predictions."""
+    workspace = copy_workspace(trained, tmp_path / "ws")
+    assert run_selftrain(workspace, "--teacher", "1", "--teacher-mirroring", "--pseudo-labels", "argmax",
+                         "--max-rounds", "1", "--keep-candidates") == 0
+    teacher = [workspace.fold(1).checkpoint("final")]
+    mirrored = Predictor.from_files(teacher, settings=InferenceSettings(use_mirroring=True))
+    plain = Predictor.from_files(teacher, settings=InferenceSettings(use_mirroring=False))
+    candidates = workspace.selftrain_round(1) / "candidates"
+    for case in _pool(workspace):
+        image = np.asarray(load_case(workspace.preprocessed_pool, case)[0])
+        opinions = []
+        expected = mirrored.predict_probabilities(image, member_labels=opinions).argmax(dim=0).numpy()
+        plain.predict_probabilities(image, member_labels=opinions)
+        assert np.mean(np.load(candidates / f"{case}_seg.npy") == expected) > 0.999
+        record = json.loads((candidates / f"{case}.json").read_text())
+        assert record["key"]["mirroring"] is True
+        assert record["agreement"] == pytest.approx(agreement(opinions, [3]), abs=1e-3)
+
+
 def test_first_recipe_by_flags_threshold_confidence_finetune_and_kept_labels(trained, tmp_path):
     workspace = copy_workspace(trained, tmp_path / "ws")
     assert run_selftrain(workspace, "--teacher", "1", "--pseudo-labels", "threshold", "--min-confidence", "1.01",
