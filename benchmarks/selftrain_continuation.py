@@ -269,6 +269,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", type=Path, help="write the table (.md) and every number (.json) here")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tables of the models scored so far")
+    parser.add_argument("--rebuilt-seeds", type=int, nargs="+", default=[],
+                        help="seeds whose rebuilt base is not the one the earlier report reports: their rows come "
+                             "from disk alone, and the report, of the arms with every seed, goes beside the earlier "
+                             "one (…_rebuilt-seed3), which stays")
     args = parser.parse_args()
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     features, patch = tuple(args.features), tuple(args.patch)
@@ -308,6 +312,9 @@ def report(args, features, patch) -> None:
     rewrites the regime's files, which must keep the others, those on disk and those of the earlier report."""
     network = network_name(features, patch)
     stem = args.output / f"continuation_{args.regime}_{network}_{args.base}+{args.extra}" if args.output else None
+    earlier = stem.with_suffix(".json") if stem is not None else None
+    if stem is not None and args.rebuilt_seeds:
+        stem = stem.with_name(f"{stem.name}_rebuilt-seed{'-'.join(map(str, args.rebuilt_seeds))}")
     scores = per_case_scores(args.root, args.regime, args.seeds, network, (args.base, args.extra), list(ARMS))
     diagnostics = []
     if stem is not None:        # the pool's labels are read only for a report that keeps them
@@ -315,9 +322,12 @@ def report(args, features, patch) -> None:
                                            lambda seed, arm: arm_folder(args.root, args.regime, seed, network,
                                                                         (args.base, args.extra), arm)
                                            / "results" / "selftrain")
-        if stem.with_suffix(".json").is_file():
-            scores, diagnostics = with_earlier_report(stem.with_suffix(".json"), scores, diagnostics)
+        if earlier.is_file():
+            scores, diagnostics = with_earlier_report(earlier, scores, diagnostics,
+                                                      rebuilt_seeds=set(args.rebuilt_seeds))
     scores = {arm: rows for arm, rows in scores.items() if rows or arm in SUPERVISED}
+    if args.rebuilt_seeds:      # an arm without a rebuilt seed's rows would pair over fewer seeds than the others
+        scores = {arm: rows for arm, rows in scores.items() if {seed for seed, _ in rows} >= set(args.seeds)}
     text, results = arm_table(scores, list(scores))
     effects, effect_numbers = element_table(scores)
     text = f"{text}\n\nOne element at a time (paired over (seed, case)):\n\n{effects}"
@@ -349,20 +359,24 @@ def score_gap(row: dict, other: dict) -> float:
     return max(gaps, default=0.0)
 
 
-def with_earlier_report(path: Path, scores: dict, diagnostics: list[dict]) -> tuple[dict, list[dict]]:
+def with_earlier_report(path: Path, scores: dict, diagnostics: list[dict], *,
+                        rebuilt_seeds: set[int] = frozenset()) -> tuple[dict, list[dict]]:
     """``scores`` and the round ``diagnostics`` completed from an earlier report (``path``), whose models may be
     gone: the report's rows stand, and the disk adds what it lacks. Refused where a (seed, case) on disk scores
-    further than ``REPRODUCTION_TOLERANCE`` from the report: the models on disk then are not the ones it reports."""
+    further than ``REPRODUCTION_TOLERANCE`` from the report: the models on disk then are not the ones it reports.
+    The report's rows of ``rebuilt_seeds`` are dropped: those seeds' models are all taken from disk."""
     earlier = json.loads(path.read_text())
     merged, changed, largest = {}, 0, 0.0
     for arm, rows in scores.items():
         reported = {(int(key.split("/")[0]), key.split("/", 1)[1]): row
-                    for key, row in earlier["per_case"].get(arm, {}).items()}
+                    for key, row in earlier["per_case"].get(arm, {}).items()
+                    if int(key.split("/")[0]) not in rebuilt_seeds}
         for seed, case in sorted(set(rows) & set(reported)):
             gap = score_gap(rows[seed, case], reported[seed, case])
             if gap > REPRODUCTION_TOLERANCE:
                 raise SystemExit(f"{path}: {arm}, seed {seed}, {case} scores {gap:.4f} away on disk; these models are "
-                                 "not the ones it reports: write this run's report to another --output")
+                                 "not the ones it reports: write this run's report to another --output, or retrain "
+                                 "the seed's compared arms and name it in --rebuilt-seeds")
             changed, largest = changed + (gap > 0), max(largest, gap)
         merged[arm] = dict(sorted({**rows, **reported}.items()))
     print(f"{path.name}: {changed} (arm, seed, case) rows on disk differ from the report's, by at most {largest:.4f}; "
