@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "pool, the cases it labels most confidently become pseudo-labelled training cases (their "
                     "uncertain voxels ignored), and a student is trained on the expert cases plus those (by "
                     "default fine-tuned from the newest model; the recipe flags below choose each step). Output: "
-                    "results/selftrain/ (summary.json, progress.png, round_NN/, final/). Under torchrun the ranks share the labelling and train with DistributedDataParallel; "
-                    "--num-parts/--part-id split one round's labelling across separate machines.")
+                    "results/selftrain/ (summary.json, progress.png, round_NN/, final/). Under torchrun the ranks "
+                    "share the labelling and train with DistributedDataParallel; --num-parts/--part-id split one "
+                    "round's labelling across separate machines.")
     add_workspace_argument(parser)
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="resume an interrupted self-training (or run more rounds with a larger --max-rounds); "
