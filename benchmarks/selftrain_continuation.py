@@ -369,9 +369,11 @@ def with_earlier_report(path: Path, scores: dict, diagnostics: list[dict], *,
     earlier = json.loads(path.read_text())
     merged, changed, largest = {}, 0, 0.0
     for arm, rows in scores.items():
-        reported = {(int(key.split("/")[0]), key.split("/", 1)[1]): row
-                    for key, row in earlier["per_case"].get(arm, {}).items()
-                    if int(key.split("/")[0]) not in rebuilt_seeds}
+        reported = {}
+        for key, row in earlier["per_case"].get(arm, {}).items():
+            seed, case = key.split("/", 1)
+            if int(seed) not in rebuilt_seeds:
+                reported[int(seed), case] = row
         for seed, case in sorted(set(rows) & set(reported)):
             gap = score_gap(rows[seed, case], reported[seed, case])
             if gap > REPRODUCTION_TOLERANCE:
