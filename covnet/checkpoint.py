@@ -36,6 +36,7 @@ class Checkpoint:
     rng_state: dict | None = None           # python, numpy and torch RNG states
     history: dict = field(default_factory=dict)   # per-epoch curves for progress.png and the log
     best_ema_dice: float | None = None
+    environment: dict = field(default_factory=dict)   # the software that trained it (covnet.runtime.environment)
     format: int = CHECKPOINT_FORMAT
 
     @property

@@ -271,3 +271,31 @@ def test_larger_windows_keep_an_overlap_of_half_a_patch_and_fit_the_image(traine
     image = [patch[0], patch[1] + stride[1] + 1, patch[2] // 2]
     window, _ = wide.window_layout(image)
     assert window == (patch[0], patch[1] + stride[1], patch[2])
+
+
+def test_results_record_the_software_that_made_them(trained, cohort):
+    """plans.json, each checkpoint and a prediction folder's .run.json name covnet's, torch's, SimpleITK's and
+    numpy's versions, as installed here."""
+    import importlib.metadata
+
+    import covnet
+
+    expected = {"covnet": covnet.__version__, **{name: importlib.metadata.version(name)
+                                                 for name in ("torch", "SimpleITK", "numpy")}}
+    plan = json.loads(trained.plans_json.read_text())
+    checkpoint = Checkpoint.load(trained.fold(0) / "checkpoint_final.pth")
+    run = json.loads((cohort[1] / ".reports" / ".run.json").read_text())
+    for record in (plan["environment"], checkpoint.environment, checkpoint.plan["environment"], run["environment"]):
+        assert {name: record[name] for name in expected} == expected
+    assert "openvino" not in run["environment"] and "openvino" not in plan["environment"]    # torch ran it
+
+
+def test_a_run_with_openvino_records_its_version(trained, tmp_path):
+    import importlib.metadata
+
+    pytest.importorskip("openvino")
+    write_image(*phantom_image(trained, 0), tmp_path / "in" / "c0_0000.nii.gz")
+    assert run_predict("-i", tmp_path / "in", "-o", tmp_path / "out", "--workspace", trained.root, "-f", "0",
+                       "--runtime", "openvino") == 0
+    run = json.loads((tmp_path / "out" / ".reports" / ".run.json").read_text())
+    assert run["environment"]["openvino"] == importlib.metadata.version("openvino")

@@ -30,11 +30,15 @@ import time
 from pathlib import Path
 
 GIB = 2 ** 30
-# Import name -> distribution, for what the GPU machine lacks (carried wheels) and what it has.
-MODULES = {"SimpleITK": "simpleitk", "batchgenerators": "batchgenerators", "batchgeneratorsv2": "batchgeneratorsv2",
-           "acvl_utils": "acvl_utils", "cc3d": "connected-components-3d", "blosc2": "blosc2", "numexpr": "numexpr",
-           "ndindex": "ndindex", "numpy": "numpy", "scipy": "scipy", "skimage": "scikit-image",
-           "matplotlib": "matplotlib", "tqdm": "tqdm", "torch": "torch", "pytest": "pytest"}
+# Import name -> distribution. REQUIRED: what covnet imports itself (and the test runner); the check cannot run
+# without one of them. REPORTED: what those import in turn at the versions carried or installed; their versions
+# are recorded where present and an absent one is not fatal (blosc2 4.16 stopped importing numexpr, and a
+# required import that needs one fails on its own).
+REQUIRED = {"SimpleITK": "simpleitk", "batchgenerators": "batchgenerators", "batchgeneratorsv2": "batchgeneratorsv2",
+            "acvl_utils": "acvl_utils", "numpy": "numpy", "scipy": "scipy", "matplotlib": "matplotlib",
+            "tqdm": "tqdm", "torch": "torch", "pytest": "pytest"}
+REPORTED = {"cc3d": "connected-components-3d", "blosc2": "blosc2", "numexpr": "numexpr", "ndindex": "ndindex",
+            "skimage": "scikit-image"}
 
 
 # covnet's commands the check runs, and covnet's dependencies that do not travel to the GPU machine (only
@@ -49,15 +53,18 @@ def write(path: str | os.PathLike, figures: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- environment
+def _module_record(module: str, distribution: str) -> dict:
+    try:
+        imported = importlib.import_module(module)
+        folder = Path(imported.__file__).parent if imported.__file__ else next(iter(imported.__path__))
+        return {"version": importlib.metadata.version(distribution), "path": str(folder)}
+    except Exception as error:  # noqa: BLE001 - report every missing module, not the first
+        return {"error": f"{type(error).__name__}: {error}"[:200]}
+
+
 def environment() -> dict:
-    modules = {}
-    for module, distribution in MODULES.items():
-        try:
-            imported = importlib.import_module(module)
-            folder = Path(imported.__file__).parent if imported.__file__ else next(iter(imported.__path__))
-            modules[module] = {"version": importlib.metadata.version(distribution), "path": str(folder)}
-        except Exception as error:  # noqa: BLE001 - report every missing module, not the first
-            modules[module] = {"error": f"{type(error).__name__}: {error}"[:200]}
+    modules = {module: _module_record(module, distribution) for module, distribution in REQUIRED.items()}
+    reported = {module: _module_record(module, distribution) for module, distribution in REPORTED.items()}
     commands = {}
     for module in COMMAND_MODULES:
         try:
@@ -72,7 +79,9 @@ def environment() -> dict:
                "python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
                "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
                "cuda_available": torch.cuda.is_available(),
-               "modules": modules, "missing": sorted(name for name, found in modules.items() if "error" in found)}
+               "modules": modules, "missing": sorted(name for name, found in modules.items() if "error" in found),
+               "transitive": reported,
+               "transitive_absent": sorted(name for name, found in reported.items() if "error" in found)}
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
         figures.update(gpu=properties.name, gpu_memory_gib=round(properties.total_memory / GIB, 2),

@@ -36,11 +36,13 @@ from tqdm import tqdm
 
 from covnet.api import Model, PreparedImage, Segmentation, read_input
 from covnet.image.io import write_image
+from covnet.inference.cpu_runtime import OPENVINO
 from covnet.inference.inputs import REPORTS_FOLDER, RUN_FILE, CohortCase, LabelMapInput, check_output_folder
 from covnet.inference.preview import write_preview
 from covnet.inference.report import write_report
 from covnet.planning.plans import plan_differences
 from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
+from covnet.runtime.environment import environment_record
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import CONSOLE_LOCK, logger
 from covnet.runtime.sharding import shard
@@ -123,6 +125,8 @@ def claim_output_folder(model: Model, cases: Sequence[CohortCase], mine: Sequenc
     stamp = output_dir / REPORTS_FOLDER / RUN_FILE
     identity = run_identity(model)
     earlier = read_json(stamp, "") if stamp.is_file() else None
+    if isinstance(earlier, dict):       # the software that wrote them is recorded, not part of the identity
+        earlier = {key: value for key, value in earlier.items() if key != "environment"}
     if resume:
         if earlier is not None and earlier != identity:
             differing = ", ".join(name for name, _, _ in plan_differences(earlier, identity)) if \
@@ -135,7 +139,7 @@ def claim_output_folder(model: Model, cases: Sequence[CohortCase], mine: Sequenc
             for path in (*case.outputs, case.report_file, case.probabilities_file, case.preview_file):
                 path.unlink(missing_ok=True)
     stamp.parent.mkdir(exist_ok=True)
-    write_json(stamp, identity)
+    write_json(stamp, {**identity, "environment": environment_record(openvino=model.settings.runtime == OPENVINO)})
 
 
 def _read(case: CohortCase, model: Model) -> _ReadCase:

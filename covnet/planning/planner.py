@@ -32,6 +32,7 @@ from covnet.planning.plans import (
     plan_differences,
 )
 from covnet.runtime.atomic import read_json
+from covnet.runtime.environment import environment_record
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 from covnet.workspace import Workspace
@@ -117,7 +118,7 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
                 device=device, mixed_precision=amp, limited_by=patch.limit,
                 seconds_per_iteration=float(seconds_per_iteration) if device == "cpu" else None,
                 estimated_seconds_per_iteration=round(iteration.seconds, 4) if iteration is not None else None,
-                reasons=reasons)
+                reasons=reasons, environment=environment_record())
 
 
 # ------------------------------------------------------------------------------------------------ CPU timing

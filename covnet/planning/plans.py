@@ -152,6 +152,8 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     # Label value pairs that swap under a left-right mirror (left lung 1 <-> right lung 2), from dataset.json.
     lateral_pairs: list[list[int]] = field(default_factory=list)
+    # The software that made the plan (covnet.runtime.environment): a record, never a setting.
+    environment: dict[str, str | None] = field(default_factory=dict)
     version: int = PLANS_VERSION
 
     def __post_init__(self):

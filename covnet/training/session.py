@@ -26,6 +26,7 @@ from tqdm import tqdm
 from covnet.checkpoint import Checkpoint, capture_rng_state, restore_rng_state
 from covnet.image.orientation import MIRROR_AXES
 from covnet.network.unet import ResidualEncoderUNet
+from covnet.runtime.environment import environment_record
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 from covnet.training.augmentation import training_read_size, training_transforms, validation_transforms
@@ -88,7 +89,8 @@ class TrainingSession:
         return Checkpoint(plan=self.plan.to_json(), fold=self.job.name, settings=self.settings.to_json(),
                           network_state=self.network.state_dict(), epoch=self.epoch,
                           optimizer_state=self.optimizer.state_dict(), grad_scaler_state=self.scaler.state_dict(),
-                          rng_state=capture_rng_state(), history=self.history.to_json(), best_ema_dice=self.best_ema)
+                          rng_state=capture_rng_state(), history=self.history.to_json(), best_ema_dice=self.best_ema,
+                          environment=environment_record())
 
     def restore(self, checkpoint: Checkpoint) -> None:
         self._check_topology(checkpoint)
