@@ -99,7 +99,8 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
                      for channel, name in description.channel_names.items()}
     estimate = estimate_training_memory_bytes(patch.value, batch.value, network, amp)
     reasons = {"device": device_reason, "target_spacing": spacing.reason, "patch_size": patch.reason,
-               "batch_size": batch.reason, "network": network_reason}
+               "batch_size": batch.reason, "network": network_reason,
+               "lateral_pairs": description.lateral_pairs_reason}
     if device == "cpu":
         reasons["time_per_iteration"] = (
             f"network {iteration.network:.2f} s + augmentation {iteration.loader:.2f} s per batch on one core, "
@@ -320,6 +321,8 @@ def plan_workspace(workspace: Workspace, request: PlanRequest = PlanRequest(), *
         plan = make_plan(fingerprint, description, request.gpu_memory_gb, request.device,
                          request.seconds_per_iteration or DEFAULT_SECONDS_PER_ITERATION,
                          this_machine() if request.device == "cpu" else cpu_time.CALIBRATION_MACHINE)
+    if description.lateral_pairs is None and plan.lateral_pairs:
+        log.info(f"lateral pairs {plan.lateral_pairs}: {description.lateral_pairs_reason}")
     plan.save(workspace.plans_json)
     plan.save(workspace.planned_plans_json)
     if fingerprinted:    # last: a kill before it leaves no fingerprint, so the rerun plans afresh
