@@ -211,6 +211,10 @@ class PlanRequest:
         device = self.device or (previous.device if previous is not None else DEFAULT_DEVICE)
         if device not in DEVICES:
             raise CovnetError(None, f"--device {device}: must be one of {', '.join(DEVICES)}")
+        if device != "cpu" and self.seconds_per_iteration is not None:
+            whose = "--device" if self.device else "the workspace's plan" if previous is not None else "the default"
+            raise CovnetError(None, f"--seconds-per-iteration {self.seconds_per_iteration:g}: only a CPU plan has a "
+                                    f"time budget, and this one is for {device} ({whose}); add --device cpu")
         same = previous if previous is not None and previous.device == device else None
         memory = self.gpu_memory_gb if self.gpu_memory_gb is not None else \
             same.gpu_memory_gb if same is not None else DEFAULT_GPU_MEMORY_GB
