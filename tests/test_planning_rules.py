@@ -125,7 +125,8 @@ def test_ct_normalization_uses_the_foreground_percentiles():
     (["left_lung", "right_lung", "infection"], [["left_lung", "right_lung"]]),
     (["Lung_Right", "Lung_Left"], [["Lung_Left", "Lung_Right"]]),
     (["kidney_L", "kidney_R", "liver"], [["kidney_L", "kidney_R"]]),
-    (["left-lung", "right-lung", "left lung", "RIGHT LUNG"], [["left-lung", "right-lung"], ["left lung", "RIGHT LUNG"]]),
+    (["left-lung", "right-lung", "left lung", "RIGHT LUNG"],
+     [["left-lung", "right-lung"], ["left lung", "RIGHT LUNG"]]),
     (["left_lung", "right_kidney"], []),                  # another structure on the other side
     (["left_lung", "right-lung"], []),                    # another separator: another name
     (["leftlung", "rightlung", "lung_l", "lungr"], []),   # no separator: not one of the patterns
@@ -159,7 +160,8 @@ def test_an_empty_lateral_pairs_entry_keeps_them_off(tiny_workspace, capsys):
     nnunet_dataset(tiny_workspace, lateral_pairs=[])
     assert command("covnet_plan_and_preprocess", "--workspace", tiny_workspace, "-np", "1", "--plan-only") == 0
     plan = json.loads((tiny_workspace / "preprocessed" / "plans.json").read_text())
-    assert plan["lateral_pairs"] == [] and plan["reasons"]["lateral_pairs"] == "declared in dataset.json (lateral_pairs)"
+    assert plan["lateral_pairs"] == []
+    assert plan["reasons"]["lateral_pairs"] == "declared in dataset.json (lateral_pairs)"
     assert "lateral pairs" not in capsys.readouterr().out
     description = DatasetDescription.load(tiny_workspace / "raw" / "dataset.json")
     assert DatasetDescription.from_json(description.to_json()).lateral_label_pairs == []   # kept off when rewritten
