@@ -208,7 +208,7 @@ def load_model(path: str | os.PathLike, *, folds: Sequence[str] | None = None, c
         archive_id = model_id(manifest_bytes)
         folds = folds or manifest.folds or None
         checkpoint = checkpoint or manifest.checkpoint
-    checkpoints, description = select_checkpoints(folder, folds, checkpoint or "final")
+    checkpoints, description = select_checkpoints(folder, folds, checkpoint)
     if archive_id is not None:
         description = f"model {archive_id[:12]}: {description}"
     device = device if isinstance(device, torch.device) else resolve_device(device)

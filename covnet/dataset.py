@@ -5,6 +5,7 @@ The format is nnU-Net v2's: images ``imagesTr/CASE_0000<ending>``, labels ``labe
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +27,12 @@ LUNGS = "lungs"
 COVID_LABELS = {BACKGROUND: 0, LEFT_LUNG: 1, RIGHT_LUNG: 2, INFECTION: 3}
 COVID_REGIONS = {LUNGS: [1, 2, 3], INFECTION: [3]}
 COVID_LATERAL_PAIRS = ((LEFT_LUNG, RIGHT_LUNG),)
+# Label names of one side of a left/right pair: the side as a word before or after the rest of the name ("left_X",
+# "X_left") or as a letter after it ("X_L"), separated by "_", "-" or a space; any case.
+_SIDE_PATTERNS = (re.compile(r"^(?P<side>left|right)(?P<rest>[_\- ].+)$", re.IGNORECASE),
+                  re.compile(r"^(?P<rest>.+[_\- ])(?P<side>left|right)$", re.IGNORECASE),
+                  re.compile(r"^(?P<rest>.+[_\- ])(?P<side>l|r)$", re.IGNORECASE))
+_OTHER_SIDE = {"left": "right", "l": "r"}
 
 
 def ignore_label(labels: Mapping[str, int]) -> int | None:
@@ -43,6 +50,27 @@ def foreground_labels(labels: Mapping[str, int]) -> dict[str, int]:
 def num_classes(labels: Mapping[str, int]) -> int:
     """The network's output channels: background and the foreground labels (the ignore label is no class)."""
     return max(value for name, value in labels.items() if name != IGNORE_LABEL_NAME) + 1
+
+
+def left_right_pairs(names: list[str]) -> list[list[str]]:
+    """The pairs [left, right] among ``names`` that differ only in their side: ``left_X``/``right_X``,
+    ``X_left``/``X_right`` or ``X_L``/``X_R`` (separator ``_``, ``-`` or a space; any case). A name that
+    could pair with more than one other is left out: no guess."""
+    by_key: dict[str, list[str]] = {}
+    for name in names:
+        by_key.setdefault(name.casefold(), []).append(name)
+    candidates = []
+    for name in names:
+        for pattern in _SIDE_PATTERNS:
+            match = pattern.match(name)
+            other_side = _OTHER_SIDE.get(match.group("side").lower()) if match else None
+            if other_side is None:
+                continue
+            start, end = match.span("side")
+            partners = by_key.get((name[:start] + other_side + name[end:]).casefold(), [])
+            candidates += [[name, partner] for partner in partners]
+    paired = [name for pair in candidates for name in pair]
+    return [pair for pair in candidates if paired.count(pair[0]) == 1 and paired.count(pair[1]) == 1]
 
 
 def check_labels(labels: Mapping[str, int], source: str | os.PathLike) -> None:
@@ -68,12 +96,31 @@ class DatasetDescription:
     regions: dict[str, list[int]] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
     name: str = "covnet"
-    # Label names that trade places under a left-right mirror, e.g. [["left_lung", "right_lung"]].
-    lateral_pairs: list[list[str]] = field(default_factory=list)
+    # Label names that trade places under a left-right mirror, e.g. [["left_lung", "right_lung"]]; None when
+    # dataset.json declares none (an nnU-Net dataset): then the label names that form left/right pairs.
+    lateral_pairs: list[list[str]] | None = None
+
+    @property
+    def lateral_name_pairs(self) -> list[list[str]]:
+        """The declared lateral pairs, or, when none are declared, those the label names form."""
+        if self.lateral_pairs is not None:
+            return self.lateral_pairs
+        return left_right_pairs(list(self.foreground_labels))
 
     @property
     def lateral_label_pairs(self) -> list[list[int]]:
-        return [[self.labels[left], self.labels[right]] for left, right in self.lateral_pairs]
+        return [[self.labels[left], self.labels[right]] for left, right in self.lateral_name_pairs]
+
+    @property
+    def lateral_pairs_reason(self) -> str:
+        """Where the lateral pairs come from, for plans.json's reasons."""
+        if self.lateral_pairs is not None:
+            return "declared in dataset.json (lateral_pairs)"
+        found = ", ".join(f"{left}/{right}" for left, right in self.lateral_name_pairs)
+        if not found:
+            return "dataset.json declares no lateral_pairs and no label names form a left/right pair"
+        return (f"found in the label names ({found}): dataset.json declares no lateral_pairs; a left-right "
+                "mirror of a training patch exchanges them (\"lateral_pairs\": [] in dataset.json turns this off)")
 
     @property
     def label_values(self) -> list[int]:
@@ -102,7 +149,7 @@ class DatasetDescription:
             data["regions"] = self.regions
         if self.groups:
             data["groups"] = self.groups
-        if self.lateral_pairs:
+        if self.lateral_pairs is not None:
             data["lateral_pairs"] = self.lateral_pairs
         return data
 
@@ -124,8 +171,9 @@ class DatasetDescription:
         if sorted(channel_names, key=lambda key: (len(key), key)) != expected_keys:
             raise CovnetError(source, f"channel_names keys must be the channel indices {expected_keys} "
                                       f"(files CASE_0000…), not {sorted(channel_names)}")
-        lateral_pairs = [[str(name) for name in pair] for pair in data.get("lateral_pairs", [])]
-        for pair in lateral_pairs:
+        lateral_pairs = [[str(name) for name in pair] for pair in data["lateral_pairs"]] \
+            if data.get("lateral_pairs") is not None else None
+        for pair in lateral_pairs or []:
             if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(foreground_labels(labels)):
                 raise CovnetError(source, f"lateral pair {pair} must name two different declared foreground labels")
         return cls(channel_names=channel_names, labels=labels, lateral_pairs=lateral_pairs,

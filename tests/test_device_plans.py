@@ -5,6 +5,7 @@ import math
 import pytest
 
 from covnet.cli import plan_and_preprocess
+from covnet.cli.common import run_command
 from covnet.dataset import covid_description
 from covnet.planning import cpu_time, planner, rules
 from covnet.planning.fingerprint import CaseFingerprint, DatasetFingerprint
@@ -242,3 +243,30 @@ def test_cpu_time_model_does_not_import_torch():
 
     code = "import sys, covnet.planning.cpu_time, covnet.planning.rules; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("device_flags, whose", [(["--device", "cuda"], "--device"), ([], "the default")])
+def test_a_time_budget_for_a_gpu_plan_is_refused(tiny_workspace, tmp_path, capsys, device_flags, whose):
+    code = run_command("covnet_plan_and_preprocess", plan_and_preprocess.main,
+                       ["--workspace", str(tmp_path), *device_flags, "--seconds-per-iteration", "5", "--plan-only",
+                        "-np", "1"])
+    error = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and error == ["covnet_plan_and_preprocess: error: --seconds-per-iteration 5: only a CPU plan "
+                                   f"has a time budget, and this one is for cuda ({whose}); add --device cpu"]
+    assert not Workspace(tmp_path).plans_json.exists()
+
+
+def test_measuring_the_cpu_time_of_a_gpu_plan_is_a_warning(tiny_workspace, tmp_path, capsys):
+    assert plan_and_preprocess.main(["--workspace", str(tmp_path), "--device", "cuda", "--measure-cpu-time",
+                                     "--plan-only", "-np", "1"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: --measure-cpu-time is ignored: only a CPU plan is timed, and this one is for cuda "
+                        "(sized by memory)"]
+    assert Plan.load(Workspace(tmp_path).plans_json).device == "cuda"
+
+
+def test_zero_worker_processes_are_refused(tiny_workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plan_and_preprocess.main(["--workspace", str(tmp_path), "-np", "0"])
+    assert exit_info.value.code == 2 and "-np/--num-processes: must be ≥ 1, not 0" in capsys.readouterr().err
+    assert not Workspace(tmp_path).plans_json.exists()

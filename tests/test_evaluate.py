@@ -241,3 +241,14 @@ def test_cli_falls_back_to_covid_labels_without_dataset_json(dataset, capsys):
     assert evaluate_main(["--ref", str(root / "labelsTr"), "--pred", str(root / "labelsTr"),
                           "-o", str(custom_dir / "s.json")]) == 0
     assert list(json.loads((custom_dir / "s.json").read_text())["mean"]) == NAMES
+
+
+def test_cli_zero_processes_is_refused(dataset, capsys):
+    root, _, _ = dataset
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--ref", str(root / "labelsTr"), "--pred", str(root / "labelsTr"), "-o",
+                       str(root / "out" / "s.json"), "-np", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "covnet_evaluate: error: argument -np/--num-processes: must be ≥ 1, not 0"
+    assert not (root / "out").exists()

@@ -263,3 +263,13 @@ def test_a_burden_range_infects_every_case_within_it(tmp_path):
     for index in range(5):                       # case 3 would be clean by default
         label, _ = read_image(workspace.labels_tr / f"phantom_{index:03d}.nii.gz")
         assert 0.02 < infection_fraction(label) < 0.4       # blobs are cut by the lung edge: a loose range
+
+
+def test_flags_about_a_split_of_no_cases_are_ignored_with_a_warning(tmp_path, capsys):
+    assert _run_cli(["--workspace", str(tmp_path / "ws"), "--num-labelled", "1", "--num-unlabelled", "0",
+                     "--num-test", "0", "--unlabelled-profile", "low_dose_soft", "--pool-truth",
+                     "--test-profile", "varied_lesions"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: --unlabelled-profile is ignored: --num-unlabelled 0 makes no such cases",
+                        "warning: --pool-truth is ignored: --num-unlabelled 0 makes no such cases",
+                        "warning: --test-profile is ignored: --num-test 0 makes no such cases"]

@@ -1,6 +1,10 @@
+import json
+
 import numpy as np
 import pytest
+from kit.workspaces import command
 
+from covnet.dataset import DatasetDescription, left_right_pairs
 from covnet.planning import rules
 from covnet.planning.memory import estimate_training_memory_bytes
 
@@ -113,3 +117,51 @@ def test_ct_normalization_uses_the_foreground_percentiles():
     stats = {"percentile_00_5": -1000.0, "percentile_99_5": 200.0, "mean": -600.0, "std": 250.0}
     decision = rules.ct_normalization(stats)
     assert decision.value.to_json() == {"scheme": "CT", "clip": [-1000.0, 200.0], "mean": -600.0, "std": 250.0}
+
+
+# ------------------------------------------------------------------------------------------ lateral pairs
+
+@pytest.mark.parametrize("names, pairs", [
+    (["left_lung", "right_lung", "infection"], [["left_lung", "right_lung"]]),
+    (["Lung_Right", "Lung_Left"], [["Lung_Left", "Lung_Right"]]),
+    (["kidney_L", "kidney_R", "liver"], [["kidney_L", "kidney_R"]]),
+    (["left-lung", "right-lung", "left lung", "RIGHT LUNG"],
+     [["left-lung", "right-lung"], ["left lung", "RIGHT LUNG"]]),
+    (["left_lung", "right_kidney"], []),                  # another structure on the other side
+    (["left_lung", "right-lung"], []),                    # another separator: another name
+    (["leftlung", "rightlung", "lung_l", "lungr"], []),   # no separator: not one of the patterns
+    (["left_lung", "infection"], []),
+    (["left_lung", "right_lung", "Right_Lung"], []),      # ambiguous partner: no guess
+])
+def test_left_right_label_names_pair(names, pairs):
+    assert left_right_pairs(names) == pairs
+
+
+def nnunet_dataset(workspace_root, lateral_pairs=None) -> None:
+    """Rewrite the tiny workspace's dataset.json in nnU-Net v2's own format (``lateral_pairs`` only if given)."""
+    data = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3},
+            "numTraining": 3, "file_ending": ".nii.gz"}
+    if lateral_pairs is not None:
+        data["lateral_pairs"] = lateral_pairs
+    (workspace_root / "raw" / "dataset.json").write_text(json.dumps(data))
+
+
+def test_an_nnunet_dataset_gets_its_lateral_pairs_from_the_label_names(tiny_workspace, capsys):
+    nnunet_dataset(tiny_workspace)
+    assert command("covnet_plan_and_preprocess", "--workspace", tiny_workspace, "-np", "1", "--plan-only") == 0
+    plan = json.loads((tiny_workspace / "preprocessed" / "plans.json").read_text())
+    assert plan["lateral_pairs"] == [[1, 2]]
+    assert "found in the label names (left_lung/right_lung)" in plan["reasons"]["lateral_pairs"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lateral pairs")]
+    assert lines == [f"lateral pairs [[1, 2]]: {plan['reasons']['lateral_pairs']}"]
+
+
+def test_an_empty_lateral_pairs_entry_keeps_them_off(tiny_workspace, capsys):
+    nnunet_dataset(tiny_workspace, lateral_pairs=[])
+    assert command("covnet_plan_and_preprocess", "--workspace", tiny_workspace, "-np", "1", "--plan-only") == 0
+    plan = json.loads((tiny_workspace / "preprocessed" / "plans.json").read_text())
+    assert plan["lateral_pairs"] == []
+    assert plan["reasons"]["lateral_pairs"] == "declared in dataset.json (lateral_pairs)"
+    assert "lateral pairs" not in capsys.readouterr().out
+    description = DatasetDescription.load(tiny_workspace / "raw" / "dataset.json")
+    assert DatasetDescription.from_json(description.to_json()).lateral_label_pairs == []   # kept off when rewritten

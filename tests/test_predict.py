@@ -299,3 +299,26 @@ def test_a_run_with_openvino_records_its_version(trained, tmp_path):
                        "--runtime", "openvino") == 0
     run = json.loads((tmp_path / "out" / ".reports" / ".run.json").read_text())
     assert run["environment"]["openvino"] == importlib.metadata.version("openvino")
+
+
+@pytest.mark.parametrize("flags, named", [(["-f", "1"], "-f 1"), (["--checkpoint", "best"], "--checkpoint best")])
+def test_choosing_folds_or_checkpoints_of_a_checkpoint_file_is_one_line(trained, tmp_path, capsys, flags, named):
+    inputs = tmp_path / "in"
+    write_image(*phantom_image(trained, 0), inputs / "case.nii.gz")
+    model = trained.fold(0).checkpoint("final")
+    assert run_predict("-i", inputs, "-o", tmp_path / "out", "--model", model, *flags) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"covnet_predict: error: {model}: is one checkpoint file, so {named} cannot choose among "
+                     "models; leave them out, or pass the results folder (--model) to choose"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_workspace_beside_a_model_is_ignored_with_a_warning(trained, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    write_image(*phantom_image(trained, 0), inputs / "case.nii.gz")
+    model = trained.fold(0).checkpoint("final")
+    assert run_predict("-i", inputs, "-o", tmp_path / "out", "--model", model, "--workspace", tmp_path / "other",
+                       "--disable-tta") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert f"warning: --workspace {tmp_path / 'other'} is ignored: --model {model} is the model" in warnings
+    assert (tmp_path / "out" / "case.nii.gz").is_file()

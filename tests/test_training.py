@@ -17,6 +17,8 @@ from covnet.cli.common import run_command
 from covnet.cli.train import main as train_main
 from covnet.image.io import read_image
 from covnet.inference.predictor import InferenceSettings, Predictor
+from covnet.runtime.log import setup_logging
+from covnet.training.distributed import DistributedContext, device_for
 from covnet.training.progress import History
 from covnet.training.session import poly_learning_rate
 from covnet.training.settings import TrainingSettings
@@ -145,3 +147,44 @@ def test_background_workers_train_too(trained, tmp_path):
     final = Checkpoint.load(workspace.fold(1).checkpoint("final"))
     assert final.settings["num_workers"] == 1 and final.epoch == 1
     assert all(np.isfinite(final.history["train_loss"])) and workspace.fold(1).validation_summary()["per_case"]
+
+
+def test_compile_on_a_cpu_is_ignored_with_a_warning(trained, tmp_path, capsys):
+    workspace = copy_workspace(trained.root, tmp_path / "ws")
+    assert run_command("covnet_train", train_main, ["all", "--workspace", str(workspace.root), "--epochs", "1",
+                                                    "--iters-per-epoch", "1", "--val-iters", "0", "--num-workers", "0",
+                                                    "--device", "cpu", "--compile"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert "warning: --compile is ignored on cpu: torch.compile is used on CUDA only (on a CPU it compiled for " \
+           "minutes and then ran slower); training runs uncompiled" in warnings
+
+
+def test_a_gpu_named_under_torchrun_is_ignored_with_a_warning(capsys):
+    setup_logging()
+    context = DistributedContext(rank=0, local_rank=0, world_size=2)
+    assert device_for(context, torch.device("cuda", 1)) == torch.device("cuda", 0)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --device cuda:1 is ignored under torchrun: each of the 2 processes uses its own GPU, "
+        "cuda:LOCAL_RANK; pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)"]
+    assert device_for(context, torch.device("cuda")) == torch.device("cuda", 0)
+    assert device_for(DistributedContext(), torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert capsys.readouterr().err == ""
+
+
+def test_num_folds_for_fold_all_is_ignored_with_a_warning(trained, tmp_path, capsys):
+    workspace = copy_workspace(trained.root, tmp_path / "ws")
+    assert run_command("covnet_train", train_main, ["all", "--workspace", str(workspace.root), "--num-folds", "3",
+                                                    "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "0",
+                                                    "--num-workers", "0"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert "warning: --num-folds is ignored: fold 'all' trains on every case, without a split" in warnings
+
+
+def test_training_flags_with_validate_only_are_ignored_with_a_warning(trained, tmp_path, capsys):
+    workspace = copy_workspace(trained.root, tmp_path / "ws")
+    assert run_command("covnet_train", train_main, ["0", "--workspace", str(workspace.root), "--validate-only",
+                                                    "--continue", "--epochs", "9", "--lr", "0.1",
+                                                    "--no-val-mirroring"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert "warning: --continue, --epochs, --lr are ignored: --validate-only only redoes the validation of " \
+           "checkpoint_final.pth" in warnings

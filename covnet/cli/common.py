@@ -29,6 +29,22 @@ def add_workspace_argument(parser: argparse.ArgumentParser) -> None:
                              "(default: $COVNET_WORKSPACE, then ./covnet_workspace)")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts such as ``-np``: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type for budgets: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return value
+
+
 def workspace_from(args: argparse.Namespace) -> Workspace:
     workspace = Workspace.resolve(args.workspace)
     if workspace.root.exists() and not workspace.root.is_dir():

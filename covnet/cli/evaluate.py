@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from covnet.cli.common import run_command
+from covnet.cli.common import positive_int, run_command
 from covnet.dataset import DatasetDescription, covid_description
 from covnet.evaluation.folders import evaluate_folders, format_mean_table
 from covnet.runtime.atomic import sweep_dead_temporaries
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="summary JSON to write; a CSV with the same stem goes beside it "
                              "(default: <pred>/summary.json; never inside --ref)")
-    parser.add_argument("-np", "--num-processes", type=int, default=1, help="cases evaluated in parallel")
+    parser.add_argument("-np", "--num-processes", type=positive_int, default=1, help="cases evaluated in parallel")
     return parser
 
 
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = summary_path(args.output, args.pred, args.ref)
     sweep_dead_temporaries(output.parent, recursive=False)
     summary = evaluate_folders(args.ref, args.pred, description, output_json=output,
-                               num_processes=max(1, args.num_processes))
+                               num_processes=args.num_processes)
     print(format_mean_table(summary))
     print(f"written: {output} and {output.with_suffix('.csv')}")
     return 0

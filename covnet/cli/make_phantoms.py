@@ -8,6 +8,7 @@ from typing import Sequence
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
 from covnet.phantoms.acquisition import PROFILES, profile_named
 from covnet.phantoms.generate import SIZES, SPACING_MODES, make_phantom_dataset
+from covnet.runtime.log import logger
 from covnet.workspace import RAW_SCOPE
 
 
@@ -38,9 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ignored_flags(args: argparse.Namespace) -> list[str]:
+    """A warning for each flag given about a split that this run makes no cases of."""
+    asked = (("--unlabelled-profile", args.unlabelled_profile is not None, "--num-unlabelled", args.num_unlabelled),
+             ("--pool-truth", args.pool_truth, "--num-unlabelled", args.num_unlabelled),
+             ("--test-profile", args.test_profile is not None, "--num-test", args.num_test))
+    return [f"{flag} is ignored: {count_flag} 0 makes no such cases" for flag, given, count_flag, count in asked
+            if given and count == 0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workspace = workspace_from(args)
+    for warning in ignored_flags(args):
+        logger(__name__).warning(warning)
     with writing(workspace, RAW_SCOPE, "covnet_make_phantoms", workspace.raw):
         make_phantom_dataset(workspace, num_labelled=args.num_labelled, num_unlabelled=args.num_unlabelled,
                              num_test=args.num_test, seed=args.seed, size=args.size, spacing_mode=args.spacing,

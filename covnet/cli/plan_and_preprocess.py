@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from covnet.cli.common import add_workspace_argument, run_command, workspace_from, writing
+from covnet.cli.common import add_workspace_argument, positive_float, positive_int, run_command, workspace_from, writing
 from covnet.planning.planner import (
     DEFAULT_DEVICE,
     DEFAULT_GPU_MEMORY_GB,
@@ -17,14 +17,8 @@ from covnet.planning.planner import (
 )
 from covnet.planning.plans import DEVICES
 from covnet.preprocessing.run import preprocess_dataset
+from covnet.runtime.log import logger
 from covnet.workspace import PREPROCESSED_SCOPE
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--device cpu: time budget of one training iteration (batch 2: forward, backward, SGD "
                              "step, and the augmentation workers' share of the cores) (default: as the "
                              f"workspace's plan, else {DEFAULT_SECONDS_PER_ITERATION:g})")
-    parser.add_argument("--measure-cpu-time", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--measure-cpu-time", action=argparse.BooleanOptionalAction, default=None,
                         help="--device cpu: time the planned iteration on this machine (a few seconds), fit the "
                              "time model to it and plan again; --no-measure-cpu-time plans by the model alone "
                              "(deterministic, but calibrated on another CPU) (default: measure)")
-    parser.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("-np", "--num-processes", type=positive_int, default=2, help="worker processes (default 2)")
     parser.add_argument("--replan", action="store_true",
                         help="plan afresh, discarding hand edits of plans.json; cases whose preprocessing the new "
                              "plan changes are redone")
@@ -100,7 +94,11 @@ def _plan_then_preprocess(workspace, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     outcome = plan_workspace(workspace, PlanRequest(args.device, args.gpu_memory_gb, args.seconds_per_iteration),
                              num_processes=args.num_processes, overwrite=args.overwrite, replan=args.replan,
-                             measure_cpu_time=args.measure_cpu_time)
+                             measure_cpu_time=args.measure_cpu_time is not False)
+    if args.measure_cpu_time is not None and outcome.plan.device != "cpu":
+        flag = "--measure-cpu-time" if args.measure_cpu_time else "--no-measure-cpu-time"
+        logger(__name__).warning(f"{flag} is ignored: only a CPU plan is timed, and this one is for "
+                                 f"{outcome.plan.device} (sized by memory)")
     _report_plan(workspace, outcome, args)
     if args.plan_only:
         return 0

@@ -30,6 +30,7 @@ from covnet.inference.predictor import (
 )
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 from covnet.runtime.sharding import shard
 
 PROGRAM = "covnet_predict"
@@ -125,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CovnetError(None, "--mirror-axes and --disable-tta contradict each other: give one")
     mirror_axes(args.mirror_axes)
     window_scale(args.window_scale)
+    if args.model is not None and args.workspace is not None:
+        logger(__name__).warning(f"--workspace {args.workspace} is ignored: --model {args.model} is the model")
     check_output_folder(args.output)
     created = not args.output.exists()
     try:

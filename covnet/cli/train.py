@@ -10,11 +10,13 @@ import sys
 from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
-from covnet.cli.settings_flags import add_settings_flags, settings_from_args
+from covnet.cli.settings_flags import add_settings_flags, given_settings, settings_from_args
 from covnet.runtime.log import logger
+from covnet.runtime.settings import flag_name
 from covnet.training.run import recorded_settings, train_fold
 from covnet.training.settings import TrainingSettings
 from covnet.training.splits import DEFAULT_NUM_FOLDS
+from covnet.workspace import ALL_FOLDS
 
 PROGRAM = "covnet_train"
 
@@ -42,10 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What ``--validate-only`` reads: the whole-case validation's settings and the device it runs on.
+VALIDATION_SETTINGS = ("device", "validation_step_size", "validation_mirroring")
+
+
+def ignored_flags(args: argparse.Namespace, fold: str) -> list[str]:
+    """A warning for each group of flags given that this run cannot use, saying why."""
+    warnings = []
+    if args.num_folds is not None and fold == ALL_FOLDS:
+        warnings.append(f"--num-folds is ignored: fold '{ALL_FOLDS}' trains on every case, without a split")
+    if args.validate_only:
+        unused = (["--continue"] if args.resume else []) + [
+            flag_name(TrainingSettings, name) for name in given_settings(TrainingSettings, args)
+            if name not in VALIDATION_SETTINGS]
+        if unused:
+            warnings.append(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} ignored: --validate-only "
+                            "only redoes the validation of checkpoint_final.pth")
+    return warnings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workspace = workspace_from(args)
     fold = str(args.fold).strip().lower()
+    for warning in ignored_flags(args, fold):
+        logger(__name__).warning(warning)
     recorded = recorded_settings(workspace.fold(fold)) if args.resume or args.validate_only else None
     settings = settings_from_args(TrainingSettings, args, base=recorded)
     summary = train_fold(workspace, fold, settings, resume=args.resume, validate_only=args.validate_only,

@@ -47,7 +47,7 @@ def _check_folds(results: Path, folds: Sequence[str]) -> list[str]:
     return [check_fold(fold, known, flag="-f") for fold in folds]
 
 
-def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkpoint: str = "final"
+def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkpoint: str | None = None
                        ) -> tuple[list[Path], str]:
     """The checkpoint files to predict with from a results folder, and a short description of the choice.
 
@@ -56,13 +56,20 @@ def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkp
     model's folder; the self-trained model (``selftrain/final`` is trained); every cross-validation fold that
     finished training (the folds of the workspace's ``splits.json``); ``fold_all``. A folder holding a
     ``results/`` folder (a copied workspace) is looked into. ``checkpoint`` picks ``checkpoint_final.pth`` or
-    ``checkpoint_best.pth`` of the chosen models.
+    ``checkpoint_best.pth`` of the chosen models (default: final). ``results`` may also be a checkpoint file,
+    which is the model; then ``folds`` and ``checkpoint`` have nothing to choose and are a one-line error.
     """
-    if checkpoint not in CHECKPOINT_CHOICES:
+    if checkpoint is not None and checkpoint not in CHECKPOINT_CHOICES:
         raise CovnetError(None, f"--checkpoint {checkpoint!r}: choose one of {', '.join(CHECKPOINT_CHOICES)}")
     results = Path(results)
     if results.is_file():
+        given = ([f"-f {' '.join(map(str, folds))}"] if folds else []) + \
+            ([f"--checkpoint {checkpoint}"] if checkpoint is not None else [])
+        if given:
+            raise CovnetError(results, f"is one checkpoint file, so {' and '.join(given)} cannot choose among "
+                                       "models; leave them out, or pass the results folder (--model) to choose")
         return [results], f"checkpoint {results}"
+    checkpoint = checkpoint or "final"
     if not results.is_dir():
         raise CovnetError(results, "not found; no trained model to predict with (train with covnet_train, or "
                                    "pass --model)")

@@ -99,7 +99,8 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
                      for channel, name in description.channel_names.items()}
     estimate = estimate_training_memory_bytes(patch.value, batch.value, network, amp)
     reasons = {"device": device_reason, "target_spacing": spacing.reason, "patch_size": patch.reason,
-               "batch_size": batch.reason, "network": network_reason}
+               "batch_size": batch.reason, "network": network_reason,
+               "lateral_pairs": description.lateral_pairs_reason}
     if device == "cpu":
         reasons["time_per_iteration"] = (
             f"network {iteration.network:.2f} s + augmentation {iteration.loader:.2f} s per batch on one core, "
@@ -210,6 +211,10 @@ class PlanRequest:
         device = self.device or (previous.device if previous is not None else DEFAULT_DEVICE)
         if device not in DEVICES:
             raise CovnetError(None, f"--device {device}: must be one of {', '.join(DEVICES)}")
+        if device != "cpu" and self.seconds_per_iteration is not None:
+            whose = "--device" if self.device else "the workspace's plan" if previous is not None else "the default"
+            raise CovnetError(None, f"--seconds-per-iteration {self.seconds_per_iteration:g}: only a CPU plan has a "
+                                    f"time budget, and this one is for {device} ({whose}); add --device cpu")
         same = previous if previous is not None and previous.device == device else None
         memory = self.gpu_memory_gb if self.gpu_memory_gb is not None else \
             same.gpu_memory_gb if same is not None else DEFAULT_GPU_MEMORY_GB
@@ -320,6 +325,8 @@ def plan_workspace(workspace: Workspace, request: PlanRequest = PlanRequest(), *
         plan = make_plan(fingerprint, description, request.gpu_memory_gb, request.device,
                          request.seconds_per_iteration or DEFAULT_SECONDS_PER_ITERATION,
                          this_machine() if request.device == "cpu" else cpu_time.CALIBRATION_MACHINE)
+    if description.lateral_pairs is None and plan.lateral_pairs:
+        log.info(f"lateral pairs {plan.lateral_pairs}: {description.lateral_pairs_reason}")
     plan.save(workspace.plans_json)
     plan.save(workspace.planned_plans_json)
     if fingerprinted:    # last: a kill before it leaves no fingerprint, so the rerun plans afresh

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,12 @@ def shutdown(context: DistributedContext) -> None:
 
 
 def device_for(context: DistributedContext, device: torch.device) -> torch.device:
-    """Under DDP on CUDA each rank takes its local GPU."""
+    """Under DDP on CUDA each rank takes its local GPU; a GPU named with ``--device cuda:N`` is ignored, with a
+    warning."""
     if device.type == "cuda" and context.enabled:
+        if device.index is not None:
+            logger(__name__).warning(
+                f"--device {device} is ignored under torchrun: each of the {context.world_size} processes uses its "
+                "own GPU, cuda:LOCAL_RANK; pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
         return torch.device("cuda", context.local_rank)
     return device
