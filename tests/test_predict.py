@@ -227,6 +227,17 @@ def test_parts_split_the_cases(trained, tmp_path, capsys):
     assert "--part-id 2" in capsys.readouterr().err
 
 
+def test_several_parts_need_a_part_id(tmp_path, capsys):
+    """--num-parts 2 without --part-id would run as part 0 on every GPU: refused before anything is written."""
+    inputs = tmp_path / "in"
+    write_image(np.full((8, 8, 8), -1000, np.int16), Geometry((1.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                                                                (8, 8, 8)), inputs / "p0.nii.gz")
+    assert run_predict("-i", inputs, "-o", tmp_path / "out", "--workspace", tmp_path / "ws", "--num-parts", "2") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "covnet_predict: error: --num-parts 2 needs --part-id (0 .. 1): the part this run does; start one run per part"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_case_names(tmp_path):
     (tmp_path / "in" / "deep" / "er").mkdir(parents=True)
     for name in ("a_0000.nii.gz", "b_0000.mhd", "deep/er/c_0000.nrrd", "d.nii"):

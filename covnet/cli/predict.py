@@ -30,7 +30,7 @@ from covnet.inference.predictor import (
 )
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
-from covnet.runtime.sharding import shard
+from covnet.runtime.sharding import part_id_for, shard
 
 PROGRAM = "covnet_predict"
 
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the cases already complete in OUT (after a kill, or to add new CTs)")
     parser.add_argument("--num-parts", type=int, default=1,
                         help="split the cases into this many parts, e.g. one per GPU (default 1)")
-    parser.add_argument("--part-id", type=int, default=0, help="which part this run does (0 .. num-parts - 1)")
+    parser.add_argument("--part-id", type=int, default=None,
+                        help="which part this run does (0 .. num-parts - 1); required with --num-parts above 1")
     return parser
 
 
@@ -199,7 +200,8 @@ def _predict(args: argparse.Namespace) -> int:
     inference = inference_settings(args, mode, device)
     print(mode_line(args, mode, inference, device), flush=True)
     settings = CohortSettings(save_probabilities=args.save_probabilities, preview=args.preview,
-                              resume=args.resume, num_parts=args.num_parts, part_id=args.part_id)
+                              resume=args.resume, num_parts=args.num_parts,
+                              part_id=part_id_for(args.num_parts, args.part_id))
     cases = find_cohort(args.input, args.output, args.output_type)
     shard(cases, settings.num_parts, settings.part_id)      # refused before the models load: a bad part,
     prepare_output_folder(args.output)                      # an output folder that cannot be written
