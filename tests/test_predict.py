@@ -197,6 +197,21 @@ def test_bad_cases_are_one_line_each_and_the_rest_is_written(trained, tmp_path, 
     assert [row["case"] for row in json.loads((outputs / "report.json").read_text())["cases"]] == ["good_a", "good_b"]
 
 
+def test_a_run_whose_every_case_fails_leaves_no_report(trained, tmp_path, capsys):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    (inputs / "sub").mkdir(parents=True)
+    (inputs / "empty.nrrd").write_bytes(b"")
+    (inputs / "sub" / "also_empty.nii.gz").write_bytes(b"")
+    assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "covnet_predict: 0 case(s) written, 2 failed: also_empty, empty"
+    assert not outputs.exists()             # no 1-byte report.csv, no empty report.json, no empty folder
+    outputs.mkdir()
+    (outputs / "notes.txt").write_text("mine")
+    assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 2
+    assert sorted(path.name for path in outputs.iterdir()) == ["notes.txt"]
+
+
 def test_continue_skips_finished_cases_and_reports_all(trained, tmp_path):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     for index in range(3):

@@ -130,10 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     created = not args.output.exists()
     try:
         return _predict(args)
-    except BaseException:
+    finally:
         if created and args.output.is_dir() and not any(args.output.iterdir()):
-            args.output.rmdir()             # a run that failed before writing anything leaves no empty folder
-        raise
+            args.output.rmdir()             # a run that wrote nothing (it failed) leaves no empty folder
 
 
 def mirror_axes(text: str | None) -> tuple[int, ...] | None:
@@ -217,7 +216,8 @@ def _predict(args: argparse.Namespace) -> int:
     if summary.failed:
         print(f"{PROGRAM}: {line}, {len(summary.failed)} failed: {', '.join(summary.failed)}", file=sys.stderr)
         return 2
-    print(f"{line}; report: {' and '.join(str(path) for path in summary.report_files)}")
+    report = " and ".join(str(path) for path in summary.report_files) or "none (no case written)"
+    print(f"{line}; report: {report}")
     return 0
 
 

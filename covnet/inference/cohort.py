@@ -39,7 +39,7 @@ from covnet.image.io import write_image
 from covnet.inference.cpu_runtime import OPENVINO
 from covnet.inference.inputs import REPORTS_FOLDER, RUN_FILE, CohortCase, LabelMapInput, check_output_folder
 from covnet.inference.preview import write_preview
-from covnet.inference.report import write_report
+from covnet.inference.report import REPORT_CSV, REPORT_JSON, write_report
 from covnet.planning.plans import plan_differences
 from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
 from covnet.runtime.environment import environment_record
@@ -255,7 +255,9 @@ def rebuild_report(cases: Sequence[CohortCase], output_dir: Path, exclude: set[s
                    ) -> tuple[Path, ...]:
     """``report.csv`` and ``report.json`` from the row of every complete case (final file and row), in case order.
 
-    Cases in ``exclude`` (those that failed in this run) are left out even if an older run wrote them."""
+    Cases in ``exclude`` (those that failed in this run) are left out even if an older run wrote them. Without any
+    complete case there is no report: the files are removed (an earlier run's would name outputs that are gone)
+    and none is returned, so a run whose every case failed leaves no empty report behind."""
     rows = []
     for case in sorted(cases, key=lambda item: item.case):
         if case.case in exclude or not case.final_file.is_file() or not case.report_file.is_file():
@@ -263,4 +265,8 @@ def rebuild_report(cases: Sequence[CohortCase], output_dir: Path, exclude: set[s
         row = read_json(case.report_file, "")
         if isinstance(row, dict) and row.get("case") == case.case:
             rows.append(row)
+    if not rows:
+        for name in (REPORT_CSV, REPORT_JSON):
+            (output_dir / name).unlink(missing_ok=True)
+        return ()
     return write_report(rows, output_dir)
