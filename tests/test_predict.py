@@ -227,6 +227,28 @@ def test_continue_skips_finished_cases_and_reports_all(trained, tmp_path):
     assert (outputs / "report.json").read_text() == report
 
 
+def test_a_run_of_another_output_type_keeps_the_other_types_files(trained, tmp_path, capsys):
+    """A SEG written earlier stays when --continue (or a new run) writes label maps, and the other way round, as long
+    as the model is the same; a new run of another model removes every earlier output, with a warning."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    image, _ = phantom_image(trained, 2)
+    write_dicom_series(image[:16], inputs / "series_a", spacing_zyx=(5.0, 5.5, 5.5))
+    args = ["-i", inputs, "-o", outputs, "--workspace", trained.root, "--disable-tta"]
+    seg, label_map = outputs / "series_a.seg.dcm", outputs / "series_a.nii.gz"
+    assert run_predict(*args, "-f", "0") == 0                        # a series' default output: its SEG
+    written = seg.read_bytes(), seg.stat().st_mtime_ns
+    assert run_predict(*args, "-f", "0", "--continue", "--output-type", "nifti") == 0
+    assert (seg.read_bytes(), seg.stat().st_mtime_ns) == written and label_map.is_file()
+    written = label_map.read_bytes(), label_map.stat().st_mtime_ns
+    assert run_predict(*args, "-f", "0", "--output-type", "dicom-seg") == 0     # a new run redoes only its type
+    assert (label_map.read_bytes(), label_map.stat().st_mtime_ns) == written and seg.is_file()
+    assert [row["case"] for row in json.loads((outputs / "report.json").read_text())["cases"]] == ["series_a"]
+    capsys.readouterr()
+    assert run_predict(*args, "-f", "1", "--output-type", "nifti") == 0
+    assert not seg.exists() and label_map.is_file()
+    assert "its 2 earlier label map(s) and SEG(s) are removed" in capsys.readouterr().err
+
+
 def test_parts_split_the_cases(trained, tmp_path, capsys):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     for index in range(3):

@@ -11,7 +11,10 @@
   (``<case>.png``, optional), the report row (``.reports/<case>.json``), the DICOM-SEG, and the label map last
   (without a label map, the SEG is last). That last file under its final name therefore means the case is
   complete, which is what ``resume`` relies on, and ``report.csv``/``report.json`` are rebuilt from the rows at
-  the end, so a killed run loses nothing.
+  the end, so a killed run loses nothing (a run with no complete case leaves no report).
+* **Other output types** are kept: a run removes and rewrites only the files of its own ``--output-type``, so a
+  ``.seg.dcm`` of an earlier run stays beside a ``nifti`` run's label maps (and the other way round), unless
+  another model or other settings wrote them (``claim_output_folder``).
 * **Failures.** A case that cannot be read (damaged, empty, 2D, ...), is no CT that can be segmented
   (``check_input``: not in HU, degenerate, implausible spacing) or, for a DICOM-SEG, whose series does not lie
   on the grid it was read onto is logged as one ``error:`` line naming the file, before the network runs, and
@@ -118,26 +121,37 @@ def run_identity(model: Model) -> dict:
 
 def claim_output_folder(model: Model, cases: Sequence[CohortCase], mine: Sequence[CohortCase], output_dir: Path, *,
                         resume: bool) -> None:
-    """Record this run's identity in ``OUT/.reports``. A new run (no ``--continue``) first removes the earlier
-    outputs of its own cases (``mine``, this part's share of ``cases``), which it redoes, and of every case when
-    another model or other settings wrote them (other parts would keep them otherwise); ``--continue`` refuses a
-    folder another model or other settings wrote, whose finished cases it would otherwise keep beside its own."""
+    """Record this run's identity in ``OUT/.reports``.
+
+    A new run (no ``--continue``) of the same model and settings first removes the earlier outputs of its own cases
+    (``mine``, this part's share of ``cases``) that it redoes: the files of its output type, never those of another
+    (a ``.seg.dcm`` stays beside the label maps of a ``--output-type nifti`` run, and the other way round). When
+    another model or other settings wrote the folder, a new run removes every earlier output of every case, of
+    every type, with a warning (other parts, and another output type, would keep them otherwise, beside this
+    model's report); ``--continue`` refuses such a folder, whose finished cases it would keep beside its own."""
     stamp = output_dir / REPORTS_FOLDER / RUN_FILE
     identity = run_identity(model)
     earlier = read_json(stamp, "") if stamp.is_file() else None
     if isinstance(earlier, dict):       # the software that wrote them is recorded, not part of the identity
         earlier = {key: value for key, value in earlier.items() if key != "environment"}
-    if resume:
-        if earlier is not None and earlier != identity:
-            differing = ", ".join(name for name, _, _ in plan_differences(earlier, identity)) if \
-                isinstance(earlier, dict) else "its record"
-            raise CovnetError(output_dir, f"was written by another model or with other inference settings "
-                                          f"({differing}); --continue would mix the two: use a new output folder, "
-                                          "or run without --continue to redo every case")
-    else:
-        for case in cases if earlier not in (None, identity) else mine:
-            for path in (*case.outputs, case.report_file, case.probabilities_file, case.preview_file):
-                path.unlink(missing_ok=True)
+    other_writer = earlier not in (None, identity)
+    differing = (", ".join(name for name, _, _ in plan_differences(earlier, identity)) if isinstance(earlier, dict)
+                 else "its record") if other_writer else ""
+    if resume and other_writer:
+        raise CovnetError(output_dir, f"was written by another model or with other inference settings "
+                                      f"({differing}); --continue would mix the two: use a new output folder, "
+                                      "or run without --continue to redo every case")
+    if not resume:
+        redone = cases if other_writer else mine
+        earlier_outputs = [path for case in redone
+                           for path in (case.outputs_of_every_type if other_writer else case.outputs) if path.is_file()]
+        if other_writer and earlier_outputs:
+            log.warning(f"{output_dir}: was written by another model or with other inference settings ({differing}); "
+                        f"its {len(earlier_outputs)} earlier label map(s) and SEG(s) are removed, so that the folder "
+                        "holds one model's results")
+        for path in earlier_outputs + [path for case in redone for path in
+                                       (case.report_file, case.probabilities_file, case.preview_file)]:
+            path.unlink(missing_ok=True)
     stamp.parent.mkdir(exist_ok=True)
     write_json(stamp, {**identity, "environment": environment_record(openvino=model.settings.runtime == OPENVINO)})
 
@@ -173,8 +187,9 @@ def _save_probabilities(path: Path, probabilities: np.ndarray, labels: dict[str,
 
 def _write_outputs(model: Model, case: CohortCase, read: _ReadCase, result: Segmentation,
                    settings: CohortSettings) -> None:
-    # An earlier run's final files go first: a kill below must not leave them beside this run's report row.
-    for final in (case.output, case.seg_file):
+    # An earlier run's final files go first: a kill below must not leave them beside this run's report row. Only
+    # the types this run writes: another output type's files (same model, checked by claim_output_folder) are kept.
+    for final in case.outputs:
         final.unlink(missing_ok=True)
     labels = model.label_names
     if settings.save_probabilities:

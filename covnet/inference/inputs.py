@@ -84,6 +84,11 @@ class CohortCase:
                 if wanted]
 
     @property
+    def outputs_of_every_type(self) -> list[Path]:
+        """The SEG and the label map, whichever this run writes: what a run of another output type may have left."""
+        return [self.seg_file, self.output]
+
+    @property
     def probabilities_file(self) -> Path:
         return self.output.with_name(f"{self.case}.npz")
 
