@@ -234,3 +234,31 @@ def test_itk_console_messages_do_not_reach_the_terminal(trained, tmp_path, capfd
     assert predict(trained, inputs, tmp_path / "out") == 0
     captured = capfd.readouterr()
     assert "No Series" not in captured.out + captured.err and "WARNING: In" not in captured.err
+
+
+# ---------------------------------------------------------------------------------------------- output types
+def test_both_on_files_and_a_series_writes_a_label_map_for_each_and_a_seg_for_the_series(trained, tmp_path, capsys):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    image, geometry = phantom_image(trained, 1)
+    write_image(image, geometry, inputs / "a_file.nii.gz")
+    write_dicom_series(phantom_image(trained, 2)[0][:16], inputs / "series", spacing_zyx=(5.0, 5.5, 5.5))
+    assert predict(trained, inputs, outputs, "--output-type", "both") == 0
+    assert warnings_in(capsys.readouterr().err) == [
+        "warning: --output-type both: 1 of the 2 cases are image files, not DICOM series (a_file): they get their "
+        "label map without a DICOM-SEG"]
+    assert sorted(path.name for path in outputs.iterdir()) == [".reports", "a_file.nii.gz", "report.csv",
+                                                               "report.json", "series.nii.gz", "series.seg.dcm"]
+
+
+def test_a_seg_of_files_only_or_dicom_seg_of_a_mixed_folder_is_refused_with_advice_that_keeps_the_segs(tmp_path):
+    inputs = tmp_path / "in"
+    geometry = Geometry((2.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1), (8, 8, 8))
+    write_image(np.full((8, 8, 8), -1000, np.int16), geometry, inputs / "a_file.nii.gz")
+    with pytest.raises(CovnetError, match="use --output-type nifti$"):
+        find_cohort(inputs, tmp_path / "out", "both")
+    write_dicom_series(np.full((4, 8, 8), -1000, np.int16), inputs / "series", spacing_zyx=(5.0, 5.5, 5.5))
+    with pytest.raises(CovnetError, match="a_file.nii.gz: is not a DICOM series: --output-type dicom-seg writes a "
+                                          "DICOM-SEG, which needs the series it segments; use --output-type both$"):
+        find_cohort(inputs, tmp_path / "out", "dicom-seg")
+    assert {case.case: case.output_type for case in find_cohort(inputs, tmp_path / "out", "both")} == \
+        {"a_file": "nifti", "series": "both"}

@@ -17,7 +17,7 @@ from covnet.api import PREDICT_SETTINGS, load_model
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
 from covnet.inference.cohort import CohortSettings, predict_cohort, prepare_output_folder
 from covnet.inference.cpu_runtime import AUTO, RUNTIMES, resolve_runtime
-from covnet.inference.inputs import DICOM_SEG, NIFTI, OUTPUT_TYPES, SEG_SUFFIX, check_output_folder, find_cohort
+from covnet.inference.inputs import BOTH, DICOM_SEG, NIFTI, OUTPUT_TYPES, SEG_SUFFIX, check_output_folder, find_cohort
 from covnet.inference.lung_box import LungBoxSettings
 from covnet.inference.model_choice import CHECKPOINT_CHOICES
 from covnet.inference.predictor import (
@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-type", choices=OUTPUT_TYPES, default=None,
                         help=f"{NIFTI}: a label map in the input's format (a DICOM series: <case>.nii.gz); "
                              f"{DICOM_SEG}: a DICOM-SEG of the DICOM series (<case>{SEG_SUFFIX}; DICOM input "
-                             "only); both (DICOM input only). Default: the input's own kind, a DICOM-SEG for a "
-                             "DICOM series and a label map for a file")
+                             f"only); {BOTH}: a label map for every case and a DICOM-SEG for each DICOM series. "
+                             "Default: the input's own kind, a DICOM-SEG for a DICOM series and a label map for a "
+                             "file. Files of another output type already in OUT are kept")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--fast", dest="speed_mode", action="store_const", const=FAST,
                        help="fast mode (the default on a CPU): the sliding window covers only the box of the "
