@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from kit.images import write_dicom_series
 from kit.workspaces import phantom_image, run_predict
 
 from covnet.image.ct import MAX_RESAMPLED_VOXELS, grid_problem, label_map_reason, not_hu_reason
+from covnet.image.discovery import sanitize_case_id
 from covnet.image.io import Geometry, read_image, write_image
 from covnet.inference.inputs import find_cohort
 from covnet.inference.predictor import Predictor
@@ -262,3 +264,18 @@ def test_a_seg_of_files_only_or_dicom_seg_of_a_mixed_folder_is_refused_with_advi
         find_cohort(inputs, tmp_path / "out", "dicom-seg")
     assert {case.case: case.output_type for case in find_cohort(inputs, tmp_path / "out", "both")} == \
         {"a_file": "nifti", "series": "both"}
+
+
+# ---------------------------------------------------------------------------------------------- case names
+def test_names_with_accents_keep_their_letters_and_do_not_collide(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    decomposed = unicodedata.normalize("NFD", "Jürgen")           # as macOS file systems store an accent
+    for name in ("Müller.nii.gz", "Mäller.nii.gz", f"{decomposed}_0000.nii.gz", "Straße 2.mha", "Иванов.nrrd",
+                 "Петров.nrrd"):
+        (inputs / name).write_bytes(b"x")
+    cases = {case.case: case.output.name for case in find_cohort(inputs, tmp_path / "out")}
+    assert cases == {"Muller": "Muller.nii.gz", "Maller": "Maller.nii.gz", "Jurgen": "Jurgen.nii.gz",
+                     "Strasse_2": "Strasse_2.mha", "Иванов": "Иванов.nrrd", "Петров": "Петров.nrrd"}
+    assert sanitize_case_id("Łódź, Ølund (1)") == "Lodz_Olund_1" and sanitize_case_id("ﬁle²") == "file2"
+    assert sanitize_case_id("CT 0/study.01") == "CT_0_study_01" and sanitize_case_id("..") == "case"
