@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-lateral-fix", action="store_true",
                         help="keep the network's left/right labels (default: each lung component gets the side of "
                              "the body's midline its centre lies on, lungs touching at the midline are split there, "
-                             "and a warning says when the network had most lung voxels on the other side)")
+                             "and a warning says when the network had most lung voxels on the other side; on a CT "
+                             "cropped to one lung, where the midline is unknown, the network's labels are kept)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write OUT/<case>.npz: float16 class probabilities on the CT's grid")
     parser.add_argument("--preview", action="store_true",
