@@ -38,7 +38,7 @@ from covnet.inference.model_choice import select_checkpoints
 from covnet.inference.predictor import InferenceSettings, Predictor, default_speed_mode, speed_mode_settings
 from covnet.inference.report import REQUIRED_LABELS, case_report
 from covnet.model_archive.install import resolve_model_archive
-from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, hash_file, model_id
+from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, choice_problem, hash_file, model_id
 from covnet.preprocessing.case import CaseProperties, preprocess_case
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
@@ -91,6 +91,19 @@ class Segmentation:
 ImageLike = Union[str, os.PathLike, sitk.Image, InputImage]
 
 
+class ImageTypeError(CovnetError, TypeError):
+    """``segment``/``prepare``/``read_input`` given something that is no image covnet reads (e.g. a numpy array,
+    which has no spacing): a ``TypeError`` that says what is accepted."""
+
+
+def _image_type_problem(image: object) -> str:
+    kind = "a numpy array" if isinstance(image, np.ndarray) else f"an object of type {type(image).__name__}"
+    return (f"cannot segment {kind}: give a SimpleITK image, the path of a NIfTI/MHA/NRRD file, or a DICOM series "
+            "folder. An array has no voxel spacing: wrap a (z, y, x) array in HU with image = "
+            "sitk.GetImageFromArray(array), then image.SetSpacing((x_mm, y_mm, z_mm)) (and SetOrigin and "
+            "SetDirection when known)")
+
+
 def read_input(image: ImageLike, *, name: str | None = None) -> InputImage:
     """A SimpleITK image, or a NIfTI/MHA/NRRD file, DICOM series folder or one file of a DICOM series, as an
     :class:`InputImage`. ``name`` (for the report row) defaults to the file's or folder's name (a trailing
@@ -100,6 +113,8 @@ def read_input(image: ImageLike, *, name: str | None = None) -> InputImage:
     if isinstance(image, sitk.Image):
         name = name or IN_MEMORY_NAME
         return InputImage(*from_sitk(image, name), name)
+    if not isinstance(image, (str, os.PathLike)):
+        raise ImageTypeError(None, _image_type_problem(image))
     path = Path(image)
     array, geometry = read_image(path)
     if name is None:
@@ -205,6 +220,9 @@ def load_model(path: str | os.PathLike, *, folds: Sequence[str] | None = None, c
     if manifest_file.is_file():               # an installed archive: its own choice of models by default
         manifest_bytes = manifest_file.read_bytes()
         manifest = ModelManifest.from_bytes(manifest_bytes, manifest_file)
+        problem = choice_problem(manifest, folds, checkpoint)
+        if problem:
+            raise CovnetError(path, problem)
         archive_id = model_id(manifest_bytes)
         folds = folds or manifest.folds or None
         checkpoint = checkpoint or manifest.checkpoint

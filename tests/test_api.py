@@ -154,6 +154,20 @@ def test_what_is_not_a_ct_is_a_one_line_error(trained, tmp_path):
     assert not (tmp_path / "image.seg.dcm").exists()
 
 
+def test_an_array_is_refused_with_how_to_wrap_it(trained):
+    model = covnet.load_model(trained.fold(0) / "checkpoint_final.pth", settings=SETTINGS, device="cpu")
+    image, _ = phantom_image(trained, 0)
+    for wrong in (image, torch.from_numpy(image), 3):
+        with pytest.raises(TypeError) as raised:
+            model.segment(wrong)
+        assert isinstance(raised.value, CovnetError) and "\n" not in str(raised.value)
+        assert "give a SimpleITK image, the path of a NIfTI/MHA/NRRD file, or a DICOM series folder" in str(raised.value)
+        assert "sitk.GetImageFromArray(array), then image.SetSpacing((x_mm, y_mm, z_mm))" in str(raised.value)
+    assert str(raised.value).startswith("cannot segment an object of type int:")
+    with pytest.raises(TypeError, match="^cannot segment a numpy array: "):
+        model.prepare(image)
+
+
 def test_a_model_zip_is_installed_once_and_its_own_folds_and_checkpoint_are_used(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     archive = tmp_path / "fold1_best.zip"
@@ -169,8 +183,11 @@ def test_a_model_zip_is_installed_once_and_its_own_folds_and_checkpoint_are_used
     reference = covnet.load_model(trained.root, folds=["1"], checkpoint="best", settings=SETTINGS, device="cpu")
     image = trained.images_tr / "phantom_003_0000.nii.gz"
     np.testing.assert_array_equal(model.segment(image).labels, reference.segment(image).labels)
-    with pytest.raises(CovnetError, match="fold_1/checkpoint_final.pth: not found, but checkpoint_best.pth is"):
+    with pytest.raises(CovnetError, match=rf"^{archive}: holds fold 1 \(checkpoint_best\) only, not checkpoint_final: "
+                                          "leave out --checkpoint"):
         covnet.load_model(archive, checkpoint="final", device="cpu")
+    with pytest.raises(CovnetError, match=rf"^{archive}: holds fold 1 \(checkpoint_best\) only, not -f 0: leave out -f"):
+        covnet.load_model(archive, folds=["0"], device="cpu")
 
 
 def readme_python_example() -> str:

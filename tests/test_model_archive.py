@@ -174,6 +174,14 @@ def test_export_refuses_what_is_not_there_in_one_line(trained, tmp_path, capsys,
     assert not output.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_export_without_a_trained_model_says_what_its_user_can_do(tmp_path, capsys):
+    assert export(tmp_path / "empty_ws", tmp_path / "model.zip") == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"covnet_export_model: error: {tmp_path / 'empty_ws' / 'results'}: not found; no trained model " \
+                    "here: train one with covnet_train, or point --workspace at the workspace that trained one"
+    assert "--model" not in error and not (tmp_path / "model.zip").exists()
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def refused(path: Path, cache: Path, capsys, *needles: str) -> str:
     assert install(path) == 2
@@ -279,6 +287,20 @@ def test_predict_with_a_model_zip_gives_the_workspaces_labels(trained, archive, 
                        "--checkpoint", "best", "--disable-tta") == 0
     np.testing.assert_array_equal(read_image(tmp_path / "best_zip" / "case.nii.gz")[0],
                                   read_image(tmp_path / "best_ws" / "case.nii.gz")[0])
+
+
+@pytest.mark.parametrize("flags, asked", [(("-f", "2"), "-f 2"), (("-f", "0", "4"), "-f 4"),
+                                          (("--checkpoint", "best"), "checkpoint_best")])
+def test_predict_asking_a_zip_for_a_model_it_lacks_names_what_it_holds(trained, archive, cache, tmp_path, capsys,
+                                                                       flags, asked):
+    inputs = tmp_path / "in"
+    write_image(*phantom_image(trained, 3), inputs / "case.nii.gz")
+    assert run_predict("-i", inputs, "-o", tmp_path / "out", "--model", archive, *flags) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"covnet_predict: error: {archive}: holds folds 0, 1 (checkpoint_final) only, not {asked}: "
+                     + ("leave out --checkpoint, or export the model with --checkpoint best" if "best" in asked else
+                        "leave out -f to use what it holds, or export the folds you want (covnet_export_model -f)")]
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_with_a_tampered_zip_is_one_line_and_writes_nothing(trained, archive, cache, tmp_path, capsys):

@@ -6,11 +6,12 @@ import pytest
 
 from covnet.dataset import COVID_LABELS
 from covnet.image.cropping import body_bounding_box
-from covnet.image.io import Geometry
+from covnet.image.io import Geometry, read_image
 from covnet.image.orientation import canonical_reorientation
 from covnet.inference.postprocessing import (
     assign_lung_sides,
     keep_largest_lung_components,
+    lungs_on_both_sides,
     postprocess,
     remove_infection_outside_lungs,
 )
@@ -194,11 +195,11 @@ DIRECTIONS = {
 
 
 def chest_in_geometry(direction, touching: bool):
-    """A body and two lungs placed by their physical (LPS) position, sampled on a 28×30×32 grid with
+    """A body and two lungs placed by their physical (LPS) position, sampled on a 36×38×40 grid with
     ``direction``: returns the CT, the true label map (left lung 1 at physical x > the body's middle), the
     geometry and each voxel's physical distance from the body's middle towards the left (at x = 6 mm, off the
     image centre)."""
-    shape_zyx, spacing = (28, 30, 32), 4.0
+    shape_zyx, spacing = (36, 38, 40), 4.0     # air beside the body on every side: its midline can be trusted
     matrix = np.asarray(direction, float).reshape(3, 3)
     size_xyz = np.array(shape_zyx[::-1])
     origin = -matrix @ (spacing * (size_xyz - 1) / 2)
@@ -247,3 +248,54 @@ def test_touching_lungs_are_split_at_the_bodys_midline_in_every_orientation(dire
     # The body box is found on a 2x coarser grid: the cut may lie up to two voxels (8 mm) off the true middle.
     assert np.all(np.abs(lateral_mm[wrong]) <= 8.0)
     assert np.count_nonzero(wrong) < 0.1 * np.count_nonzero(truth)
+
+
+def cropped_chest(lungs: str) -> tuple[np.ndarray, np.ndarray, CaseProperties]:
+    """A field of view inside the body (soft tissue up to every border) holding ``one`` lung across its middle, or
+    ``two`` separate lungs on either side of it (right lung 2 at low x, left lung 1 at high x): the CT, the true
+    labels and what preprocessing records."""
+    image = np.full((20, 30, 32), 40, np.int16)
+    truth = np.zeros(image.shape, np.uint8)
+    if lungs == "one":
+        truth[3:17, 4:26, 3:29] = 2
+    else:
+        truth[3:17, 4:26, 2:13] = 2
+        truth[3:17, 4:26, 19:30] = 1
+    image[truth > 0] = -850
+    geometry = Geometry((2.0, 1.5, 1.5), (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1), image.shape)
+    return image, truth, case_properties(image, geometry)
+
+
+def test_a_crop_to_one_lung_keeps_the_networks_labels_with_a_warning(caplog):
+    image, truth, properties = cropped_chest("one")
+    start, stop = properties.bounding_box[2]
+    assert (start, stop) == (0, 32)                        # the body reaches both sides: its middle is the crop's
+    assert len(np.unique(assign_lung_sides(truth, (start + stop - 1) / 2)[0])) == 3   # what the fix would do: cut
+    with caplog.at_level("WARNING", logger="covnet"):
+        np.testing.assert_array_equal(lungs_by_midline(truth, properties, COVID_LABELS), truth)
+    assert "case: the body reaches the image's left or right border and the lungs are not two separate components" \
+           in caplog.text and "the network's left and right labels are kept" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="covnet"):    # no lungs: nothing to keep or warn about
+        empty = np.zeros_like(truth)
+        np.testing.assert_array_equal(lungs_by_midline(empty, properties, COVID_LABELS), empty)
+    assert caplog.text == ""
+
+
+def test_a_crop_holding_both_lungs_apart_still_gets_its_sides_fixed():
+    _, truth, properties = cropped_chest("two")
+    swapped = np.where(truth == 1, 2, np.where(truth == 2, 1, 0)).astype(np.uint8)
+    np.testing.assert_array_equal(lungs_by_midline(swapped, properties, COVID_LABELS), truth)
+    assert lungs_on_both_sides(truth, 15.5) and not lungs_on_both_sides(np.where(truth == 2, 2, 0), 15.5)
+
+
+def test_the_real_ct_cropped_to_one_lung_keeps_its_lung_whole(real_ct_dir, caplog):
+    image, geometry = read_image(real_ct_dir / "lung_crop_ct.nii.gz")
+    mask = read_image(real_ct_dir / "lung_crop_mask.nii.gz")[0]
+    properties = case_properties(image, geometry)
+    for side in (1, 2):
+        network = np.where(mask > 0, side, 0).astype(np.uint8)
+        with caplog.at_level("WARNING", logger="covnet"):
+            np.testing.assert_array_equal(lungs_by_midline(network, properties, COVID_LABELS), network)
+        assert "a field of view cropped to one lung?" in caplog.text
+        caplog.clear()

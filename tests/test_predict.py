@@ -197,6 +197,21 @@ def test_bad_cases_are_one_line_each_and_the_rest_is_written(trained, tmp_path, 
     assert [row["case"] for row in json.loads((outputs / "report.json").read_text())["cases"]] == ["good_a", "good_b"]
 
 
+def test_a_run_whose_every_case_fails_leaves_no_report(trained, tmp_path, capsys):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    (inputs / "sub").mkdir(parents=True)
+    (inputs / "empty.nrrd").write_bytes(b"")
+    (inputs / "sub" / "also_empty.nii.gz").write_bytes(b"")
+    assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "covnet_predict: 0 case(s) written, 2 failed: also_empty, empty"
+    assert not outputs.exists()             # no 1-byte report.csv, no empty report.json, no empty folder
+    outputs.mkdir()
+    (outputs / "notes.txt").write_text("mine")
+    assert run_predict("-i", inputs, "-o", outputs, "--workspace", trained.root, "-f", "0", "--disable-tta") == 2
+    assert sorted(path.name for path in outputs.iterdir()) == ["notes.txt"]
+
+
 def test_continue_skips_finished_cases_and_reports_all(trained, tmp_path):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     for index in range(3):
@@ -212,6 +227,28 @@ def test_continue_skips_finished_cases_and_reports_all(trained, tmp_path):
     assert (outputs / "report.json").read_text() == report
 
 
+def test_a_run_of_another_output_type_keeps_the_other_types_files(trained, tmp_path, capsys):
+    """A SEG written earlier stays when --continue (or a new run) writes label maps, and the other way round, as long
+    as the model is the same; a new run of another model removes every earlier output, with a warning."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    image, _ = phantom_image(trained, 2)
+    write_dicom_series(image[:16], inputs / "series_a", spacing_zyx=(5.0, 5.5, 5.5))
+    args = ["-i", inputs, "-o", outputs, "--workspace", trained.root, "--disable-tta"]
+    seg, label_map = outputs / "series_a.seg.dcm", outputs / "series_a.nii.gz"
+    assert run_predict(*args, "-f", "0") == 0                        # a series' default output: its SEG
+    written = seg.read_bytes(), seg.stat().st_mtime_ns
+    assert run_predict(*args, "-f", "0", "--continue", "--output-type", "nifti") == 0
+    assert (seg.read_bytes(), seg.stat().st_mtime_ns) == written and label_map.is_file()
+    written = label_map.read_bytes(), label_map.stat().st_mtime_ns
+    assert run_predict(*args, "-f", "0", "--output-type", "dicom-seg") == 0     # a new run redoes only its type
+    assert (label_map.read_bytes(), label_map.stat().st_mtime_ns) == written and seg.is_file()
+    assert [row["case"] for row in json.loads((outputs / "report.json").read_text())["cases"]] == ["series_a"]
+    capsys.readouterr()
+    assert run_predict(*args, "-f", "1", "--output-type", "nifti") == 0
+    assert not seg.exists() and label_map.is_file()
+    assert "its 2 earlier label map(s) and SEG(s) are removed" in capsys.readouterr().err
+
+
 def test_parts_split_the_cases(trained, tmp_path, capsys):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     for index in range(3):
@@ -225,6 +262,17 @@ def test_parts_split_the_cases(trained, tmp_path, capsys):
     capsys.readouterr()
     assert run_predict(*args, "--part-id", "2") == 2
     assert "--part-id 2" in capsys.readouterr().err
+
+
+def test_several_parts_need_a_part_id(tmp_path, capsys):
+    """--num-parts 2 without --part-id would run as part 0 on every GPU: refused before anything is written."""
+    inputs = tmp_path / "in"
+    write_image(np.full((8, 8, 8), -1000, np.int16), Geometry((1.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                                                                (8, 8, 8)), inputs / "p0.nii.gz")
+    assert run_predict("-i", inputs, "-o", tmp_path / "out", "--workspace", tmp_path / "ws", "--num-parts", "2") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "covnet_predict: error: --num-parts 2 needs --part-id (0 .. 1): the part this run does; start one run per part"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_case_names(tmp_path):

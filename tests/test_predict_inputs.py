@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from kit.images import write_dicom_series
 from kit.workspaces import phantom_image, run_predict
 
 from covnet.image.ct import MAX_RESAMPLED_VOXELS, grid_problem, label_map_reason, not_hu_reason
+from covnet.image.discovery import sanitize_case_id
 from covnet.image.io import Geometry, read_image, write_image
 from covnet.inference.inputs import find_cohort
 from covnet.inference.predictor import Predictor
@@ -180,7 +182,7 @@ def test_a_failed_run_leaves_no_empty_folders(trained, tmp_path):
     image, geometry = phantom_image(trained, 0)
     write_image(np.full(image.shape, -1000, np.int16), geometry, inputs / "air.nii.gz")
     assert predict(trained, inputs, tmp_path / "out") == 2               # every case failed
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.csv", "report.json"]
+    assert not (tmp_path / "out").exists()                                 # no empty report, no empty folder
     assert run_predict("-i", inputs, "-o", tmp_path / "new", "--workspace", tmp_path / "no_model") == 2
     assert not (tmp_path / "new").exists()                                 # failed before anything was written
 
@@ -234,3 +236,46 @@ def test_itk_console_messages_do_not_reach_the_terminal(trained, tmp_path, capfd
     assert predict(trained, inputs, tmp_path / "out") == 0
     captured = capfd.readouterr()
     assert "No Series" not in captured.out + captured.err and "WARNING: In" not in captured.err
+
+
+# ---------------------------------------------------------------------------------------------- output types
+def test_both_on_files_and_a_series_writes_a_label_map_for_each_and_a_seg_for_the_series(trained, tmp_path, capsys):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    image, geometry = phantom_image(trained, 1)
+    write_image(image, geometry, inputs / "a_file.nii.gz")
+    write_dicom_series(phantom_image(trained, 2)[0][:16], inputs / "series", spacing_zyx=(5.0, 5.5, 5.5))
+    assert predict(trained, inputs, outputs, "--output-type", "both") == 0
+    assert warnings_in(capsys.readouterr().err) == [
+        "warning: --output-type both: 1 of the 2 cases are image files, not DICOM series (a_file): they get their "
+        "label map without a DICOM-SEG"]
+    assert sorted(path.name for path in outputs.iterdir()) == [".reports", "a_file.nii.gz", "report.csv",
+                                                               "report.json", "series.nii.gz", "series.seg.dcm"]
+
+
+def test_a_seg_of_files_only_or_dicom_seg_of_a_mixed_folder_is_refused_with_advice_that_keeps_the_segs(tmp_path):
+    inputs = tmp_path / "in"
+    geometry = Geometry((2.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1), (8, 8, 8))
+    write_image(np.full((8, 8, 8), -1000, np.int16), geometry, inputs / "a_file.nii.gz")
+    with pytest.raises(CovnetError, match="use --output-type nifti$"):
+        find_cohort(inputs, tmp_path / "out", "both")
+    write_dicom_series(np.full((4, 8, 8), -1000, np.int16), inputs / "series", spacing_zyx=(5.0, 5.5, 5.5))
+    with pytest.raises(CovnetError, match="a_file.nii.gz: is not a DICOM series: --output-type dicom-seg writes a "
+                                          "DICOM-SEG, which needs the series it segments; use --output-type both$"):
+        find_cohort(inputs, tmp_path / "out", "dicom-seg")
+    assert {case.case: case.output_type for case in find_cohort(inputs, tmp_path / "out", "both")} == \
+        {"a_file": "nifti", "series": "both"}
+
+
+# ---------------------------------------------------------------------------------------------- case names
+def test_names_with_accents_keep_their_letters_and_do_not_collide(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    decomposed = unicodedata.normalize("NFD", "Jürgen")           # as macOS file systems store an accent
+    for name in ("Müller.nii.gz", "Mäller.nii.gz", f"{decomposed}_0000.nii.gz", "Straße 2.mha", "Иванов.nrrd",
+                 "Петров.nrrd"):
+        (inputs / name).write_bytes(b"x")
+    cases = {case.case: case.output.name for case in find_cohort(inputs, tmp_path / "out")}
+    assert cases == {"Muller": "Muller.nii.gz", "Maller": "Maller.nii.gz", "Jurgen": "Jurgen.nii.gz",
+                     "Strasse_2": "Strasse_2.mha", "Иванов": "Иванов.nrrd", "Петров": "Петров.nrrd"}
+    assert sanitize_case_id("Łódź, Ølund (1)") == "Lodz_Olund_1" and sanitize_case_id("ﬁle²") == "file2"
+    assert sanitize_case_id("CT 0/study.01") == "CT_0_study_01" and sanitize_case_id("..") == "case"

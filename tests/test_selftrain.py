@@ -324,3 +324,13 @@ def test_ranking_without_regions_uses_every_foreground_label(trained):
     plan = Plan.load(trained.plans_json)
     mean = {"left_lung": {"dice": 0.2}, "right_lung": {"dice": 0.4}, "infection": {"dice": None}}
     assert ranking_score(mean, plan) == pytest.approx(0.3)
+
+
+def test_several_parts_need_a_part_id(tmp_path, capsys):
+    """--num-parts 2 without --part-id would run as part 0 on every machine: refused before anything is read."""
+    workspace = Workspace(tmp_path / "ws")
+    assert run_selftrain(workspace, "--num-parts", "2") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["covnet_selftrain: error: --num-parts 2 needs --part-id (0 .. 1): the part this run does; "
+                     "start one run per part"]
+    assert not workspace.root.exists()

@@ -17,7 +17,7 @@ from covnet.api import PREDICT_SETTINGS, load_model
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
 from covnet.inference.cohort import CohortSettings, predict_cohort, prepare_output_folder
 from covnet.inference.cpu_runtime import AUTO, RUNTIMES, resolve_runtime
-from covnet.inference.inputs import DICOM_SEG, NIFTI, OUTPUT_TYPES, SEG_SUFFIX, check_output_folder, find_cohort
+from covnet.inference.inputs import BOTH, DICOM_SEG, NIFTI, OUTPUT_TYPES, SEG_SUFFIX, check_output_folder, find_cohort
 from covnet.inference.lung_box import LungBoxSettings
 from covnet.inference.model_choice import CHECKPOINT_CHOICES
 from covnet.inference.predictor import (
@@ -31,7 +31,7 @@ from covnet.inference.predictor import (
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
-from covnet.runtime.sharding import shard
+from covnet.runtime.sharding import part_id_for, shard
 
 PROGRAM = "covnet_predict"
 
@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-type", choices=OUTPUT_TYPES, default=None,
                         help=f"{NIFTI}: a label map in the input's format (a DICOM series: <case>.nii.gz); "
                              f"{DICOM_SEG}: a DICOM-SEG of the DICOM series (<case>{SEG_SUFFIX}; DICOM input "
-                             "only); both (DICOM input only). Default: the input's own kind, a DICOM-SEG for a "
-                             "DICOM series and a label map for a file")
+                             f"only); {BOTH}: a label map for every case and a DICOM-SEG for each DICOM series. "
+                             "Default: the input's own kind, a DICOM-SEG for a DICOM series and a label map for a "
+                             "file. Files of another output type already in OUT are kept")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--fast", dest="speed_mode", action="store_const", const=FAST,
                        help="fast mode (the default on a CPU): the sliding window covers only the box of the "
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-lateral-fix", action="store_true",
                         help="keep the network's left/right labels (default: each lung component gets the side of "
                              "the body's midline its centre lies on, lungs touching at the midline are split there, "
-                             "and a warning says when the network had most lung voxels on the other side)")
+                             "and a warning says when the network had most lung voxels on the other side; on a CT "
+                             "cropped to one lung, where the midline is unknown, the network's labels are kept)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write OUT/<case>.npz: float16 class probabilities on the CT's grid")
     parser.add_argument("--preview", action="store_true",
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the cases already complete in OUT (after a kill, or to add new CTs)")
     parser.add_argument("--num-parts", type=int, default=1,
                         help="split the cases into this many parts, e.g. one per GPU (default 1)")
-    parser.add_argument("--part-id", type=int, default=0, help="which part this run does (0 .. num-parts - 1)")
+    parser.add_argument("--part-id", type=int, default=None,
+                        help="which part this run does (0 .. num-parts - 1); required with --num-parts above 1")
     return parser
 
 
@@ -132,10 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     created = not args.output.exists()
     try:
         return _predict(args)
-    except BaseException:
+    finally:
         if created and args.output.is_dir() and not any(args.output.iterdir()):
-            args.output.rmdir()             # a run that failed before writing anything leaves no empty folder
-        raise
+            args.output.rmdir()             # a run that wrote nothing (it failed) leaves no empty folder
 
 
 def mirror_axes(text: str | None) -> tuple[int, ...] | None:
@@ -202,7 +204,8 @@ def _predict(args: argparse.Namespace) -> int:
     inference = inference_settings(args, mode, device)
     print(mode_line(args, mode, inference, device), flush=True)
     settings = CohortSettings(save_probabilities=args.save_probabilities, preview=args.preview,
-                              resume=args.resume, num_parts=args.num_parts, part_id=args.part_id)
+                              resume=args.resume, num_parts=args.num_parts,
+                              part_id=part_id_for(args.num_parts, args.part_id))
     cases = find_cohort(args.input, args.output, args.output_type)
     shard(cases, settings.num_parts, settings.part_id)      # refused before the models load: a bad part,
     prepare_output_folder(args.output)                      # an output folder that cannot be written
@@ -218,7 +221,8 @@ def _predict(args: argparse.Namespace) -> int:
     if summary.failed:
         print(f"{PROGRAM}: {line}, {len(summary.failed)} failed: {', '.join(summary.failed)}", file=sys.stderr)
         return 2
-    print(f"{line}; report: {' and '.join(str(path) for path in summary.report_files)}")
+    report = " and ".join(str(path) for path in summary.report_files) or "none (no case written)"
+    print(f"{line}; report: {report}")
     return 0
 
 

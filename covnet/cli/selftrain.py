@@ -12,7 +12,7 @@ from typing import Sequence
 
 from covnet.cli.common import add_workspace_argument, run_command, workspace_from
 from covnet.cli.settings_flags import add_settings_flags, given_settings, settings_from_args
-from covnet.runtime.errors import CovnetError
+from covnet.runtime.sharding import part_id_for
 from covnet.selftrain.run import recorded, run_pseudo_label_part, run_selftraining
 from covnet.selftrain.settings import SelfTrainingSettings
 from covnet.training.settings import TrainingSettings
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-parts", type=int, default=None,
                         help="only label part --part-id of NUM_PARTS of the current round's pool, then stop (run "
                              "the parts on several machines sharing the workspace, then covnet_selftrain --continue)")
-    parser.add_argument("--part-id", type=int, default=0, help="which part this run does (0 .. num-parts - 1)")
+    parser.add_argument("--part-id", type=int, default=None,
+                        help="which part this run does (0 .. num-parts - 1); required with --num-parts above 1")
     add_settings_flags(parser.add_argument_group("recipe"), SelfTrainingSettings)
     add_settings_flags(parser.add_argument_group("student training (default: the teacher fold's own settings)"),
                        TrainingSettings, exclude=("pretrained",))
@@ -55,14 +56,13 @@ def settings_from(args: argparse.Namespace, base: SelfTrainingSettings | None) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_parts is None and args.part_id != 0:
-        raise CovnetError(None, f"--part-id {args.part_id} needs --num-parts")
+    part_id = part_id_for(args.num_parts, args.part_id)
     workspace = workspace_from(args)
     previous = recorded(workspace) if args.resume or args.num_parts is not None else None
     settings = settings_from(args, previous[0] if previous else None)
     if args.num_parts is not None:
-        cases = run_pseudo_label_part(workspace, settings, args.num_parts, args.part_id)
-        print(f"pseudo-labelled part {args.part_id} of {args.num_parts}: {len(cases)} case(s)")
+        cases = run_pseudo_label_part(workspace, settings, args.num_parts, part_id)
+        print(f"pseudo-labelled part {part_id} of {args.num_parts}: {len(cases)} case(s)")
         return 0
     if run_selftraining(workspace, settings, resume=args.resume) is None:
         return 0                                    # a rank other than 0 under torchrun

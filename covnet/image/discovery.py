@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,10 +14,32 @@ from covnet.image.io import is_dicom_series_dir, is_image_file, strip_image_suff
 from covnet.runtime.errors import CovnetError
 
 SKIPPED_FOLDERS = {"__MACOSX"}
+# Latin letters that Unicode does not decompose into an ASCII letter and an accent.
+_LATIN_LETTERS = {"ß": "ss", "Æ": "AE", "æ": "ae", "Ø": "O", "ø": "o", "Œ": "OE", "œ": "oe", "Ł": "L", "ł": "l",
+                  "Đ": "D", "đ": "d", "Þ": "Th", "þ": "th", "ı": "i"}
+
+
+def _case_id_character(char: str) -> str:
+    """One character of a name as it stands in a case id: an ASCII letter, digit, ``_`` or ``-`` as it is; a Latin
+    letter as its ASCII letter(s) (NFKD without the accents: ü → u, é → e, ﬁ → fi; ß → ss, ø → o); a letter or
+    digit of another script (Cyrillic, Han, ...) as it is; anything else (spaces, punctuation, path characters) as
+    ``\0``, a gap."""
+    if char.isascii():
+        return char if char.isalnum() or char in "_-" else "\0"
+    if char in _LATIN_LETTERS:
+        return _LATIN_LETTERS[char]
+    base = "".join(part for part in unicodedata.normalize("NFKD", char) if not unicodedata.combining(part))
+    if base and all(part.isascii() and (part.isalnum() or part in "_-") for part in base):
+        return base
+    return char if char.isalnum() else "\0"
 
 
 def sanitize_case_id(text: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_-")
+    """A case id (also a file name) from a file or folder name: Latin letters become ASCII, their accents dropped
+    (``Müller`` → ``Muller``, so that ``Müller`` and ``Mäller`` stay two cases), letters of other scripts stay as
+    they are; each run of other characters becomes one ``_``; ``case`` when nothing is left."""
+    mapped = "".join(_case_id_character(char) for char in unicodedata.normalize("NFC", text))
+    cleaned = re.sub("\0+", "_", mapped).strip("_-")
     return cleaned or "case"
 
 

@@ -11,7 +11,10 @@
   (``<case>.png``, optional), the report row (``.reports/<case>.json``), the DICOM-SEG, and the label map last
   (without a label map, the SEG is last). That last file under its final name therefore means the case is
   complete, which is what ``resume`` relies on, and ``report.csv``/``report.json`` are rebuilt from the rows at
-  the end, so a killed run loses nothing.
+  the end, so a killed run loses nothing (a run with no complete case leaves no report).
+* **Other output types** are kept: a run removes and rewrites only the files of its own ``--output-type``, so a
+  ``.seg.dcm`` of an earlier run stays beside a ``nifti`` run's label maps (and the other way round), unless
+  another model or other settings wrote them (``claim_output_folder``).
 * **Failures.** A case that cannot be read (damaged, empty, 2D, ...), is no CT that can be segmented
   (``check_input``: not in HU, degenerate, implausible spacing) or, for a DICOM-SEG, whose series does not lie
   on the grid it was read onto is logged as one ``error:`` line naming the file, before the network runs, and
@@ -39,7 +42,7 @@ from covnet.image.io import write_image
 from covnet.inference.cpu_runtime import OPENVINO
 from covnet.inference.inputs import REPORTS_FOLDER, RUN_FILE, CohortCase, LabelMapInput, check_output_folder
 from covnet.inference.preview import write_preview
-from covnet.inference.report import write_report
+from covnet.inference.report import REPORT_CSV, REPORT_JSON, write_report
 from covnet.planning.plans import plan_differences
 from covnet.runtime.atomic import atomic_path, read_json, sweep_dead_temporaries, temporary_sibling, write_json
 from covnet.runtime.environment import environment_record
@@ -118,26 +121,37 @@ def run_identity(model: Model) -> dict:
 
 def claim_output_folder(model: Model, cases: Sequence[CohortCase], mine: Sequence[CohortCase], output_dir: Path, *,
                         resume: bool) -> None:
-    """Record this run's identity in ``OUT/.reports``. A new run (no ``--continue``) first removes the earlier
-    outputs of its own cases (``mine``, this part's share of ``cases``), which it redoes, and of every case when
-    another model or other settings wrote them (other parts would keep them otherwise); ``--continue`` refuses a
-    folder another model or other settings wrote, whose finished cases it would otherwise keep beside its own."""
+    """Record this run's identity in ``OUT/.reports``.
+
+    A new run (no ``--continue``) of the same model and settings first removes the earlier outputs of its own cases
+    (``mine``, this part's share of ``cases``) that it redoes: the files of its output type, never those of another
+    (a ``.seg.dcm`` stays beside the label maps of a ``--output-type nifti`` run, and the other way round). When
+    another model or other settings wrote the folder, a new run removes every earlier output of every case, of
+    every type, with a warning (other parts, and another output type, would keep them otherwise, beside this
+    model's report); ``--continue`` refuses such a folder, whose finished cases it would keep beside its own."""
     stamp = output_dir / REPORTS_FOLDER / RUN_FILE
     identity = run_identity(model)
     earlier = read_json(stamp, "") if stamp.is_file() else None
     if isinstance(earlier, dict):       # the software that wrote them is recorded, not part of the identity
         earlier = {key: value for key, value in earlier.items() if key != "environment"}
-    if resume:
-        if earlier is not None and earlier != identity:
-            differing = ", ".join(name for name, _, _ in plan_differences(earlier, identity)) if \
-                isinstance(earlier, dict) else "its record"
-            raise CovnetError(output_dir, f"was written by another model or with other inference settings "
-                                          f"({differing}); --continue would mix the two: use a new output folder, "
-                                          "or run without --continue to redo every case")
-    else:
-        for case in cases if earlier not in (None, identity) else mine:
-            for path in (*case.outputs, case.report_file, case.probabilities_file, case.preview_file):
-                path.unlink(missing_ok=True)
+    other_writer = earlier not in (None, identity)
+    differing = (", ".join(name for name, _, _ in plan_differences(earlier, identity)) if isinstance(earlier, dict)
+                 else "its record") if other_writer else ""
+    if resume and other_writer:
+        raise CovnetError(output_dir, f"was written by another model or with other inference settings "
+                                      f"({differing}); --continue would mix the two: use a new output folder, "
+                                      "or run without --continue to redo every case")
+    if not resume:
+        redone = cases if other_writer else mine
+        earlier_outputs = [path for case in redone
+                           for path in (case.outputs_of_every_type if other_writer else case.outputs) if path.is_file()]
+        if other_writer and earlier_outputs:
+            log.warning(f"{output_dir}: was written by another model or with other inference settings ({differing}); "
+                        f"its {len(earlier_outputs)} earlier label map(s) and SEG(s) are removed, so that the folder "
+                        "holds one model's results")
+        for path in earlier_outputs + [path for case in redone for path in
+                                       (case.report_file, case.probabilities_file, case.preview_file)]:
+            path.unlink(missing_ok=True)
     stamp.parent.mkdir(exist_ok=True)
     write_json(stamp, {**identity, "environment": environment_record(openvino=model.settings.runtime == OPENVINO)})
 
@@ -173,8 +187,9 @@ def _save_probabilities(path: Path, probabilities: np.ndarray, labels: dict[str,
 
 def _write_outputs(model: Model, case: CohortCase, read: _ReadCase, result: Segmentation,
                    settings: CohortSettings) -> None:
-    # An earlier run's final files go first: a kill below must not leave them beside this run's report row.
-    for final in (case.output, case.seg_file):
+    # An earlier run's final files go first: a kill below must not leave them beside this run's report row. Only
+    # the types this run writes: another output type's files (same model, checked by claim_output_folder) are kept.
+    for final in case.outputs:
         final.unlink(missing_ok=True)
     labels = model.label_names
     if settings.save_probabilities:
@@ -255,7 +270,9 @@ def rebuild_report(cases: Sequence[CohortCase], output_dir: Path, exclude: set[s
                    ) -> tuple[Path, ...]:
     """``report.csv`` and ``report.json`` from the row of every complete case (final file and row), in case order.
 
-    Cases in ``exclude`` (those that failed in this run) are left out even if an older run wrote them."""
+    Cases in ``exclude`` (those that failed in this run) are left out even if an older run wrote them. Without any
+    complete case there is no report: the files are removed (an earlier run's would name outputs that are gone)
+    and none is returned, so a run whose every case failed leaves no empty report behind."""
     rows = []
     for case in sorted(cases, key=lambda item: item.case):
         if case.case in exclude or not case.final_file.is_file() or not case.report_file.is_file():
@@ -263,4 +280,8 @@ def rebuild_report(cases: Sequence[CohortCase], output_dir: Path, exclude: set[s
         row = read_json(case.report_file, "")
         if isinstance(row, dict) and row.get("case") == case.case:
             rows.append(row)
+    if not rows:
+        for name in (REPORT_CSV, REPORT_JSON):
+            (output_dir / name).unlink(missing_ok=True)
+        return ()
     return write_report(rows, output_dir)

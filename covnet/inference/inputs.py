@@ -13,7 +13,8 @@ a CT it can segment, before any time is spent on it.
   degenerate volume, an implausible spacing or a grid too large on the model's spacing fails its case with one
   line; ``-o`` naming a file is refused first (:func:`check_output_folder`).
 * **Outputs** (``--output-type``, :data:`OUTPUT_TYPES`): each case's label map in its input's format (``nifti``),
-  a DICOM-SEG of its series (``dicom-seg``, only for DICOM input), or both; by default the input's own kind.
+  a DICOM-SEG of its series (``dicom-seg``, only for DICOM input), or both (a label map for every case, a SEG
+  where there is a series); by default the input's own kind.
 """
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ class CohortCase:
     def outputs(self) -> list[Path]:
         return [path for path, wanted in ((self.seg_file, self.writes_seg), (self.output, self.writes_label_map))
                 if wanted]
+
+    @property
+    def outputs_of_every_type(self) -> list[Path]:
+        """The SEG and the label map, whichever this run writes: what a run of another output type may have left."""
+        return [self.seg_file, self.output]
 
     @property
     def probabilities_file(self) -> Path:
@@ -168,20 +174,29 @@ def find_cohort(input_path: str | os.PathLike, output_dir: str | os.PathLike, ou
     Label maps are left out (see ``_without_label_maps``), and so is everything inside ``output_dir`` when it lies
     inside ``input_path``: the outputs of this and earlier runs are never inputs. Two inputs that would give one
     case name are an error naming both (``propose_case_ids``). ``output_type`` (one of :data:`OUTPUT_TYPES`; None:
-    each input's own kind) says what each case writes; a DICOM-SEG asked of an image file is an error naming it."""
+    each input's own kind) says what each case writes (:func:`with_output_types`)."""
     if output_type is not None and output_type not in OUTPUT_TYPES:
         raise CovnetError(None, f"--output-type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
-    return [_with_output_type(case, output_type) for case in _find_cases(Path(input_path), Path(output_dir))]
+    return with_output_types(_find_cases(Path(input_path), Path(output_dir)), output_type)
 
 
-def _with_output_type(case: CohortCase, output_type: str | None) -> CohortCase:
-    dicom = is_dicom_source(case.source)
-    if output_type is None:
-        output_type = DICOM_SEG if dicom else NIFTI
-    elif output_type != NIFTI and not dicom:
-        raise CovnetError(case.source, f"is not a DICOM series: --output-type {output_type} writes a DICOM-SEG, "
-                                       f"which needs the series it segments; use --output-type {NIFTI}")
-    return dataclasses.replace(case, output_type=output_type)
+def with_output_types(cases: list[CohortCase], output_type: str | None) -> list[CohortCase]:
+    """``cases`` with what each writes. None: its own kind (a SEG for a DICOM series, a label map for a file).
+    ``both``: a label map for every case and a SEG for each DICOM series; the image files among series get their
+    label map alone, with one warning. A SEG asked of image files only (``both``, ``dicom-seg``), or ``dicom-seg``
+    of a folder that also holds image files, is an error naming the first file."""
+    files = [case for case in cases if not is_dicom_source(case.source)]
+    if files and output_type in (DICOM_SEG, BOTH) and (output_type == DICOM_SEG or len(files) == len(cases)):
+        advice = BOTH if len(files) < len(cases) else NIFTI
+        raise CovnetError(files[0].source, f"is not a DICOM series: --output-type {output_type} writes a DICOM-SEG, "
+                                           f"which needs the series it segments; use --output-type {advice}")
+    if files and output_type == BOTH:
+        names = ", ".join(case.case for case in files[:5]) + (", ..." if len(files) > 5 else "")
+        log.warning(f"--output-type {BOTH}: {len(files)} of the {len(cases)} cases are image files, not DICOM series "
+                    f"({names}): they get their label map without a DICOM-SEG")
+
+    return [dataclasses.replace(case, output_type=(output_type or DICOM_SEG) if is_dicom_source(case.source) else NIFTI)
+            for case in cases]
 
 
 def _find_cases(input_path: Path, output_dir: Path) -> list[CohortCase]:

@@ -47,8 +47,8 @@ def _check_folds(results: Path, folds: Sequence[str]) -> list[str]:
     return [check_fold(fold, known, flag="-f") for fold in folds]
 
 
-def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkpoint: str | None = None
-                       ) -> tuple[list[Path], str]:
+def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkpoint: str | None = None, *,
+                       elsewhere: str = "pass --model") -> tuple[list[Path], str]:
     """The checkpoint files to predict with from a results folder, and a short description of the choice.
 
     With ``folds`` (each a fold of the split or ``all``; another name is a one-line error naming the valid
@@ -58,6 +58,8 @@ def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkp
     ``results/`` folder (a copied workspace) is looked into. ``checkpoint`` picks ``checkpoint_final.pth`` or
     ``checkpoint_best.pth`` of the chosen models (default: final). ``results`` may also be a checkpoint file,
     which is the model; then ``folds`` and ``checkpoint`` have nothing to choose and are a one-line error.
+    ``elsewhere`` ends the error for a folder without a trained model: how the caller's user names a model
+    elsewhere (covnet_predict's ``--model``).
     """
     if checkpoint is not None and checkpoint not in CHECKPOINT_CHOICES:
         raise CovnetError(None, f"--checkpoint {checkpoint!r}: choose one of {', '.join(CHECKPOINT_CHOICES)}")
@@ -71,8 +73,7 @@ def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkp
         return [results], f"checkpoint {results}"
     checkpoint = checkpoint or "final"
     if not results.is_dir():
-        raise CovnetError(results, "not found; no trained model to predict with (train with covnet_train, or "
-                                   "pass --model)")
+        raise CovnetError(results, f"not found; no trained model here: train one with covnet_train, or {elsewhere}")
     models = ResultsFolder(results)
     if not any(results.glob(f"{FOLD_PREFIX}*")) and not models.selftrain.is_dir() and \
             (results / RESULTS_FOLDER).is_dir():
@@ -90,7 +91,7 @@ def select_checkpoints(results: Path, folds: Sequence[str] | None = None, checkp
         trained = [ALL_FOLDS]
     if not trained:
         raise CovnetError(results, "holds no trained model (no selftrain/final/, trained fold_K/ or fold_all/ "
-                                   "with checkpoint_final.pth); train one with covnet_train first, or pass --model")
+                                   f"with checkpoint_final.pth); train one with covnet_train first, or {elsewhere}")
     paths = [_model_file(models.fold(fold), checkpoint) for fold in trained]
     what = "fold all" if trained == [ALL_FOLDS] else f"the ensemble of folds {', '.join(trained)}"
     return paths, f"{what} (checkpoint_{checkpoint})"

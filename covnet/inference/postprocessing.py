@@ -18,11 +18,13 @@ A third rule, :func:`assign_lung_sides`, makes left and right a matter of positi
 network's opinion: in the canonical (LPS) frame the patient's left lies towards higher indices along
 ``LEFT_RIGHT_AXIS``, so each lung component gets the side of the body's midline its centroid lies on. A
 component with a large share of its voxels on each side (two lungs that touch, e.g. at the anterior junction
-line) is cut at the midline. Infection keeps its label: the report assigns it to the nearest lung.
+line) is cut at the midline. Infection keeps its label: the report assigns it to the nearest lung. The midline
+must be one the caller can trust (``covnet.inference.predictor.lungs_by_midline`` checks it, with
+:func:`lungs_on_both_sides` where the body reaches the image's sides).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_sizes
@@ -132,6 +134,38 @@ def _voxels_per_position(component_ids: np.ndarray, num_ids: int, axis: int) -> 
     return np.stack([np.bincount(plane.ravel(), minlength=num_ids) for plane in planes], axis=1)
 
 
+class _LungComponents(NamedTuple):
+    """The components of a lung mask inside its bounding box ``box``, and where they lie along the lateral axis."""
+    box: tuple[slice, ...]
+    ids: np.ndarray               # component id of each voxel of the box (0 outside the lungs)
+    sizes: np.ndarray             # voxels per id (index 0 unused, 0)
+    counts: np.ndarray            # counts[c, i]: voxels of component c at lateral position positions[i]
+    positions: np.ndarray         # the box's lateral positions, as indices of the whole image
+    centroids: np.ndarray         # each component's mean lateral position
+
+
+def _lung_components(lungs: np.ndarray, lateral_axis: int, connectivity: int) -> _LungComponents:
+    box = tuple(slice(start, stop) for start, stop in bounding_box(lungs))
+    ids, sizes = _components(lungs[box], connectivity)
+    counts = _voxels_per_position(ids, len(sizes), lateral_axis)
+    positions = np.arange(box[lateral_axis].start, box[lateral_axis].stop)
+    return _LungComponents(box, ids, sizes, counts, positions, counts @ positions / np.maximum(sizes, 1))
+
+
+def lungs_on_both_sides(segmentation: np.ndarray, midline: float, lung_labels: Sequence[int] = (1, 2),
+                        lateral_axis: int = LEFT_RIGHT_AXIS, connectivity: int = FULL_CONNECTIVITY) -> bool:
+    """Whether the lungs are (at least) two separate components, one on each side of ``midline``: each side holds
+    the centroid of a component of at least ``TWO_LUNGS_MIN_SHARE_PER_SIDE`` of the lung voxels. A single lung (a
+    crop to one lung), or two lungs that touch, is not."""
+    lungs = np.isin(segmentation, lung_labels)
+    if not lungs.any():
+        return False
+    components = _lung_components(lungs, lateral_axis, connectivity)
+    large = components.sizes >= TWO_LUNGS_MIN_SHARE_PER_SIDE * components.sizes.sum()
+    on_left = components.centroids > midline
+    return bool(np.any(large & on_left) and np.any(large & ~on_left))
+
+
 def assign_lung_sides(segmentation: np.ndarray, midline: float, left_label: int = 1, right_label: int = 2,
                       lateral_axis: int = LEFT_RIGHT_AXIS, connectivity: int = FULL_CONNECTIVITY) -> tuple[np.ndarray, float]:
     """A copy of a canonical-frame ``segmentation`` whose lung labels follow the body's ``midline``, and the share
@@ -147,19 +181,15 @@ def assign_lung_sides(segmentation: np.ndarray, midline: float, left_label: int 
     lungs = np.isin(fixed, (left_label, right_label))
     if not lungs.any():
         return fixed, 0.0
-    box = tuple(slice(start, stop) for start, stop in bounding_box(lungs))
-    lungs_in_box, labels_in_box = lungs[box], fixed[box]
-    component_ids, sizes = _components(lungs_in_box, connectivity)
-    counts = _voxels_per_position(component_ids, len(sizes), lateral_axis)
-    positions = np.arange(box[lateral_axis].start, box[lateral_axis].stop)
-    on_left = positions > midline
-    left_share = counts[:, on_left].sum(axis=1) / np.maximum(sizes, 1)
-    centroid = counts @ positions / np.maximum(sizes, 1)
-    side_of_component = np.where(centroid > midline, left_label, right_label)
+    components = _lung_components(lungs, lateral_axis, connectivity)
+    lungs_in_box, labels_in_box = lungs[components.box], fixed[components.box]
+    on_left = components.positions > midline
+    left_share = components.counts[:, on_left].sum(axis=1) / np.maximum(components.sizes, 1)
+    side_of_component = np.where(components.centroids > midline, left_label, right_label)
     split = np.minimum(left_share, 1 - left_share) >= TWO_LUNGS_MIN_SHARE_PER_SIDE
     by_position = np.where(on_left, left_label, right_label).reshape(
         [-1 if axis == lateral_axis else 1 for axis in range(fixed.ndim)])
-    ids = component_ids[lungs_in_box]
+    ids = components.ids[lungs_in_box]
     assigned = np.where(split[ids], np.broadcast_to(by_position, lungs_in_box.shape)[lungs_in_box],
                         side_of_component[ids]).astype(fixed.dtype)
     relabelled = np.count_nonzero(assigned != labels_in_box[lungs_in_box])

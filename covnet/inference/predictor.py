@@ -28,7 +28,7 @@ from covnet.inference.lung_box import (
     find_lung_region,
     region_fraction,
 )
-from covnet.inference.postprocessing import assign_lung_sides, postprocess_segmentation
+from covnet.inference.postprocessing import assign_lung_sides, lungs_on_both_sides, postprocess_segmentation
 from covnet.inference.cpu_runtime import OPENVINO, RUNTIMES, TORCH, OpenVinoNetwork, resolve_runtime
 from covnet.inference.sliding_window import autocast_available, mirror_combinations, predict_sliding_window
 from covnet.network.unet import ResidualEncoderUNet
@@ -262,13 +262,25 @@ def lungs_by_midline(segmentation: np.ndarray, properties: CaseProperties, label
     The midline is the middle of the body's extent from left to right: the body box preprocessing cropped to
     (the largest connected component above -500 HU). It is found without the network, so a network that calls
     both lungs one side cannot move it, and unlike the middle of the lungs' own extent it keeps a single lung
-    (or one the network missed most of) whole on its side."""
+    (or one the network missed most of) whole on its side. It is trusted only when the body lies inside the image
+    from left to right (air beside it), or when the lungs are two separate components on either side of it
+    (``lungs_on_both_sides``). Otherwise (a field of view cropped to one lung, whose middle would cut that lung in
+    two) the network's labels are kept, with a warning."""
     if LEFT_LUNG not in labels or RIGHT_LUNG not in labels:
         return segmentation
     start, stop = properties.bounding_box[LEFT_RIGHT_AXIS]
+    midline = (start + stop - 1) / 2
+    lung_labels = (labels[LEFT_LUNG], labels[RIGHT_LUNG])
     canonical = properties.reorientation.to_canonical(segmentation)
-    fixed, relabelled = assign_lung_sides(canonical, (start + stop - 1) / 2, left_label=labels[LEFT_LUNG],
-                                          right_label=labels[RIGHT_LUNG], lateral_axis=LEFT_RIGHT_AXIS)
+    body_inside = start > 0 and stop < properties.canonical_shape[LEFT_RIGHT_AXIS]
+    if not body_inside and not lungs_on_both_sides(canonical, midline, lung_labels, LEFT_RIGHT_AXIS):
+        if np.isin(canonical, lung_labels).any():
+            log.warning(f"{properties.case}: the body reaches the image's left or right border and the lungs are not "
+                        f"two separate components on either side of its middle (a field of view cropped to one "
+                        f"lung?): the body's midline is unknown, so the network's left and right labels are kept")
+        return segmentation
+    fixed, relabelled = assign_lung_sides(canonical, midline, left_label=lung_labels[0], right_label=lung_labels[1],
+                                          lateral_axis=LEFT_RIGHT_AXIS)
     if relabelled > 0.5:
         log.warning(f"{properties.case}: the network gave {100 * relabelled:.0f}% of the lung voxels the side "
                     f"opposite to the one they lie on; left and right were set by position, from the body's "

@@ -60,7 +60,8 @@ def chosen_checkpoints(workspace: Workspace, folds: Sequence[str] | None, *, sel
     if selftrain and folds:
         raise CovnetError(None, "choose either --selftrain or -f FOLDS, not both")
     if not selftrain:
-        return select_checkpoints(workspace.results, folds, checkpoint)[0]
+        return select_checkpoints(workspace.results, folds, checkpoint,
+                                  elsewhere="point --workspace at the workspace that trained one")[0]
     path = _selftrained_folder(workspace) / f"checkpoint_{checkpoint}.pth"
     if checkpoint != "final":
         raise CovnetError(path, "the self-trained model has only checkpoint_final.pth; drop --checkpoint best")

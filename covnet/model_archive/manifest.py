@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 from covnet.runtime.errors import CovnetError
 
@@ -80,6 +80,21 @@ class ModelManifest:
             if model.file not in manifest.files:
                 raise CovnetError(source, f"{MANIFEST_NAME} names the model file {model.file}, which it does not list")
         return manifest
+
+
+def choice_problem(manifest: ModelManifest, folds: Sequence[str] | None, checkpoint: str | None) -> str | None:
+    """Why ``-f folds`` or ``--checkpoint`` asks an archive for a model it does not hold (it holds the models and the
+    checkpoint it was exported with, ``manifest.folds`` and ``manifest.checkpoint``); None when it holds them."""
+    held = (f"fold{'s' if len(manifest.folds) > 1 else ''} {', '.join(manifest.folds)}" if manifest.folds
+            else "the self-trained model") + f" (checkpoint_{manifest.checkpoint})"
+    if checkpoint is not None and checkpoint != manifest.checkpoint:
+        return f"holds {held} only, not checkpoint_{checkpoint}: leave out --checkpoint, or export the model with " \
+               f"--checkpoint {checkpoint}"
+    missing = [str(fold) for fold in folds or () if str(fold).strip().lower() not in manifest.folds]
+    if missing:
+        return f"holds {held} only, not -f {' '.join(missing)}: leave out -f to use what it holds, or export " \
+               f"the folds you want (covnet_export_model -f)"
+    return None
 
 
 def model_id(manifest_bytes: bytes) -> str:
