@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -298,6 +299,8 @@ def measure(plan, device, name: str, *, warm_up: int, iterations: int, max_secon
                   mean_loss=sum(losses) / timed)
     if cuda:
         record["estimate_over_measured"] = round(plan.estimated_memory_gb * workers.GIB / peak, 4)
+    if not math.isfinite(record["mean_loss"]):      # deferred syncs: what the per-iteration check would have caught
+        record.update(status="failed", reason=f"CovnetError: training loss became {record['mean_loss']} (timed anyway)")
     del parts, batch
     return record
 
