@@ -2,6 +2,9 @@
 trainer builds for a plan (workers.training_parts), on a random batch of the plan's shape:
 
     python -m benchmarks.gpu_check.stepprofile OUT.json --device D --plan PLANS.json --warm-up W --steps N
+                                               [--patch-size Z Y X]
+
+(``--device meta``: only the floating-point operations of one iteration, from shapes, for any plan.)
 
 After ``W`` warm-up iterations it records: the step's time (``N`` iterations, no profiler); the host-device syncs
 one iteration asks for from Python (``item()``, ``bool()`` of a tensor, ...: each waits for the GPU), counted
@@ -165,6 +168,11 @@ def profile_step(plan_path: Path, device_name: str, *, warm_up: int, steps: int,
     cuda = device.type == "cuda"
     plan = load_plan(plan_path, patch_size)
     parts = build(plan, device, VARIANTS["baseline"])
+    if device.type == "meta":       # shapes only: the FLOPs of a step too big to run here
+        parts.autocast = {"device_type": "cpu", "enabled": False}
+        flops = step_flops(parts, plan, device)
+        return {"device": "meta", "patch_size": plan.patch_size, "batch_size": plan.batch_size,
+                "flops_per_iteration": flops["total"], "flops_by_operator": flops["by_operator"]}
     batch = device_batch(plan, device, pinned=cuda)
 
     def run(iterations: int):

@@ -1,8 +1,8 @@
 """The check's steps, in the order they run: the most important first, so that a budget cut drops the least.
 
 environment → small_data → phantom_model → correctness → clinical_data (prepared in the background since the
-start) → memory → training_speed → inference → training_speed_compile → step_profile → step_variants (the last
-two: benchmarks/gpu_check/speed.py).
+start) → memory → training_speed → inference → training_speed_compile → step_profile → step_variants (the
+last two: benchmarks/gpu_check/speed.py).
 """
 from __future__ import annotations
 
