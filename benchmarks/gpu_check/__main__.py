@@ -1,5 +1,5 @@
 """``python -m benchmarks.gpu_check OUTDIR [--dry-run] [--budget-s 480] [--wheels DIR] [--ct FILE] [--work-dir DIR]
-[--skip STEP ...]``
+[--skip STEP ... | --only STEP ...]``
 
 Writes OUTDIR/gpu_check.json (figures, rewritten after every step), OUTDIR/gpu_check.log (every command and
 its output) and OUTDIR/cuda_tests.xml (the CUDA tests' JUnit report). Run from the repository root.
@@ -37,16 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the chest CT (.nii.gz, or packed by benchmarks/gpu_wheels.sh) (default: the first of "
                              f"{', '.join(str(path) for path in CT_CANDIDATES)} that exists; none: a clinical "
                              "phantom stands in)")
-    parser.add_argument("--skip", nargs="+", default=(), choices=STEPS, metavar="STEP",
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--skip", nargs="+", default=(), choices=STEPS, metavar="STEP",
                         help=f"steps not to run (recorded as skipped), to give a later run's budget to the others: "
                              f"{', '.join(STEPS)}; the environment always runs")
+    chosen.add_argument("--only", nargs="+", default=(), choices=STEPS, metavar="STEP",
+                        help="run only these steps (and the environment); name the steps they need too, e.g. "
+                             "--only clinical_data step_profile step_variants")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="phantoms, models and predictions (default: a new folder under the system's temp)")
     return parser
 
 
+def skipped_steps(args: argparse.Namespace) -> list[str]:
+    return [step for step in STEPS if step not in args.only] if args.only else list(args.skip)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    skip = skipped_steps(args)
     scale = DRY_RUN if args.dry_run else GPU
     wheels = args.wheels
     if wheels is None and not args.dry_run and (CARRIED / "wheels").is_dir():
@@ -60,7 +69,7 @@ def main(argv=None) -> int:
         "ct": str(ct) if ct else None}, summarise=functools.partial(goals, dry_run=args.dry_run))
     report.log(f"covnet GPU check ({scale.name}): figures in {report.json_path}, work in {work}")
     try:
-        Check(report, scale, work.resolve(), wheels=wheels, ct=ct, dry_run=args.dry_run, skip=args.skip).run()
+        Check(report, scale, work.resolve(), wheels=wheels, ct=ct, dry_run=args.dry_run, skip=skip).run()
     finally:
         report.data["finished"] = True
         report.write()

@@ -35,6 +35,15 @@ class Scale:
     speed_iterations: int                            # per epoch
     preprocessing_processes: int
     estimates_s: dict
+    # step_profile and step_variants (benchmarks/gpu_check/speed.py): iterations on random batches of the 8 GB plan
+    profile_warm_up: int
+    profile_steps: int                               # timed, then profiled, then timed by phase
+    variant_warm_up: int                             # per variant (a compiled one compiles here)
+    variant_iterations: int                          # timed per variant, at most
+    variant_max_seconds: float                       # a variant's timing stops after this (at least 2 rounds)
+    step_patch_size: tuple[int, int, int] | None     # in place of the plan's (the dry run's smaller step)
+    compile_variants_apart: bool                     # each compiled variant in a process of its own (else one
+                                                     # process for every variant)
 
 
 GPU = Scale(
@@ -46,7 +55,10 @@ GPU = Scale(
     speed_epochs=6, speed_iterations=50,            # 50 warm-up iterations, then 5 x 50 = 250 timed
     preprocessing_processes=12,
     estimates_s={"environment": 20, "small_data": 15, "clinical_data": 60, "phantom_model": 45, "correctness": 110,
-                 "memory": 45, "training_speed": 75, "inference": 50, "training_speed_compile": 150},
+                 "memory": 45, "training_speed": 75, "inference": 50, "training_speed_compile": 150,
+                 "step_profile": 30, "step_variants": 150, "compile_variant": 100},
+    profile_warm_up=5, profile_steps=5, variant_warm_up=5, variant_iterations=24, variant_max_seconds=10.0,
+    step_patch_size=None, compile_variants_apart=True,
 )
 
 DRY_RUN = Scale(
@@ -58,5 +70,8 @@ DRY_RUN = Scale(
     speed_epochs=2, speed_iterations=2,
     preprocessing_processes=2,
     estimates_s={"environment": 5, "small_data": 10, "clinical_data": 15, "phantom_model": 10, "correctness": 40,
-                 "memory": 25, "training_speed": 10, "inference": 15, "training_speed_compile": 10},
+                 "memory": 25, "training_speed": 10, "inference": 15, "training_speed_compile": 10,
+                 "step_profile": 10, "step_variants": 25, "compile_variant": 10},
+    profile_warm_up=1, profile_steps=1, variant_warm_up=1, variant_iterations=1, variant_max_seconds=10.0,
+    step_patch_size=(8, 16, 16), compile_variants_apart=False,
 )

@@ -1,7 +1,8 @@
 """The check's steps, in the order they run: the most important first, so that a budget cut drops the least.
 
 environment → small_data → phantom_model → correctness → clinical_data (prepared in the background since the
-start) → memory → training_speed → inference → training_speed_compile.
+start) → memory → training_speed → inference → training_speed_compile → step_profile → step_variants (the
+last two: benchmarks/gpu_check/speed.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.gpu_check import data
+from benchmarks.gpu_check import data, speed
 from benchmarks.gpu_check.packing import PACK_SUFFIX, pack_nifti, unpack_nifti
 from benchmarks.gpu_check.runner import REPOSITORY, RESERVE_S, Report, StepSkipped, StepTimeout, python_command
 from benchmarks.gpu_check.scale import Scale
@@ -52,6 +53,9 @@ DRY_RUN_EXERCISES = {
     "training_speed": "the tiny network on the CPU",
     "inference": "a small test phantom stands in for the CT, packed and unpacked as the CT is",
     "training_speed_compile": "the tiny network on the CPU, where --compile is a no-op",
+    "step_profile": "the tiny network on an 8x16x16 patch on the CPU: no device times or CUDA sync counts",
+    "step_variants": "the tiny network on an 8x16x16 patch on the CPU, 1 warm-up + 1 timed iteration per variant; "
+                     "CUDA-only ones run their code where they can (compiled: dynamo with backend='eager')",
 }
 
 
@@ -109,6 +113,8 @@ class Check:
             self.step("training_speed", functools.partial(self.training_speed, compile_network=False))
             self.step("inference", self.inference)
             self.step("training_speed_compile", functools.partial(self.training_speed, compile_network=True))
+            self.step("step_profile", functools.partial(speed.step_profile, self))
+            self.step("step_variants", functools.partial(speed.step_variants, self))
         finally:
             if background is not None and background[0].poll() is None:
                 os.killpg(background[0].pid, signal.SIGKILL)
@@ -357,6 +363,10 @@ def goals(steps: dict, *, dry_run: bool = False) -> dict:
             result[f"{step}_within_45_s_and_10_percent_wait"] = (
                 speed["seconds_per_250_iterations"] <= TRAINING_SPEED_GOAL_S
                 and speed["data_wait_share_timed"] < DATA_WAIT_GOAL)
+    fastest = figures("step_variants").get("fastest_250_iterations_s")
+    if fastest is not None:
+        result["step_variants_fastest"] = figures("step_variants")["fastest"]
+        result["step_variants_fastest_within_45_s"] = fastest <= TRAINING_SPEED_GOAL_S
     tta = figures("inference").get("tta_on", {})
     if tta.get("network_s"):
         result["tta_network_s"] = round(sum(tta["network_s"]), 2)
