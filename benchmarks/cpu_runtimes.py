@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from covnet.checkpoint import Checkpoint  # noqa: E402
 from covnet.inference.cpu_runtime import FullResolution  # noqa: E402
+from covnet.inference.openvino_cache import openvino_without_telemetry  # noqa: E402
 from covnet.network.unet import ResidualEncoderUNet  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def main() -> int:
                    median_seconds(lambda: session.run(None, inputs), args.repeats),
                    torch.from_numpy(session.run(None, inputs)[0]), convert_seconds=export_seconds)
         if importlib.util.find_spec("openvino"):
-            import openvino
+            openvino = openvino_without_telemetry()
             started = time.perf_counter()
             converted = openvino.convert_model(model, example_input=batch)
             convert_seconds = time.perf_counter() - started

@@ -11,6 +11,15 @@ from covnet.dataset import covid_description
 from covnet.image.io import write_image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """covnet's cache ($XDG_CACHE_HOME/covnet: installed models, OpenVINO conversions) in the session's temporary
+    folder, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """The tiny phantom workspace with folds 0 and 1 trained, made once per session (read only: copy to change

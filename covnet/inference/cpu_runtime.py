@@ -6,20 +6,25 @@ of the CPU plan's windows in 0.052 s where torch's bfloat16 autocast took 0.079 
 torch to within bfloat16's own disagreement with float32 (benchmarks/cpu_runtimes.py; ONNX Runtime was slower
 than torch). ``auto`` uses it on a CPU when the package is installed; torch otherwise, and always on a GPU.
 
-How: :class:`OpenVinoNetwork` converts the network with its weights (``openvino.convert_model``, a few seconds,
-once per model) and compiles it for each window shape (the lung box can clamp the window; the last, partial
-batch is padded to a full one), keeping the last few, in bfloat16 where the CPU computes it natively and
-autocast is on, else float32.
+How: :class:`OpenVinoNetwork` converts the network with its weights (``openvino.convert_model``, a few seconds)
+once per checkpoint, kept in covnet's cache (:mod:`covnet.inference.openvino_cache`, which also keeps OpenVINO's
+telemetry off), and compiles it for each window shape (the lung box can clamp the window; the last, partial batch
+is padded to a full one), keeping the last few, in bfloat16 where the CPU computes it natively and autocast is
+on, else float32.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import warnings
 from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 
+from covnet.inference.openvino_cache import load_or_convert, openvino_without_telemetry
 from covnet.runtime.errors import CovnetError
 
 AUTO, TORCH, OPENVINO = "auto", "torch", "openvino"
@@ -45,6 +50,16 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     return runtime
 
 
+def weights_sha256(network: torch.nn.Module) -> str:
+    """SHA-256 of the weights ``network`` holds (each state entry's name, type, shape and bytes, in order). The
+    weights in memory, not the checkpoint file: the very weights converted, whatever happened to the file since."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 class FullResolution(torch.nn.Module):
     """The network's full-resolution logits only (the first output under deep supervision)."""
 
@@ -59,16 +74,30 @@ class FullResolution(torch.nn.Module):
 
 class OpenVinoNetwork:
     """``network`` (in eval mode, with the weights to use) as an OpenVINO model: called with a (B, C, z, y, x)
-    float32 CPU tensor, it returns the full-resolution logits as a float32 tensor."""
+    float32 CPU tensor, it returns the full-resolution logits as a float32 tensor.
 
-    def __init__(self, network: torch.nn.Module, example: torch.Tensor, *, bfloat16: bool, threads: int):
-        import openvino
+    ``topology``: the network's topology as JSON (the plan's); with it the conversion is read from, or saved to, the
+    cache in ``cache_dir`` (default: covnet's), keyed by the topology, the weights (:func:`weights_sha256`) and the
+    input's shape; without it the network is converted in memory."""
+
+    def __init__(self, network: torch.nn.Module, example: torch.Tensor, *, bfloat16: bool, threads: int,
+                 topology: Mapping | None = None, cache_dir: Path | None = None):
+        openvino = openvino_without_telemetry()
         self._core = openvino.Core()
-        # Conversion traces the network; the tracer warns of Python branches on shapes, which take the same way for
-        # every window (the channels never change).
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self._model = openvino.convert_model(FullResolution(network).eval(), example_input=example)
+
+        def convert():
+            # Conversion traces the network; the tracer warns of Python branches on shapes, which take the same way
+            # for every window (the channels never change).
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return openvino.convert_model(FullResolution(network).eval(), example_input=example)
+
+        if topology is None:
+            self._model = convert()
+        else:
+            parts = {"weights_sha256": weights_sha256(network), "topology": topology, "input": list(example.shape),
+                     "torch": torch.__version__}
+            self._model = load_or_convert(self._core, parts, convert, cache_dir=cache_dir)
         self._config = {"INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32", "INFERENCE_NUM_THREADS": threads}
         self._batch = int(example.shape[0])
         self._requests: OrderedDict[tuple, object] = OrderedDict()     # the most recently used shapes last

@@ -209,7 +209,7 @@ class Predictor:
             example = torch.zeros((self.settings.batch_windows, self.plan.in_channels, *self.plan.patch_size))
             self._converted[index] = OpenVinoNetwork(
                 self.network, example, bfloat16=self.settings.use_amp and autocast_available(self.device),
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), topology=self.plan.network.to_json())
         return self._converted[index]
 
     def _sliding_window(self, image: torch.Tensor, network) -> torch.Tensor:

@@ -25,17 +25,12 @@ from pathlib import Path
 from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, hash_stream, model_id, path_problem
 from covnet.planning.plans import PLANS_VERSION
 from covnet.runtime.atomic import sweep_dead_temporaries, temporary_folder
+from covnet.runtime.cache import model_cache_dir
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 
 log = logger(__name__)
 ARCHIVE_SUFFIX = ".zip"
-
-
-def model_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/covnet/models``, or ``~/.cache/covnet/models``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "covnet" / "models"
 
 
 @dataclass(frozen=True)

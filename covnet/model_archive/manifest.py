@@ -10,21 +10,15 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Sequence
+from typing import Sequence
 
 from covnet.runtime.errors import CovnetError
+from covnet.runtime.hashing import FileEntry, hash_file, hash_stream  # noqa: F401 (re-exported)
 
 MANIFEST_NAME = "manifest.json"
 ARCHIVE_FORMAT = 1
 PLANS_NAME = "plans.json"
 DATASET_NAME = "dataset.json"
-_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    sha256: str
-    size: int
 
 
 @dataclass(frozen=True)
@@ -112,22 +106,3 @@ def path_problem(name: str) -> str | None:
     if any(part in ("..", ".") for part in path.parts):
         return "steps out of its folder ('..')"
     return None
-
-
-def hash_stream(source: BinaryIO, sink: BinaryIO | None = None, limit: int | None = None) -> FileEntry:
-    """SHA-256 and size of what ``source`` yields (copied to ``sink`` if given); reading stops once more than
-    ``limit`` bytes came, so an oversized member is found without unpacking it all."""
-    digest, size = hashlib.sha256(), 0
-    while chunk := source.read(_CHUNK):
-        size += len(chunk)
-        if limit is not None and size > limit:
-            break
-        digest.update(chunk)
-        if sink is not None:
-            sink.write(chunk)
-    return FileEntry(digest.hexdigest(), size)
-
-
-def hash_file(path: Path) -> FileEntry:
-    with open(path, "rb") as handle:
-        return hash_stream(handle)

@@ -189,3 +189,19 @@ def holding(workspace_root: str | os.PathLike, scope: str, command: str, *, swee
         for folder in sweep:
             sweep_dead_temporaries(folder)
         yield
+
+
+@contextlib.contextmanager
+def waiting(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock file ``path`` (created if missing) exclusively for the duration of the block, waiting while
+    another process holds it: for a cache that two commands may fill at once, where the second should wait and
+    then reuse the first one's work rather than be refused. A record lock, as above: it keeps other processes
+    out, not other threads of this one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
