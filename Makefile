@@ -42,16 +42,17 @@ lock:
 		--output-file $(LOCK) pyproject.toml requirements/lock.in
 
 # The suite against the newest releases that pyproject.toml admits (no lock), in a venv of its own, so that a
-# coming break is seen before a user meets it. torch stays the lock's CPU build unless LATEST_TORCH names another
-# (the newest torch on PyPI is a multi-GB CUDA build).
+# coming break is seen before a user meets it. torch is held to the lock's CPU build by a constraint;
+# LATEST_TORCH=torch takes the newest torch too (from PyPI a multi-GB CUDA build).
 LATEST_VENV ?= .venv-latest
 LATEST_TORCH ?= $(shell grep -m1 '^torch==' $(LOCK) | cut -d' ' -f1)
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install --quiet --upgrade pip
-	$(LATEST_VENV)/bin/pip install --quiet $(PIP_OPTIONS) '$(LATEST_TORCH)'
-	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(PIP_OPTIONS) -e '.[test,openvino]'
+	echo '$(LATEST_TORCH)' > $(LATEST_VENV)/torch-constraint.txt
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(PIP_OPTIONS) \
+		-c $(LATEST_VENV)/torch-constraint.txt -e '.[test,openvino]'
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/freeze.txt
 	$(LATEST_VENV)/bin/python -m pytest -q tests
 
