@@ -6,7 +6,7 @@
     model = covnet.load_model("lungs_covid.zip")      # or a workspace, results folder, model folder or checkpoint
     result = model.segment("scan.nii.gz")             # or a SimpleITK image, or a DICOM series folder
     sitk.WriteImage(result.label_image, "scan_labels.nii.gz")
-    print(result.report["infection_ml"])
+    infection_ml = result.report["infection_ml"]     # the report row, as in covnet_predict's report.csv
 
 :func:`load_model` reads the weights once (every fold of an ensemble), and :meth:`Model.segment` runs
 covnet_predict's inference on one CT: the same input checks (a label map, an image not in HU or an implausible

@@ -16,7 +16,6 @@ floating-point operations of one iteration (torch.utils.flop_counter), hence the
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -26,7 +25,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.gpu_check.variants import Progress, add_patch_size, as_list, device_batch, synchronize
+from benchmarks.gpu_check.variants import Progress, as_list, device_batch, synchronize, worker_parser
 
 TOP = 15
 # Tensor methods that copy a value to the host: on CUDA each waits for every kernel queued before it.
@@ -214,14 +213,8 @@ def profile_step(plan_path: Path, device_name: str, *, warm_up: int, steps: int,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check.stepprofile",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--device", required=True)
-    parser.add_argument("--plan", type=Path, required=True)
-    parser.add_argument("--warm-up", type=int, required=True)
+    parser = worker_parser("benchmarks.gpu_check.stepprofile", __doc__)
     parser.add_argument("--steps", type=int, required=True)
-    add_patch_size(parser)
     args = parser.parse_args(argv)
     figures = profile_step(args.plan, args.device, warm_up=args.warm_up, steps=args.steps,
                            patch_size=args.patch_size)

@@ -340,21 +340,22 @@ def run(out: Path, plan_path: Path, device_name: str, names: list[str], *, warm_
     return figures
 
 
-def add_patch_size(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                        help="in place of the plan's (the dry run's smaller step)")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check.variants",
-                                     description=__doc__.splitlines()[0])
+def worker_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments every training-step worker takes: where to write, the device, the plan and its patch."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--device", required=True)
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--warm-up", type=int, required=True)
+    parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="in place of the plan's (the dry run's smaller step)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = worker_parser("benchmarks.gpu_check.variants", __doc__)
     parser.add_argument("--iterations", type=int, required=True)
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop timing a variant after this")
-    add_patch_size(parser)
     parser.add_argument("variants", nargs="+", choices=tuple(VARIANTS))
     args = parser.parse_args(argv)
     run(args.out, args.plan, args.device, args.variants, warm_up=args.warm_up, iterations=args.iterations,
