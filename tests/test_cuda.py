@@ -122,7 +122,7 @@ def test_amp_training_step_gives_finite_losses_and_gradients(device, tiny_worksp
     for seed in range(AMP_STEPS):
         scale = scaler.get_scale()
         result = train_epoch(network, iter([phantom_batch(tiny_workspace, plan, seed)]), loss, optimizer, scaler, 1,
-                             device, TrainingSettings().gradient_clip)
+                             device, TrainingSettings().gradient_clip, mixed_precision=device.type == "cuda")
         assert result.iterations == 1 and math.isfinite(result.mean_loss)
         gradients = [p.grad for p in network.parameters() if p.grad is not None]
         assert gradients
@@ -180,7 +180,7 @@ def test_one_process_ddp_steps_equal_plain_steps(device, tiny_workspace, tmp_pat
         model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None) \
             if wrap else network
         train_epoch(model, itertools.repeat(batch), loss, optimizer, scaler, STEPS, device,
-                    TrainingSettings().gradient_clip)
+                    TrainingSettings().gradient_clip, mixed_precision=device.type == "cuda")
         return {name: value.detach().cpu().clone() for name, value in network.state_dict().items()}
 
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -13,6 +13,7 @@ from covnet.planning.memory import estimate_training_memory_bytes
 from covnet.planning.planner import make_plan
 from covnet.planning.plans import PLANS_VERSION, PREPROCESSING_VERSION, Plan
 from covnet.runtime.errors import CovnetError
+from covnet.runtime.precision import cpu_has_native_bfloat16
 from covnet.workspace import Workspace
 
 GIB = 2 ** 30
@@ -202,7 +203,10 @@ def test_cli_device_cpu_writes_a_cpu_plan(tiny_workspace, tmp_path, capsys):
     assert plan.device == "cpu" and plan.seconds_per_iteration == 0.5
     assert plan.estimated_seconds_per_iteration <= 0.5 and plan.measured_seconds_per_iteration is None
     output = capsys.readouterr().out
-    assert "cpu, float32" in output and "time per iteration" in output and "measured" not in output
+    # the plan trains in bfloat16 where this CPU computes it natively, and says so
+    precision = "bfloat16" if cpu_has_native_bfloat16() else "float32"
+    assert plan.mixed_precision == cpu_has_native_bfloat16() and precision in plan.reasons["device"]
+    assert f"cpu, {precision}" in output and "time per iteration" in output and "measured" not in output
 
 
 def test_a_measured_cpu_plan_records_the_timing_of_its_own_iteration():
@@ -270,3 +274,79 @@ def test_zero_worker_processes_are_refused(tiny_workspace, tmp_path, capsys):
         plan_and_preprocess.main(["--workspace", str(tmp_path), "-np", "0"])
     assert exit_info.value.code == 2 and "-np/--num-processes: must be ≥ 1, not 0" in capsys.readouterr().err
     assert not Workspace(tmp_path).plans_json.exists()
+
+
+# ------------------------------------------------------------------------------------------------ bfloat16 on a CPU
+BFLOAT16_MACHINE = cpu_time.CpuMachine(cores=cpu_time.CALIBRATION_THREADS, workers=1, bfloat16=True)
+
+
+def test_the_time_model_applies_the_bfloat16_factor_to_the_network_only(monkeypatch):
+    monkeypatch.setattr(cpu_time, "BFLOAT16_NETWORK_FACTOR", 0.5)
+    patch, network = [48, 64, 64], rules.network_topology([1.0] * 3, [48, 64, 64], 1, 4, rules.CPU_NETWORK_SIZES[4])
+    float32 = cpu_time.estimate_iteration(patch, 2, network, cpu_time.CpuMachine(cores=2, workers=0))
+    bfloat16 = cpu_time.estimate_iteration(patch, 2, network, cpu_time.CpuMachine(cores=2, workers=0, bfloat16=True))
+    assert bfloat16.network == pytest.approx(0.5 * float32.network)
+    assert bfloat16.loader == float32.loader
+    assert bfloat16.seconds == pytest.approx(0.5 * float32.network + float32.loader)
+
+
+def test_the_calibrated_bfloat16_factor_makes_the_network_cheaper():
+    assert 0 < cpu_time.BFLOAT16_NETWORK_FACTOR < 1
+
+
+def test_a_bfloat16_cpu_plan_records_its_precision_and_grows_within_the_same_budget():
+    float32 = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=1.0)
+    bfloat16 = make_plan(CLINICAL, DESCRIPTION, device="cpu", seconds_per_iteration=1.0, machine=BFLOAT16_MACHINE)
+    assert not float32.mixed_precision and bfloat16.mixed_precision
+    assert "float32" in float32.reasons["device"] and "bfloat16" in bfloat16.reasons["device"]
+    assert "bfloat16 network" in bfloat16.reasons["time_per_iteration"]
+    assert "cpu, bfloat16" in bfloat16.table() and "bfloat16 activations" in bfloat16.table()
+    assert bfloat16.estimated_seconds_per_iteration <= 1.0
+    assert (size_rank(bfloat16.network) < size_rank(float32.network)
+            or math.prod(bfloat16.patch_size) > math.prod(float32.patch_size))
+    # the memory estimate is the mixed-precision model's
+    assert bfloat16.estimated_memory_gb == pytest.approx(estimate_training_memory_bytes(
+        bfloat16.patch_size, 2, bfloat16.network, amp=True) / GIB, abs=1e-3)
+    assert Plan.from_json(json.loads(json.dumps(bfloat16.to_json()))).mixed_precision
+
+
+def test_the_planning_machine_trains_in_bfloat16_where_its_cpu_computes_it():
+    assert planner.this_machine().bfloat16 == cpu_has_native_bfloat16()
+
+
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_the_planner_times_the_precision_it_plans_for(monkeypatch, bfloat16):
+    from covnet.planning import cpu_measure
+
+    asked = []
+
+    def measure(topology, patch_size, batch_size, **options):
+        asked.append(options["bfloat16"])
+        return cpu_measure.IterationTiming(seconds=0.5, loader_seconds=0.01, data_wait_share=0.0, workers=1)
+
+    monkeypatch.setattr(cpu_measure, "measure_training_iteration", measure)
+    machine = BFLOAT16_MACHINE if bfloat16 else cpu_time.CALIBRATION_MACHINE
+    plan = planner.measured_cpu_plan(CLINICAL, DESCRIPTION, planner.PlanRequest("cpu", 8.0, 1.0), machine)
+    assert plan.mixed_precision == bfloat16 and asked and set(asked) == {bfloat16}
+    assert f"({'bfloat16' if bfloat16 else 'float32'}) with 1 worker" in plan.reasons["time_per_iteration"]
+
+
+@pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="this CPU has neither AMX nor AVX512-BF16")
+def test_timing_an_iteration_runs_training_in_the_precision_asked_for(monkeypatch):
+    from covnet.network.topology import Topology
+    from covnet.planning.cpu_measure import measure_training_iteration
+    from covnet.training import loop
+
+    real, asked = loop.train_epoch, []
+
+    def spy(*args, mixed_precision, **options):
+        asked.append(mixed_precision)
+        return real(*args, mixed_precision=mixed_precision, **options)
+
+    monkeypatch.setattr(loop, "train_epoch", spy)
+    topology = Topology(in_channels=1, num_classes=4, features_per_stage=(4, 8), kernel_sizes=((3, 3, 3),) * 2,
+                        strides=((1, 1, 1), (2, 2, 2)), n_blocks_per_stage=(1, 1), n_conv_per_stage_decoder=(1,))
+    for bfloat16 in (True, False):
+        asked.clear()
+        assert measure_training_iteration(topology, [16, 16, 16], 2, workers=0, bfloat16=bfloat16).seconds > 0
+        assert asked and set(asked) == {bfloat16}

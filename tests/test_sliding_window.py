@@ -225,13 +225,14 @@ def test_a_real_convolutional_network_runs_with_mirroring_and_padding():
 
 def test_cpu_autocast_is_bfloat16_where_native_and_float32_elsewhere(monkeypatch):
     from covnet.inference import sliding_window
+    from covnet.runtime import precision
     torch.manual_seed(0)
     network = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.LeakyReLU(),
                                   torch.nn.Conv3d(8, NUM_CLASSES, 3, padding=1)).eval()
     image = torch.randn(1, 10, 12, 12)
     exact = predict_sliding_window(network, image, (8, 8, 8), NUM_CLASSES)
     for native in (True, False):
-        monkeypatch.setattr(sliding_window, "cpu_has_native_bfloat16", lambda native=native: native)
+        monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda native=native: native)
         assert sliding_window.autocast_available(torch.device("cpu")) is native
         mixed = predict_sliding_window(network, image, (8, 8, 8), NUM_CLASSES, use_amp=True)
         assert mixed.dtype == torch.float32

@@ -180,7 +180,7 @@ def _training_steps(plan, device, steps: int) -> dict:
     network, optimizer, scaler, loss = training_parts(plan, device)
     try:
         for phase, iterations in (("first", 1), ("steady", max(1, steps - 1))):
-            train_epoch(network, batches, loss, optimizer, scaler, iterations, device, clip)
+            train_epoch(network, batches, loss, optimizer, scaler, iterations, device, clip, mixed_precision=cuda)
             peaks[phase] = peak()
             if cuda:
                 peaks["reserved"] = max(peaks["reserved"], torch.cuda.max_memory_reserved(device))

@@ -16,35 +16,17 @@ is the confidence that :func:`covnet.inference.report.case_report` summarises.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-import re
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from covnet.image.orientation import LEFT_RIGHT_AXIS
+from covnet.runtime.precision import autocast_available, cpu_has_native_bfloat16  # noqa: F401 (re-exported)
 
 SPATIAL_DIMS = 3
-
-
-@functools.cache
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16, read from /proc/cpuinfo). Elsewhere
-    oneDNN emulates bfloat16, which is slower than float32, so autocast stays off on such CPUs."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo) is not None
-
-
-def autocast_available(device: torch.device) -> bool:
-    """Mixed precision for inference: float16 on CUDA, bfloat16 on CPUs that compute it natively."""
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bfloat16())
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:

@@ -87,38 +87,51 @@ def loader_seconds(batches: RandomBatches, transforms, count: int = LOADER_BATCH
         torch.set_num_threads(threads)
 
 
+def _training_parts(topology: Topology, ignore_label: int | None):
+    """covnet_train's network (seeded), optimizer, loss and (disabled: a CPU needs none) gradient scaler."""
+    import torch
+
+    from covnet.network.unet import ResidualEncoderUNet
+    from covnet.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+
+    torch.manual_seed(0)
+    network = ResidualEncoderUNet(topology)
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    loss = DeepSupervisionLoss(DiceCELoss(batch_dice=True, ignore_label=ignore_label),
+                               deep_supervision_weights(len(topology.deep_supervision_scales)))
+    return network, optimizer, loss, torch.amp.GradScaler("cpu", enabled=False)
+
+
 def measure_training_iteration(topology: Topology, patch_size: Sequence[int], batch_size: int, *, workers: int,
                                lateral_pairs: Sequence[Sequence[int]] = (), ignore_label: int | None = None,
-                               iterations: int = TIMED_ITERATIONS) -> IterationTiming:
+                               iterations: int = TIMED_ITERATIONS, bfloat16: bool = False) -> IterationTiming:
     """Seconds per training iteration of this network and patch here, with ``workers`` augmentation processes
-    (0: augmentation in this process, between the steps), after ``WARM_UP_ITERATIONS`` untimed ones."""
+    (0: augmentation in this process, between the steps), after ``WARM_UP_ITERATIONS`` untimed ones; in float32,
+    or with ``bfloat16`` under bfloat16 autocast (a CPU plan's ``mixed_precision``), as training will run."""
     import torch
     from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
     from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
-    from covnet.network.unet import ResidualEncoderUNet
     from covnet.training.augmentation import training_read_size, training_transforms
     from covnet.training.loop import train_epoch
-    from covnet.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 
     scales = topology.deep_supervision_scales
     transforms = training_transforms(patch_size, scales, lateral_pairs=[tuple(pair) for pair in lateral_pairs],
                                      ignore_label=ignore_label)
     batches = RandomBatches(training_read_size(patch_size), batch_size, topology.in_channels, topology.num_classes)
     loader = loader_seconds(batches, transforms)
-    torch.manual_seed(0)
-    network = ResidualEncoderUNet(topology)
-    optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
-    loss = DeepSupervisionLoss(DiceCELoss(batch_dice=True, ignore_label=ignore_label),
-                               deep_supervision_weights(len(scales)))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    network, optimizer, loss, scaler = _training_parts(topology, ignore_label)
     device = torch.device("cpu")
     pipeline = (MultiThreadedAugmenter(batches, transforms, workers, num_cached_per_queue=QUEUED_BATCHES_PER_WORKER,
                                        seeds=None) if workers else SingleThreadedAugmenter(batches, transforms))
+
+    def timed(count: int):
+        return train_epoch(network, pipeline, loss, optimizer, scaler, count, device, GRADIENT_CLIP,
+                           mixed_precision=bfloat16)
+
     try:
-        train_epoch(network, pipeline, loss, optimizer, scaler, WARM_UP_ITERATIONS, device, GRADIENT_CLIP)
-        results = [train_epoch(network, pipeline, loss, optimizer, scaler, 1, device, GRADIENT_CLIP)
-                   for _ in range(iterations)]
+        timed(WARM_UP_ITERATIONS)
+        results = [timed(1) for _ in range(iterations)]
     finally:
         if workers:
             pipeline._finish()
@@ -126,3 +139,30 @@ def measure_training_iteration(topology: Topology, patch_size: Sequence[int], ba
     return IterationTiming(seconds=float(np.median(seconds)), loader_seconds=loader,
                            data_wait_share=sum(result.data_seconds for result in results) / sum(seconds),
                            workers=workers)
+
+
+class NetworkStep:
+    """The network's part of a training iteration, training's own step (``train_epoch``) on one fixed random
+    batch at the patch size (no augmentation), in float32 or under bfloat16 autocast: for comparing precisions
+    (benchmarks/cpu_train_precision.py). Each call runs one iteration and returns its wall seconds."""
+
+    def __init__(self, topology: Topology, patch_size: Sequence[int], batch_size: int, *, bfloat16: bool):
+        import torch
+
+        generator = torch.Generator().manual_seed(0)
+        self.batch = {"data": torch.randn(batch_size, topology.in_channels, *patch_size, generator=generator),
+                      "target": [torch.randint(0, topology.num_classes, (batch_size, 1, *shape), generator=generator)
+                                 for _, *shape in topology.logit_shapes(patch_size)]}
+        self.parts = _training_parts(topology, None)
+        self.bfloat16 = bfloat16
+
+    def __call__(self) -> float:
+        import itertools
+
+        import torch
+
+        from covnet.training.loop import train_epoch
+
+        network, optimizer, loss, scaler = self.parts
+        return train_epoch(network, itertools.repeat(self.batch), loss, optimizer, scaler, 1, torch.device("cpu"),
+                           GRADIENT_CLIP, mixed_precision=self.bfloat16).seconds

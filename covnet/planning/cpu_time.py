@@ -17,6 +17,10 @@ SGD-with-momentum step):
 gradient of the input and of the weight, each as many MACs as the forward). The activation elements are
 ``covnet.planning.memory.estimate_activation_elements``: the maps the elementwise layers read and write.
 
+The constants are float32's. A machine that trains in bfloat16 (``CpuMachine.bfloat16``: a CPU with AMX or
+AVX512-BF16, ``covnet.runtime.precision``) takes ``BFLOAT16_NETWORK_FACTOR`` × the network's float32 seconds; the
+data pipeline's part is the same in either precision.
+
 The data pipeline's part: sampling and augmenting one batch costs one core
 
     loader = SECONDS_PER_AUGMENTED_VOXEL × batch × patch voxels + SECONDS_PER_LOADED_BATCH
@@ -58,6 +62,11 @@ SECONDS_PER_AUGMENTED_VOXEL = 1.2e-7
 SECONDS_PER_LOADED_BATCH = 0.0
 # backward = gradient of the input + gradient of the weight, each as many MACs as the forward
 TRAINING_MAC_FACTOR = 3
+# bfloat16 autocast / float32 seconds of the network's part of a training iteration: benchmarks/
+# cpu_train_precision.py speed, 2026-12-08, 2-core AMD EPYC (AVX512-BF16, no AMX), torch 2.13.0: the CPU plan's
+# network 0.52 (2 threads, quiet machine); the 7 CPU network sizes 0.52-0.56, the two smallest 0.66 (1 thread,
+# CPU seconds, busy machine). Results in benchmarks/results/cpu_train_precision/.
+BFLOAT16_NETWORK_FACTOR = 0.55
 
 
 def forward_macs(patch_size: Sequence[int], topology: Topology) -> int:
@@ -116,11 +125,12 @@ def iteration_seconds(network: float, loader: float, workers: int, cores: int) -
 @dataclass(frozen=True)
 class CpuMachine:
     """The machine a CPU plan is timed for: its cores, the augmentation workers ``covnet_train`` starts there
-    by default, and ``scale``, the factor that fits the model to it (measured / estimated; 1: the model as
-    calibrated)."""
+    by default, whether it trains in bfloat16 (the plan's ``mixed_precision``), and ``scale``, the factor that
+    fits the model to it (measured / estimated; 1: the model as calibrated)."""
     cores: int
     workers: int
     scale: float = 1.0
+    bfloat16: bool = False
 
     def rescaled(self, scale: float) -> "CpuMachine":
         return replace(self, scale=scale)
@@ -128,16 +138,20 @@ class CpuMachine:
     def describe(self) -> str:
         workers = (f"{self.workers} augmentation worker{'s' if self.workers != 1 else ''}" if self.workers
                    else "augmentation in the training process")
-        return f"{self.cores} core{'s' if self.cores != 1 else ''}, {workers}"
+        return f"{self.cores} core{'s' if self.cores != 1 else ''}, {workers}, {self.precision}"
+
+    @property
+    def precision(self) -> str:
+        return "bfloat16" if self.bfloat16 else "float32"
 
 
-# The machine the constants were fitted on, with covnet_train's default of one worker on two cores.
+# The machine the constants were fitted on, with covnet_train's default of one worker on two cores, in float32.
 CALIBRATION_MACHINE = CpuMachine(cores=CALIBRATION_THREADS, workers=1)
 
 
 @dataclass(frozen=True)
 class IterationEstimate:
-    network: float     # the network's seconds per iteration, as calibrated (unscaled)
+    network: float     # the network's seconds per iteration in the machine's precision, as calibrated (unscaled)
     loader: float      # one core's seconds per batch of sampling and augmentation, as calibrated (unscaled)
     seconds: float     # the iteration on the machine: combined by ``iteration_seconds``, times its scale
 
@@ -145,16 +159,19 @@ class IterationEstimate:
 def estimate_iteration(patch_size: Sequence[int], batch_size: int, topology: Topology,
                        machine: CpuMachine = CALIBRATION_MACHINE) -> IterationEstimate:
     network = estimate_seconds_per_iteration(patch_size, batch_size, topology)
+    if machine.bfloat16:
+        network *= BFLOAT16_NETWORK_FACTOR
     loader = estimate_loader_seconds(patch_size, batch_size)
     return IterationEstimate(network, loader,
                              machine.scale * iteration_seconds(network, loader, machine.workers, machine.cores))
 
 
 def time_training_step(topology: Topology, patch_size: Sequence[int], batch_size: int, steps: int = 2,
-                       warm_up: int = 1, threads: int | None = None) -> list[float]:
-    """Wall seconds of ``steps`` real float32 training iterations (after ``warm_up`` untimed ones) of the
-    network on random data: forward, cross-entropy + soft Dice on every deep-supervision output, backward,
-    SGD with Nesterov momentum. Imports torch; used by the calibration script."""
+                       warm_up: int = 1, threads: int | None = None, bfloat16: bool = False) -> list[float]:
+    """Wall seconds of ``steps`` real float32 (``bfloat16``: the forward under bfloat16 autocast) training
+    iterations (after ``warm_up`` untimed ones) of the network on random data: forward, cross-entropy + soft Dice
+    on every deep-supervision output, backward, SGD with Nesterov momentum. Imports torch; used by the
+    calibration script."""
     import torch
     import torch.nn.functional as F
 
@@ -172,8 +189,9 @@ def time_training_step(topology: Topology, patch_size: Sequence[int], batch_size
                    for _, *shape in topology.logit_shapes(patch_size)]
 
         def step():
-            outputs = network(x)
-            outputs = outputs if isinstance(outputs, list) else [outputs]
+            with torch.autocast("cpu", enabled=bfloat16):
+                outputs = network(x)
+            outputs = [output.float() for output in (outputs if isinstance(outputs, list) else [outputs])]
             loss = 0.0
             for weight, (logits, target) in enumerate(zip(outputs, targets)):
                 probabilities = torch.softmax(logits, 1)

@@ -35,6 +35,7 @@ from covnet.runtime.atomic import read_json
 from covnet.runtime.environment import environment_record
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
+from covnet.runtime.precision import cpu_has_native_bfloat16
 from covnet.workspace import Workspace
 
 GIB = 2 ** 30
@@ -61,7 +62,8 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
 
     ``device="cuda"``: memory is the limit (AMP memory model, ``gpu_memory_gb``). ``device="cpu"``: time is
     the limit (``seconds_per_iteration`` for the network and the data pipeline on ``machine``, by
-    ``covnet.planning.cpu_time``'s model), and the float32 memory estimate must also fit ``gpu_memory_gb``."""
+    ``covnet.planning.cpu_time``'s model), and the memory estimate must also fit ``gpu_memory_gb``; the plan
+    trains in bfloat16 (``mixed_precision``) where ``machine.bfloat16``, else in float32."""
     if device not in DEVICES:
         raise CovnetError(None, f"--device {device}: must be one of {', '.join(DEVICES)}")
     spacings, shapes = fingerprint.spacings, fingerprint.shapes_after_crop
@@ -71,7 +73,7 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
     in_channels = len(description.channel_names)
     num_classes = description.num_classes
     budget = gpu_memory_gb * GIB
-    amp = device == "cuda"
+    amp = device == "cuda" or machine.bfloat16
     iteration = None
     try:
         if device == "cuda":
@@ -93,8 +95,8 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
     else:
         batch = rules.Decision(rules.MIN_BATCH_SIZE, f"CPU plan: the minimum {rules.MIN_BATCH_SIZE}; every extra "
                                                      "sample adds its time to each iteration")
-        device_reason = (f"CPU plan: time is the budget ({seconds_per_iteration:g} s per iteration, float32; "
-                         f"memory must also fit {gpu_memory_gb:g} GB)")
+        device_reason = (f"CPU plan: time is the budget ({seconds_per_iteration:g} s per iteration, "
+                         f"{machine.precision}; memory must also fit {gpu_memory_gb:g} GB)")
     normalization = {channel: normalization_for_channel(name, fingerprint)
                      for channel, name in description.channel_names.items()}
     estimate = estimate_training_memory_bytes(patch.value, batch.value, network, amp)
@@ -105,6 +107,7 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
         reasons["time_per_iteration"] = (
             f"network {iteration.network:.2f} s + augmentation {iteration.loader:.2f} s per batch on one core, "
             f"{machine.describe()} (covnet.planning.cpu_time model"
+            + (f", bfloat16 network × {cpu_time.BFLOAT16_NETWORK_FACTOR:g} of float32's" if machine.bfloat16 else "")
             + (f" × {machine.scale:.3g} measured on this machine)" if machine.scale != 1.0
                else f", calibrated on a {cpu_time.CALIBRATION_THREADS}-core CPU)"))
     reasons.update({f"normalization_{channel}": decision.reason for channel, decision in normalization.items()})
@@ -125,11 +128,12 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
 # ------------------------------------------------------------------------------------------------ CPU timing
 
 def this_machine() -> cpu_time.CpuMachine:
-    """The planning machine as the CPU time model sees it: its cores and covnet_train's default augmentation
-    workers there (calibrated scale)."""
+    """The planning machine as the CPU time model sees it: its cores, covnet_train's default augmentation
+    workers there and whether it trains in bfloat16 (a CPU with AMX or AVX512-BF16); calibrated scale."""
     from covnet.training.settings import TrainingSettings  # torch-free; the one definition of the default
 
-    return cpu_time.CpuMachine(cores=os.cpu_count() or 1, workers=TrainingSettings().data_workers)
+    return cpu_time.CpuMachine(cores=os.cpu_count() or 1, workers=TrainingSettings().data_workers,
+                               bfloat16=cpu_has_native_bfloat16())
 
 
 def _config(plan: Plan) -> tuple:
@@ -139,9 +143,10 @@ def _config(plan: Plan) -> tuple:
 def with_measurement(plan: Plan, timing) -> Plan:
     """``plan`` recording a ``covnet.planning.cpu_measure.IterationTiming`` of its own iteration."""
     workers = f"{timing.workers} worker{'s' if timing.workers != 1 else ''}" if timing.workers else "no workers"
+    precision = "bfloat16" if plan.mixed_precision else "float32"
     reason = (f"{plan.reasons.get('time_per_iteration', '')}; measured here: {timing.seconds:.2f} s per iteration "
-              f"with {workers} (augmentation {timing.loader_seconds:.2f} s per batch on one core; load average "
-              f"{os.getloadavg()[0]:.1f})")
+              f"({precision}) with {workers} (augmentation {timing.loader_seconds:.2f} s per batch on one core; "
+              f"load average {os.getloadavg()[0]:.1f})")
     return dataclasses.replace(plan, measured_seconds_per_iteration=round(timing.seconds, 4),
                                reasons={**plan.reasons, "time_per_iteration": reason})
 
@@ -149,10 +154,10 @@ def with_measurement(plan: Plan, timing) -> Plan:
 def measured_cpu_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, request: "PlanRequest",
                       machine: cpu_time.CpuMachine) -> Plan:
     """A CPU plan that keeps its promise here: plan by the model, time the chosen iteration on this machine
-    (``covnet.planning.cpu_measure``: the network with its augmentation workers), rescale the model by measured
-    / estimated and plan again, until the plan stands still. If it does not within ``MAX_MEASUREMENTS``
-    timings (other jobs make them erratic), the largest timed plan within the budget, else the fastest. The
-    plan records the timing of its own network and patch."""
+    (``covnet.planning.cpu_measure``: the network with its augmentation workers, in the plan's precision),
+    rescale the model by measured / estimated and plan again, until the plan stands still. If it does not within
+    ``MAX_MEASUREMENTS`` timings (other jobs make them erratic), the largest timed plan within the budget, else
+    the fastest. The plan records the timing of its own network and patch."""
     from covnet.planning.cpu_measure import measure_training_iteration
 
     def plan_for(machine):
@@ -172,7 +177,8 @@ def measured_cpu_plan(fingerprint: DatasetFingerprint, description: DatasetDescr
     for _ in range(MAX_MEASUREMENTS):
         log.info("timing the planned training iteration on this machine (--no-measure-cpu-time skips it)")
         timing = measure_training_iteration(plan.network, plan.patch_size, plan.batch_size, workers=machine.workers,
-                                            lateral_pairs=plan.lateral_pairs, ignore_label=plan.ignore_label)
+                                            lateral_pairs=plan.lateral_pairs, ignore_label=plan.ignore_label,
+                                            bfloat16=plan.mixed_precision)
         timed.append((plan, timing))
         machine = machine.rescaled(timing.seconds / modelled(plan))
         try:

@@ -19,6 +19,7 @@ from covnet.runtime.atomic import read_json, write_json
 from covnet.runtime.errors import CovnetError
 
 # 2: the plan names the training device (device, mixed_precision, limited_by, time per iteration).
+# (A CPU plan's mixed_precision true, bfloat16, is no format change: older CPU plans say false and train in float32.)
 PLANS_VERSION = 2
 # The one staleness number of preprocessed cases, the "version" inside preprocessing_key(): bumped whenever
 # preprocessing changes what it writes (not for a plan format change alone), so cases made before are redone.
@@ -144,7 +145,10 @@ class Plan:
     gpu_memory_gb: float                   # the training device's memory budget (host RAM for a CPU plan)
     estimated_memory_gb: float
     device: str                            # "cuda" or "cpu": what the plan was sized for
-    mixed_precision: bool                  # AMP training (CUDA plans); the memory estimate's model
+    # Training under autocast where the training device computes it natively (covnet.runtime.precision): float16
+    # with a GradScaler on CUDA, bfloat16 on a CPU with AMX or AVX512-BF16; false: float32. What the memory model
+    # (and a CPU plan's time model) assumed: CUDA plans set it; CPU plans where the planning CPU has bfloat16.
+    mixed_precision: bool
     limited_by: str                        # what bounded the patch: "memory", "time" or "median shape"
     seconds_per_iteration: float | None = None            # CPU plans: the time budget of one iteration
     estimated_seconds_per_iteration: float | None = None  # CPU plans: covnet.planning.cpu_time's estimate
@@ -198,6 +202,13 @@ class Plan:
     def foreground_labels(self) -> dict[str, int]:
         """The predicted structures by value: every label but background and the ignore label."""
         return dataset.foreground_labels(self.labels)
+
+    @property
+    def precision(self) -> str:
+        """What the plan trains in, for people: "AMP (float16)", "bfloat16" or "float32"."""
+        if not self.mixed_precision:
+            return "float32"
+        return "AMP (float16)" if self.device == "cuda" else "bfloat16"
 
     @property
     def in_channels(self) -> int:
@@ -254,7 +265,7 @@ class Plan:
         ``edited`` (see ``plan_differences``) say so instead of giving the planner's reason."""
         def fmt(values):
             return " × ".join(f"{v:g}" for v in values)
-        precision = "AMP" if self.mixed_precision else "float32"
+        precision = self.precision
         budget = self.reasons.get("device", "")
         limited = f"{'network and patch' if self.device == 'cpu' else 'patch'} limited by {self.limited_by}"
         rows = [("device", "device", f"{self.device}, {precision}", f"{budget}; {limited}" if budget else limited),

@@ -234,7 +234,7 @@ def choose_cpu_patch_and_network(target_spacing, median_shape, seconds_budget: f
                                  ) -> tuple[Decision, Decision, IterationEstimate]:
     """A CPU plan: time per iteration is the limit. Returns the patch, the network and its estimated iteration.
 
-    Why: on a CPU one iteration (batch 2, float32) of ResEnc M at a useful patch takes seconds, so training
+    Why: on a CPU one iteration (batch 2) of ResEnc M at a useful patch takes seconds, so training
     would crawl. Try the network sizes of ``CPU_NETWORK_SIZES`` largest first and keep the first whose largest
     patch within the budget (the network and the data pipeline's share on ``machine``, estimated by
     ``covnet.planning.cpu_time``, and also within the memory budget) has ≥ ``CPU_MIN_PATCH_VOXELS`` voxels or
@@ -245,7 +245,7 @@ def choose_cpu_patch_and_network(target_spacing, median_shape, seconds_budget: f
     def exceeds(patch, network):
         if estimate_iteration(patch, MIN_BATCH_SIZE, network, machine).seconds > seconds_budget:
             return "time"
-        if estimate_training_memory_bytes(patch, MIN_BATCH_SIZE, network) > memory_budget_bytes:
+        if estimate_training_memory_bytes(patch, MIN_BATCH_SIZE, network, machine.bfloat16) > memory_budget_bytes:
             return "memory"
         return None
 

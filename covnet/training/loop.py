@@ -1,9 +1,10 @@
 """One epoch of training and of patch validation: the inner loops, nothing else.
 
-A step moves a batch to the device, runs the network (autocast on CUDA), applies the deep-supervision loss,
-and (training) backpropagates with gradient clipping and an SGD step. Patch validation counts true positives,
-false positives and false negatives per foreground label over all of the epoch's validation patches (the
-"pseudo-Dice" nnU-Net tracks), leaving out ignored voxels.
+A step moves a batch to the device, runs the network (under autocast with ``mixed_precision``: float16 on CUDA,
+bfloat16 on a CPU), applies the deep-supervision loss to the logits cast to float32, and (training) backpropagates
+with gradient clipping and an SGD step; the weights, their gradients and the optimizer's state stay float32.
+Patch validation counts true positives, false positives and false negatives per foreground label over all of the
+epoch's validation patches (the "pseudo-Dice" nnU-Net tracks), leaving out ignored voxels.
 """
 from __future__ import annotations
 
@@ -55,11 +56,16 @@ def _as_list(output) -> list[torch.Tensor]:
     return list(output) if isinstance(output, (list, tuple)) else [output]
 
 
+def _float32(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Autocast's logits as float32: the softmax, Dice sums and cross-entropy of the loss lose too much in 16 bits
+    (CPU autocast keeps softmax in bfloat16)."""
+    return [output.float() for output in outputs]
+
+
 def train_epoch(network: nn.Module, loader: Iterator, loss_function: nn.Module, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, iterations: int, device: torch.device, gradient_clip: float,
-                progress=None, should_stop=lambda: False) -> EpochResult:
+                progress=None, should_stop=lambda: False, *, mixed_precision: bool) -> EpochResult:
     network.train()
-    use_amp = device.type == "cuda"
     total_loss, data_seconds, done = 0.0, 0.0, 0
     started = time.perf_counter()
     for _ in range(iterations):
@@ -70,8 +76,9 @@ def train_epoch(network: nn.Module, loader: Iterator, loss_function: nn.Module, 
         data, targets = _to_device(batch, device)
         data_seconds += time.perf_counter() - waiting
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=use_amp):
-            loss = loss_function(_as_list(network(data)), targets)
+        with torch.autocast(device.type, enabled=mixed_precision):
+            outputs = _as_list(network(data))
+        loss = loss_function(_float32(outputs), targets)
         if not torch.isfinite(loss):
             raise CovnetError(None, f"training loss became {loss.item()}; lower the learning rate or check the data")
         scaler.scale(loss).backward()
@@ -90,16 +97,17 @@ def train_epoch(network: nn.Module, loader: Iterator, loss_function: nn.Module, 
 
 def validate_patches(network: nn.Module, loader: Iterator, loss_function: nn.Module, iterations: int,
                      device: torch.device, num_classes: int, ignore_label: int | None,
-                     context: DistributedContext) -> tuple[float, list[float]]:
+                     context: DistributedContext, *, mixed_precision: bool) -> tuple[float, list[float]]:
     """Mean loss and per-foreground-label Dice over ``iterations`` validation batches (all ranks summed)."""
     network.eval()
     counts = torch.zeros(3, num_classes - 1, dtype=torch.float64, device=device)   # tp, fp, fn
     total_loss = torch.zeros(2, dtype=torch.float64, device=device)               # sum, batches
-    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+    with torch.no_grad():
         network.train(False)
         for _ in range(iterations):
             data, targets = _to_device(next_batch(loader), device)
-            outputs = _as_list(_forward_all_scales(network, data))
+            with torch.autocast(device.type, enabled=mixed_precision):
+                outputs = _float32(_as_list(_forward_all_scales(network, data)))
             total_loss += torch.tensor([loss_function(outputs, targets).item(), 1.0], device=device,
                                        dtype=torch.float64)
             counts += confusion_counts(outputs[0], targets[0], num_classes, ignore_label)

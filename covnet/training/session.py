@@ -8,6 +8,10 @@ folds of one split start from different weights, as unseeded folds would) and th
 torch's global generators, which the in-process augmentation draws from (a different stream per rank); the
 patch sampler has its own generator from the same seed. On a CPU with ``--num-workers 0`` two runs of one job
 with one seed therefore give the same losses.
+
+Precision (``training_precision``): plans.json's ``mixed_precision`` where the device computes it natively
+(float16 autocast with a GradScaler on CUDA, bfloat16 autocast on a CPU with AMX or AVX512-BF16), unless
+``--fp32``; the weights, the loss and the optimizer's state stay float32 either way.
 """
 from __future__ import annotations
 
@@ -29,12 +33,14 @@ from covnet.network.unet import ResidualEncoderUNet
 from covnet.runtime.environment import environment_record
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
+from covnet.runtime.precision import autocast_available, autocast_dtype_name
 from covnet.training.augmentation import training_read_size, training_transforms, validation_transforms
 from covnet.training.data import PatchSampler, rank_composition
 from covnet.training.distributed import DistributedContext
 from covnet.training.loop import train_epoch, validate_patches
 from covnet.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from covnet.training.progress import History, plot_progress
+from covnet.planning.plans import Plan
 from covnet.training.settings import TrainingJob, TrainingSettings
 
 log = logger(__name__)
@@ -46,6 +52,20 @@ DDP_COARSEST_WEIGHT = 1e-6
 def poly_learning_rate(initial_lr: float, epoch: int, epochs: int) -> float:
     """nnU-Net's schedule, stepped once per epoch: ``initial · (1 − epoch/epochs)^0.9``."""
     return initial_lr * (1 - epoch / epochs) ** POLY_EXPONENT
+
+
+def training_precision(plan: Plan, settings: TrainingSettings, device: torch.device) -> tuple[bool, str]:
+    """Whether training runs under autocast, and a line saying in what and why."""
+    if settings.fp32:
+        return False, "float32 (--fp32)"
+    if not plan.mixed_precision:
+        return False, "float32 (plans.json's mixed_precision is false)"
+    if not autocast_available(device):
+        return False, ("float32: plans.json's mixed_precision asks for bfloat16, but this CPU has neither AMX nor "
+                       "AVX512-BF16 and would emulate it, slower than float32")
+    scaler = ", a GradScaler" if device.type == "cuda" else ""
+    return True, (f"{autocast_dtype_name(device)} autocast (plans.json's mixed_precision; float32 weights{scaler} "
+                  "and loss; --fp32 turns it off)")
 
 
 def seed_everything(seed: int) -> None:
@@ -68,7 +88,11 @@ class TrainingSession:
         seed_everything(_stream_seed(settings.seed, context.rank, 0, 2))
         self.optimizer = torch.optim.SGD(self.network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
                                          weight_decay=settings.weight_decay, nesterov=True)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+        self.mixed_precision, precision = training_precision(plan, settings, device)
+        if context.is_main:
+            log.info(f"training precision: {precision}")
+        # bfloat16 has float32's range: only float16 needs its loss scaled
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.mixed_precision and device.type == "cuda")
         weights = deep_supervision_weights(len(plan.network.deep_supervision_scales))
         if context.enabled and len(weights) > 1:
             weights[-1] = DDP_COARSEST_WEIGHT
@@ -188,14 +212,16 @@ class TrainingSession:
         try:
             started = time.perf_counter()
             result = train_epoch(self.model, train_loader, self.loss, self.optimizer, self.scaler,
-                                 settings.iterations_per_epoch, self.device, settings.gradient_clip, bar, should_stop)
+                                 settings.iterations_per_epoch, self.device, settings.gradient_clip, bar, should_stop,
+                                 mixed_precision=self.mixed_precision)
         finally:
             bar.close()
         if should_stop():
             return False
         validation_loss, pseudo_dice = validate_patches(
             self.model, validation_loader, self.loss, settings.validation_iterations, self.device,
-            self.plan.num_classes, self.plan.ignore_label, self.context) if settings.validation_iterations else \
+            self.plan.num_classes, self.plan.ignore_label, self.context, mixed_precision=self.mixed_precision
+        ) if settings.validation_iterations else \
             (float("nan"), [float("nan")] * (self.plan.num_classes - 1))
         seconds = time.perf_counter() - started
         ema = self.history.record(result.mean_loss, validation_loss, pseudo_dice, learning_rate, seconds,

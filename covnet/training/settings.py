@@ -66,6 +66,8 @@ class TrainingSettings:
     checkpoint_every: int = setting(50, "write checkpoint_latest.pth every E epochs (also on Ctrl-C/SIGTERM)",
                                     minimum=1)
     compile: bool = setting(False, "torch.compile the network (CUDA only)")
+    fp32: bool = setting(False, "train in float32, whatever plans.json's mixed_precision says (otherwise its "
+                                "mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX or AVX512-BF16)")
     validation_step_size: float = setting(0.5, "sliding-window step of the whole-case validation, as a fraction of "
                                                "the patch", flag="--val-step-size", above=0, maximum=1)
     validation_mirroring: bool = setting(True, "test-time mirroring in the whole-case validation (off: 8x faster)",
@@ -73,8 +75,9 @@ class TrainingSettings:
     augmentation: AugmentationSettings = setting(default_factory=AugmentationSettings, cli=False)
 
     # What a resumed training may change: the length (extending a finished one), the machine and the validation.
-    # Anything else would make one run of two recipes.
-    MACHINE_SETTINGS = ("device", "num_workers", "checkpoint_every", "compile")
+    # Anything else would make one run of two recipes. (Precision counts with the machine: it already follows
+    # whether the machine computes bfloat16 natively.)
+    MACHINE_SETTINGS = ("device", "num_workers", "checkpoint_every", "compile", "fp32")
     CHANGEABLE_ON_CONTINUE = ("epochs", *MACHINE_SETTINGS, "validation_iterations", "validation_step_size",
                               "validation_mirroring")
 
