@@ -32,6 +32,7 @@ from covnet.planning.plans import (
     plan_differences,
 )
 from covnet.runtime.atomic import read_json
+from covnet.runtime.cpus import usable_cpu_count
 from covnet.runtime.environment import environment_record
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
@@ -124,11 +125,11 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
 # ------------------------------------------------------------------------------------------------ CPU timing
 
 def this_machine() -> cpu_time.CpuMachine:
-    """The planning machine as the CPU time model sees it: its cores and covnet_train's default augmentation
-    workers there (calibrated scale)."""
+    """The planning machine as the CPU time model sees it: the CPUs this process may use
+    (``covnet.runtime.cpus``) and covnet_train's default augmentation workers there (calibrated scale)."""
     from covnet.training.settings import TrainingSettings  # torch-free; the one definition of the default
 
-    return cpu_time.CpuMachine(cores=os.cpu_count() or 1, workers=TrainingSettings().data_workers)
+    return cpu_time.CpuMachine(cores=usable_cpu_count(), workers=TrainingSettings().data_workers)
 
 
 def _config(plan: Plan) -> tuple:

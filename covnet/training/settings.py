@@ -7,11 +7,11 @@
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from covnet.planning.plans import Plan
+from covnet.runtime.cpus import usable_cpu_count
 from covnet.runtime.settings import check_limits, setting, settings_from_json
 from covnet.workspace import ModelFolder, Workspace
 
@@ -83,10 +83,11 @@ class TrainingSettings:
 
     @property
     def data_workers(self) -> int:
-        """Background augmentation processes: every core but one for the network, at most 12 (nnU-Net's)."""
+        """Background augmentation processes: every usable CPU but one for the network (at least 1), at most 12
+        (nnU-Net's)."""
         if self.num_workers is not None:
             return self.num_workers
-        return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 2) - 1))
+        return max(1, min(MAX_DEFAULT_WORKERS, usable_cpu_count() - 1))
 
     def to_json(self) -> dict:
         return asdict(self)
