@@ -61,8 +61,8 @@ class TrainingSettings:
     seed: int = setting(0, "seed of the network's initialisation, the patch sampling and the augmentation")
     pretrained: str | None = setting(None, "initialise the weights from this checkpoint")
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
-    num_workers: int | None = setting(None, "data-augmentation processes (default: CPU cores - 1, at most 12; "
-                                            "0 = in-process)", minimum=0)
+    num_workers: int | None = setting(None, "data-augmentation processes (default: usable CPUs - 1, at least 1, "
+                                            "at most 12; 0 = in-process)", minimum=0)
     checkpoint_every: int = setting(50, "write checkpoint_latest.pth every E epochs (also on Ctrl-C/SIGTERM)",
                                     minimum=1)
     compile: bool = setting(False, "torch.compile the network (CUDA only)")
