@@ -38,6 +38,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from covnet.planning import cpu_time, rules
+from covnet.runtime.cpus import usable_cpu_count
 
 IN_CHANNELS, NUM_CLASSES, BATCH = 1, 4, 2
 ISO, ANISO = (1.0, 1.0, 1.0), (3.0, 0.8, 0.8)
@@ -120,7 +121,7 @@ def calibrate_loader(batches: int, limit_seconds: float, json_path: str | None) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=usable_cpu_count())
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--loader", action="store_true", help="calibrate the data pipeline's constants instead")

@@ -32,6 +32,7 @@ import time
 
 from covnet.network.topology import Topology
 from covnet.planning.memory import HALF_WEIGHT_BYTES, estimate_activation_elements, estimate_training_memory
+from covnet.runtime.cpus import usable_cpu_count
 
 IN_CHANNELS, NUM_CLASSES = 1, 4
 
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--amp", action="store_true",
                         help="measure under autocast (bfloat16 on CPU, float16 + GradScaler on CUDA)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=usable_cpu_count())
     parser.add_argument("--json", help="also write the raw rows here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -10,7 +10,8 @@ spent waiting for data:
   ``--iterations`` calls of ``train_step(next(dataloader_train))``; the data wait is the time inside
   ``next(dataloader_train)``. nnU-Net's data-augmentation worker count is ``nnUNet_n_proc_DA`` (``--nnunet-workers``:
   1 matches covnet's ``--num-workers 1``; ``default`` leaves nnU-Net's own choice, min(12, CPU count)). torch uses
-  ``os.cpu_count()`` threads, as ``nnUNetv2_train -device cpu`` sets.
+  one thread per CPU, as ``nnUNetv2_train -device cpu`` sets, counting the CPUs this process may use
+  (``covnet.runtime.cpus``; nnU-Net counts the host's, which differs only in a container or under taskset).
 * covnet: ``covnet_plan_and_preprocess --device cpu`` (the CPU plan) and, in a second copy of the workspace,
   ``--device cuda`` (the GPU plan, a network of nnU-Net's size), then ``covnet_train 0 --epochs 1
   --iters-per-epoch N --val-iters 1 --num-workers 1 --no-val-mirroring``; s/it and "% waiting for data" are read
@@ -37,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from covnet.runtime.cpus import usable_cpu_count
+
 DATASET_ID = 500
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_Phantoms"
 
@@ -49,8 +52,8 @@ from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-iterations, dataset_name = int(sys.argv[1]), sys.argv[2]
-torch.set_num_threads(os.cpu_count())          # what nnUNetv2_train -device cpu does
+iterations, dataset_name, threads = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(threads)          # what nnUNetv2_train -device cpu does
 folder = join(nnUNet_preprocessed, dataset_name)
 plans = load_json(join(folder, "nnUNetPlans.json"))
 dataset_json = load_json(join(folder, "dataset.json"))
@@ -224,7 +227,8 @@ def main() -> None:
                     driver = work / "nnunet_timing_driver.py"
                     driver.write_text(NNUNET_DRIVER)
                     log = logs / f"{name}_r{repeat}.log"
-                    wall = run([str(nnunet_bin / "python"), str(driver), str(args.iterations), DATASET_NAME], log,
+                    wall = run([str(nnunet_bin / "python"), str(driver), str(args.iterations), DATASET_NAME,
+                                str(usable_cpu_count())], log,
                                env=nnunet_env(work, workers))
                     line = [x for x in log.read_text().splitlines() if x.startswith("RESULT ")][-1]
                     result = json.loads(line[len("RESULT "):])

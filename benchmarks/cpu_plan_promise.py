@@ -92,10 +92,11 @@ def main(argv=None) -> int:
     import torch
 
     import covnet
+    from covnet.runtime.cpus import usable_cpu_count
 
     started = datetime.now(timezone.utc)
     rows = [trial(args.work, mode, args) for mode in args.modes]
-    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+    print(f"Machine: {cpu_name()}, {usable_cpu_count()} usable CPUs; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; covnet from {Path(covnet.__file__).parent}. "
           f"{started:%Y-%m-%d %H:%M}–{datetime.now(timezone.utc):%H:%M} UTC.")
     print(f"Command: `.venv/bin/python benchmarks/cpu_plan_promise.py {' '.join(sys.argv[1:])}`\n")

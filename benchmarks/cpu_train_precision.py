@@ -58,6 +58,7 @@ def machine_record() -> dict:
     """What the numbers were measured on: CPU model, its bfloat16 flags, threads, torch, date, load."""
     import torch
 
+    from covnet.runtime.cpus import usable_cpu_count
     from covnet.runtime.precision import cpu_has_native_bfloat16
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -69,7 +70,7 @@ def machine_record() -> dict:
     except OSError:
         flags = set()
     return {"cpu": model, "flags": sorted(flags), "native_bfloat16": cpu_has_native_bfloat16(),
-            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cores": usable_cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "load_average": os.getloadavg()}
 
 

@@ -37,6 +37,7 @@ from covnet.image.io import read_image
 from covnet.image.orientation import LEFT_RIGHT_AXIS
 from covnet.inference.predictor import InferenceSettings, Predictor, lungs_by_midline
 from covnet.preprocessing.case import preprocess_case
+from covnet.runtime.cpus import usable_cpu_count
 
 
 def predict_unfixed(predictor: Predictor, image: np.ndarray, geometry, case: str):
@@ -167,7 +168,7 @@ def main() -> None:
     started = datetime.now(timezone.utc)
     print(f"### Left/right with and without the lateral fix: {model} (epoch {_epoch(model)}), "
           f"TTA {'on' if args.tta else 'off'}\n")
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average "
+    print(f"Machine: {platform.machine()}, {usable_cpu_count()} usable CPUs, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at the start; {started:%Y-%m-%d %H:%M} UTC\n")
     print("\n".join(phantom_table(predictor, args.workspace, left, right)))
     if args.real_ct is not None:

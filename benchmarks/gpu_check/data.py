@@ -6,7 +6,6 @@ or ``run_checked`` (tests, background workers).
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.gpu_check.scale import PhantomSet
+from covnet.runtime.cpus import usable_cpu_count
 
 Run = Callable[[Sequence[str]], object]
 
@@ -88,8 +88,8 @@ def final_checkpoint(root: Path) -> Path:
 
 
 def make_phantom_model(root: Path, phantoms: PhantomSet, training_flags: Sequence[str], device: str, run: Run,
-                       processes: int = os.cpu_count() or 1) -> Path:
+                       processes: int | None = None) -> Path:
     """A phantom workspace with fold ``all`` trained on ``device``; returns its final checkpoint."""
-    prepare_workspace(root, phantoms, run, processes)
+    prepare_workspace(root, phantoms, run, processes or usable_cpu_count())
     run(train_command(root, device, training_flags))
     return final_checkpoint(root)

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from covnet.runtime.cpus import usable_cpu_count
+
 GIB = 2 ** 30
 # Import name -> distribution. REQUIRED: what covnet imports itself (and the test runner); the check cannot run
 # without one of them. REPORTED: what those import in turn at the versions carried or installed; their versions
@@ -77,7 +79,7 @@ def environment() -> dict:
     figures = {"commands": commands,
                "imports_not_carried": sorted({name.split(".")[0] for name in sys.modules} & set(NOT_CARRIED)),
                "python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
-               "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
+               "cpu_count": usable_cpu_count(), "load_average": os.getloadavg()[0],
                "cuda_available": torch.cuda.is_available(),
                "modules": modules, "missing": sorted(name for name, found in modules.items() if "error" in found),
                "transitive": reported,
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
     for name in ("--labelled", "--test", "--seed"):
         prepare.add_argument(name, type=int, required=True)
     prepare.add_argument("--tiny", action="store_true")
-    prepare.add_argument("-np", dest="processes", type=int, default=os.cpu_count())
+    prepare.add_argument("-np", dest="processes", type=int, default=usable_cpu_count())
     prepare.add_argument("--out", type=Path, help="write the seconds it took here")
     measure = commands.add_parser("memory")
     measure.add_argument("out", type=Path)

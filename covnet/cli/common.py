@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from covnet.runtime.cpus import limit_torch_threads
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.locking import holding
 from covnet.runtime.log import setup_logging
@@ -71,6 +72,7 @@ def run_command(name: str, main: Callable[[Sequence[str] | None], int | None],
     """Run ``main``; a ``CovnetError`` or ``OSError`` becomes ``<name>: error: <file>: <problem>`` on stderr
     and exit 2."""
     setup_logging()
+    limit_torch_threads()
     try:
         return int(main(argv) or 0)
     except CovnetError as error:

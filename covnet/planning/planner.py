@@ -32,6 +32,7 @@ from covnet.planning.plans import (
     plan_differences,
 )
 from covnet.runtime.atomic import read_json
+from covnet.runtime.cpus import usable_cpu_count
 from covnet.runtime.environment import environment_record
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
@@ -128,11 +129,12 @@ def make_plan(fingerprint: DatasetFingerprint, description: DatasetDescription, 
 # ------------------------------------------------------------------------------------------------ CPU timing
 
 def this_machine() -> cpu_time.CpuMachine:
-    """The planning machine as the CPU time model sees it: its cores, covnet_train's default augmentation
-    workers there and whether it trains in bfloat16 (a CPU with AMX or AVX512-BF16); calibrated scale."""
+    """The planning machine as the CPU time model sees it: the CPUs this process may use
+    (``covnet.runtime.cpus``), covnet_train's default augmentation workers there and whether it trains in
+    bfloat16 (a CPU with AMX or AVX512-BF16); calibrated scale."""
     from covnet.training.settings import TrainingSettings  # torch-free; the one definition of the default
 
-    return cpu_time.CpuMachine(cores=os.cpu_count() or 1, workers=TrainingSettings().data_workers,
+    return cpu_time.CpuMachine(cores=usable_cpu_count(), workers=TrainingSettings().data_workers,
                                bfloat16=cpu_has_native_bfloat16())
 
 

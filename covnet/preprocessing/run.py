@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,6 +13,7 @@ from covnet.planning.plans import Plan
 from covnet.preprocessing.case import PREPROCESSING_VERSION, preprocess_case
 from covnet.preprocessing.storage import is_case_done, properties_file, save_case
 from covnet.runtime.atomic import source_stamp
+from covnet.runtime.cpus import usable_cpu_count
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
 from covnet.runtime.parallel import map_cases
@@ -88,7 +88,7 @@ def preprocess_dataset(workspace: Workspace, plan: Plan, num_processes: int = 1,
     jobs = collect_jobs(workspace, description)
     todo = [job for job in jobs if overwrite or not is_case_done(job.output_folder, job.case, key, job.source,
                                                                  labelled=job.label_file is not None)]
-    workers = max(1, min(num_processes, os.cpu_count() or 1))
+    workers = max(1, min(num_processes, usable_cpu_count()))
     refusals = [refusal for refusal in map_cases(partial(run_case_job, plan=plan), todo, workers, "preprocess",
                                                  initializer=_single_threaded_worker) if refusal]
     for refusal in refusals:

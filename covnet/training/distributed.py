@@ -2,7 +2,8 @@
 
 ``torchrun --nproc_per_node N $(which covnet_train) FOLD`` sets RANK, LOCAL_RANK and WORLD_SIZE; without them
 training runs in one process. Each rank samples its own patches (its own seed) from its share of the global
-batch; gradients are averaged by DDP; only rank 0 writes files and logs.
+batch; gradients are averaged by DDP; only rank 0 writes files and logs. A stop (SIGINT/SIGTERM to any rank) is
+agreed by all ranks at every iteration, so that they stop together.
 """
 from __future__ import annotations
 
@@ -51,6 +52,15 @@ class DistributedContext:
         if self.enabled:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is true on any rank, the same answer on every rank (an all-reduce: every rank must
+        ask at the same point; ``device`` is where the process group's backend wants its tensors)."""
+        if not self.enabled:
+            return flag
+        vote = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        return bool(vote.item())
 
 
 def context_from_environment() -> DistributedContext:

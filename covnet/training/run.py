@@ -109,13 +109,20 @@ def train_fold(workspace: Workspace, fold: int | str, settings: TrainingSettings
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop after the current iteration and save ``checkpoint_latest``."""
+    """SIGINT/SIGTERM ask the loop to stop after the current iteration and save ``checkpoint_latest``. Under
+    torchrun a signal reaches the ranks at different moments, or only one of them: the ranks agree on it
+    (``DistributedContext.any_rank``) at every check, so that all stop at the same iteration instead of one
+    leaving the others waiting in the gradient all-reduce."""
 
     def __init__(self):
         self.signal: int | None = None
 
     def __call__(self, signal_number, _frame) -> None:
         self.signal = signal_number
+
+    def agreed(self, context: DistributedContext, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (every rank calls this at the same points of the loop)."""
+        return context.any_rank(self.signal is not None, device)
 
     @contextlib.contextmanager
     def installed(self):
@@ -224,8 +231,8 @@ def run_training(job: TrainingJob, settings: TrainingSettings, *, resume: bool, 
     elif pretrained is not None:
         session.load_pretrained(pretrained)
     with _StopRequest().installed() as stop:
-        finished = session.run(should_stop=lambda: stop.signal is not None)
+        finished = session.run(should_stop=lambda: stop.agreed(context, device))
+        context.barrier()           # the ranks leave together, after rank 0 has written its checkpoint
     if not finished:
         raise KeyboardInterrupt
-    context.barrier()
     return validate(resume_validation=False) if context.is_main else None

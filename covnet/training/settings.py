@@ -7,11 +7,11 @@
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from covnet.planning.plans import Plan
+from covnet.runtime.cpus import usable_cpu_count
 from covnet.runtime.settings import check_limits, setting, settings_from_json
 from covnet.workspace import ModelFolder, Workspace
 
@@ -61,8 +61,8 @@ class TrainingSettings:
     seed: int = setting(0, "seed of the network's initialisation, the patch sampling and the augmentation")
     pretrained: str | None = setting(None, "initialise the weights from this checkpoint")
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
-    num_workers: int | None = setting(None, "data-augmentation processes (default: CPU cores - 1, at most 12; "
-                                            "0 = in-process)", minimum=0)
+    num_workers: int | None = setting(None, "data-augmentation processes (default: usable CPUs - 1, at least 1, "
+                                            "at most 12; 0 = in-process)", minimum=0)
     checkpoint_every: int = setting(50, "write checkpoint_latest.pth every E epochs (also on Ctrl-C/SIGTERM)",
                                     minimum=1)
     compile: bool = setting(False, "torch.compile the network (CUDA only)")
@@ -86,10 +86,11 @@ class TrainingSettings:
 
     @property
     def data_workers(self) -> int:
-        """Background augmentation processes: every core but one for the network, at most 12 (nnU-Net's)."""
+        """Background augmentation processes: every usable CPU but one for the network (at least 1), at most 12
+        (nnU-Net's)."""
         if self.num_workers is not None:
             return self.num_workers
-        return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 2) - 1))
+        return max(1, min(MAX_DEFAULT_WORKERS, usable_cpu_count() - 1))
 
     def to_json(self) -> dict:
         return asdict(self)
