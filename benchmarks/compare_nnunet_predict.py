@@ -253,7 +253,7 @@ def run_nnunet(input_file: Path, work: Path, nnunet_bin: Path, env: dict, tta: b
 
 
 def run_covnet(input_file: Path, model: Path, work: Path, tta: bool, fp32: bool, pss_interval_s: float) -> dict:
-    from covnet.inference.sliding_window import cpu_has_native_bfloat16
+    from covnet.runtime.precision import cpu_has_native_bfloat16
     out = work / "covnet"
     shutil.rmtree(out / "in", ignore_errors=True)
     with TreePeakPss(pss_interval_s) as tree:

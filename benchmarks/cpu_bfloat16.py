@@ -28,7 +28,7 @@ from covnet.evaluation.folders import structures_of
 from covnet.evaluation.metrics import dice
 from covnet.image.io import read_image
 from covnet.inference.predictor import InferenceSettings, Predictor
-from covnet.inference.sliding_window import cpu_has_native_bfloat16
+from covnet.runtime.precision import cpu_has_native_bfloat16
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.preprocessing.storage import load_case
 from covnet.workspace import Workspace

@@ -268,7 +268,7 @@ def accuracy_table(root: Path, network: str, iterations: int, seeds: list[int]) 
 
     results = {"network": network, "iterations": iterations, "seeds": seeds, "cases": cases,
                "training_seconds": seconds, "structures": {}}
-    lines = [f"| structure | float32 Dice | bfloat16 Dice | bfloat16 - float32 (95% CI, p, cases) |",
+    lines = ["| structure | float32 Dice | bfloat16 Dice | bfloat16 - float32 (95% CI, p, cases) |",
              "|---|---|---|---|"]
     for structure in ("lungs", "infection"):
         a = [case_mean("bfloat16", case, structure) for case in cases]

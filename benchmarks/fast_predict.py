@@ -264,7 +264,7 @@ def summary_table(results: list[dict], with_truth: bool) -> str:
 def forward_sizes(args) -> int:
     """Network time per window voxel at larger inference windows (one forward of random input per size)."""
     from covnet.checkpoint import Checkpoint
-    from covnet.inference.sliding_window import autocast_available
+    from covnet.runtime.precision import autocast_available
     from covnet.network.unet import ResidualEncoderUNet
     checkpoint = Checkpoint.load(args.checkpoint)
     plan = checkpoint.typed_plan

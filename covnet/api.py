@@ -38,10 +38,11 @@ from covnet.inference.model_choice import select_checkpoints
 from covnet.inference.predictor import InferenceSettings, Predictor, default_speed_mode, speed_mode_settings
 from covnet.inference.report import REQUIRED_LABELS, case_report
 from covnet.model_archive.install import resolve_model_archive
-from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, choice_problem, hash_file, model_id
+from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, choice_problem, model_id
 from covnet.preprocessing.case import CaseProperties, preprocess_case
 from covnet.runtime.devices import resolve_device
 from covnet.runtime.errors import CovnetError
+from covnet.runtime.hashing import hash_file
 
 if TYPE_CHECKING:
     import pydicom

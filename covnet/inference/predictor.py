@@ -30,12 +30,13 @@ from covnet.inference.lung_box import (
 )
 from covnet.inference.postprocessing import assign_lung_sides, lungs_on_both_sides, postprocess_segmentation
 from covnet.inference.cpu_runtime import OPENVINO, RUNTIMES, TORCH, OpenVinoNetwork, resolve_runtime
-from covnet.inference.sliding_window import autocast_available, mirror_combinations, predict_sliding_window
+from covnet.inference.sliding_window import mirror_combinations, predict_sliding_window
 from covnet.network.unet import ResidualEncoderUNet
 from covnet.planning.plans import Plan, plan_differences
 from covnet.preprocessing.case import CaseProperties, preprocess_case, probabilities_to_original
 from covnet.runtime.errors import CovnetError
 from covnet.runtime.log import logger
+from covnet.runtime.precision import autocast_available
 
 log = logger(__name__)
 

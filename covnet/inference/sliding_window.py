@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from covnet.image.orientation import LEFT_RIGHT_AXIS
-from covnet.runtime.precision import autocast_available, cpu_has_native_bfloat16  # noqa: F401 (re-exported)
+from covnet.runtime.precision import autocast_available
 
 SPATIAL_DIMS = 3
 

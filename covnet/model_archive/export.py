@@ -24,12 +24,11 @@ from covnet.model_archive.manifest import (
     MANIFEST_NAME,
     PLANS_NAME,
     ArchivedModel,
-    FileEntry,
     ModelManifest,
-    hash_stream,
     model_id,
 )
 from covnet.preprocessing.case import PREPROCESSING_VERSION
+from covnet.runtime.hashing import FileEntry, hash_stream
 from covnet.runtime.atomic import atomic_path, read_json
 from covnet.runtime.errors import CovnetError
 from covnet.workspace import Workspace

@@ -22,11 +22,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, hash_stream, model_id, path_problem
+from covnet.model_archive.manifest import MANIFEST_NAME, ModelManifest, model_id, path_problem
 from covnet.planning.plans import PLANS_VERSION
 from covnet.runtime.atomic import sweep_dead_temporaries, temporary_folder
 from covnet.runtime.cache import model_cache_dir
 from covnet.runtime.errors import CovnetError
+from covnet.runtime.hashing import hash_stream
 from covnet.runtime.log import logger
 
 log = logger(__name__)

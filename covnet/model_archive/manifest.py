@@ -9,11 +9,11 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Sequence
 
 from covnet.runtime.errors import CovnetError
-from covnet.runtime.hashing import FileEntry, hash_file, hash_stream  # noqa: F401 (re-exported)
+from covnet.runtime.hashing import FileEntry
 
 MANIFEST_NAME = "manifest.json"
 ARCHIVE_FORMAT = 1
