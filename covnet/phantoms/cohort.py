@@ -15,7 +15,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from covnet.image.io import Geometry
-from covnet.phantoms.anatomy import Anatomy, Block, body_and_bone_hu, draw_anatomy, lung_labels, vessel_weight
+from covnet.phantoms.anatomy import (Anatomy, Block, Segment, body_and_bone_hu, draw_anatomy, lung_labels,
+                                     vessel_weight)
 from covnet.phantoms.lesions import INFECTION, Disease, draw_disease, paint_confounders, paint_disease
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -115,6 +116,19 @@ def draw_cohort_scan(rng: np.random.Generator, anatomy: Anatomy, size: str, site
                       z, y, x, geometry, int(rng.integers(2 ** 31)))
 
 
+def _airways(anatomy: Anatomy) -> tuple[Anatomy, Anatomy]:
+    """Bronchi beside the large vessels (bronchovascular bundles): air lumens with a soft-tissue wall, drawn with
+    the vessels' own partial-volume rule."""
+    walls, lumens = [], []
+    for segment in anatomy.vessels:
+        if segment.radius < 3.0:
+            continue
+        offset = np.array([0.0, 1.6 * segment.radius, 0.0])
+        walls.append(Segment(segment.start + offset, segment.end + offset, 0.9 * segment.radius))
+        lumens.append(Segment(segment.start + offset, segment.end + offset, 0.6 * segment.radius))
+    return (dataclasses.replace(anatomy, vessels=tuple(walls)), dataclasses.replace(anatomy, vessels=tuple(lumens)))
+
+
 def _reconstruct(scan: CohortScan, hu: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """Slice profile (z blur of the slice thickness), kernel texture and noise of the site."""
     spacing_z = scan.geometry.spacing[0]
@@ -140,6 +154,9 @@ def render_cohort(anatomy: Anatomy, disease: Disease, scan: CohortScan) -> tuple
     parenchyma = -860.0 + 25.0 * texture + 25.0 * (block.y[None, :, None] / 100.0)
     vessel_hu = 180.0 if scan.contrast else 40.0
     parenchyma += vessel_weight(anatomy, block) * (vessel_hu + 20.0 * texture - parenchyma)
+    walls, lumens = _airways(anatomy)
+    parenchyma += vessel_weight(walls, block) * (-100.0 - parenchyma)
+    parenchyma += vessel_weight(lumens, block) * (-990.0 - parenchyma)
     hu[lung] = parenchyma[lung]
     if scan.contrast:
         z, y, x = block.grids()
