@@ -2,7 +2,9 @@
 
 Per patient: body size and inspiration level (the anatomy is scaled), a disease (``lesions.draw_disease``) and
 confounders. Per scan: the site (a hospital's protocol: reconstruction kernel, slice thickness, dose, contrast,
-raw HU or images pre-windowed to 0-255 as in COVID-19-CT-Seg's Radiopaedia half) and the field of view (a
+raw HU or images stored pre-windowed to 0-255 as in COVID-19-CT-Seg's Radiopaedia half, written back in HU the
+way ``covnet_import_covid19ctseg`` restores them: 256 grey levels, everything outside the window saturated, and
+a wrong calibration where the site's window was not Radiopaedia's) and the field of view (a
 fraction of cases show one lung, a body cropped at the image edge, or lungs touching the border). Every draw
 is recorded per case (``CaseRecord``) so tests and benchmarks need not re-derive it.
 """
@@ -15,6 +17,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from covnet.image.io import Geometry
+from covnet.importers.covid19ctseg import RADIOPAEDIA_WINDOW_HU, STORED_GREY_LEVELS, windowed_to_hu
 from covnet.phantoms.anatomy import (Anatomy, Block, Segment, body_and_bone_hu, draw_anatomy, lung_labels,
                                      vessel_weight)
 from covnet.phantoms.lesions import INFECTION, Disease, draw_disease, paint_confounders, paint_disease
@@ -33,17 +36,17 @@ class Site:
     thickness_mm: tuple[float, ...]       # slice thicknesses it reconstructs
     noise_hu: tuple[float, float]
     contrast_chance: float
-    window: tuple[float, float] | None    # (level, width): scans stored pre-windowed to 0-255; None: raw HU
+    window: tuple[float, float] | None    # (low, high) HU stored as 0-255 grey levels; None: raw HU
     hu_offset: float = 0.0
 
 
 SITES = (
     Site("thin_sharp", "sharp", (1.0, 1.25, 1.5), (15.0, 35.0), 0.1, None),
     Site("routine_soft", "soft", (5.0,), (8.0, 15.0), 0.3, None),
-    Site("radiopaedia_png", "soft", (1.5, 3.0, 5.0), (8.0, 25.0), 0.2, (-500.0, 1500.0)),
+    Site("radiopaedia_png", "soft", (1.5, 3.0, 5.0), (8.0, 25.0), 0.2, RADIOPAEDIA_WINDOW_HU),
     Site("low_dose_sharp", "sharp", (2.5, 3.0), (35.0, 60.0), 0.0, None, 40.0),
     Site("contrast_thick", "soft", (7.5, 10.0), (10.0, 20.0), 0.9, None, -20.0),
-    Site("lung_window_png", "sharp", (2.0, 5.0, 10.0), (10.0, 30.0), 0.1, (-600.0, 1200.0)),
+    Site("lung_window_png", "sharp", (2.0, 5.0, 10.0), (10.0, 30.0), 0.1, (-1200.0, 0.0)),
 )
 
 
@@ -171,8 +174,9 @@ def render_cohort(anatomy: Anatomy, disease: Disease, scan: CohortScan) -> tuple
     if scan.site.window is None:
         image = np.clip(np.rint(hu), -1024, 3071)
     else:
-        level, width = scan.site.window
-        image = np.clip(np.rint((hu - level + width / 2) / width * 255.0), 0, 255)
+        low, high = scan.site.window
+        grey = np.clip(np.rint((hu - low) / (high - low) * STORED_GREY_LEVELS), 0, STORED_GREY_LEVELS)
+        image = np.rint(windowed_to_hu(grey))
     return image.astype(np.int16), labels
 
 
