@@ -54,6 +54,10 @@ def make_data(workspace, profile: str, strata: int | None, seed: int, labelled: 
     from covnet.phantoms.acquisition import profile_named
     from covnet.phantoms.generate import make_phantom_dataset
     if workspace.dataset_json.is_file():
+        have = (len(list(workspace.images_tr.glob("*.nii.gz"))), len(list(workspace.images_ts.glob("*.nii.gz"))))
+        if have != (labelled, held_out):
+            raise SystemExit(f"{workspace.root} holds {have[0]} labelled and {have[1]} held-out phantoms, not "
+                             f"{labelled} and {held_out}: use another --root (or the same --sizes/--held-out)")
         return
     make_phantom_dataset(workspace, num_labelled=labelled, num_unlabelled=0, num_test=held_out, seed=3000 + seed,
                          spacing_mode="isotropic", overwrite=True, profile=profile_named(profile),
