@@ -16,6 +16,7 @@ from covnet.phantoms.generate import (
     INFECTION,
     SMALL_MAX_VOXELS,
     case_plan,
+    cases_json,
     draw_scan,
     draw_infection,
     draw_spacing,
@@ -273,3 +274,115 @@ def test_flags_about_a_split_of_no_cases_are_ignored_with_a_warning(tmp_path, ca
     assert warnings == ["warning: --unlabelled-profile is ignored: --num-unlabelled 0 makes no such cases",
                         "warning: --pool-truth is ignored: --num-unlabelled 0 makes no such cases",
                         "warning: --test-profile is ignored: --num-test 0 makes no such cases"]
+
+
+# --- The cohort profile (issue 32) ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cohort_workspace(tmp_path_factory):
+    """A small cohort dataset: 4 labelled cases from 2 sites, 14 pool cases, 2 test cases."""
+    workspace = Workspace(tmp_path_factory.mktemp("cohort"))
+    make_phantom_dataset(workspace, num_labelled=4, num_unlabelled=14, num_test=2, seed=5,
+                         profile=profile_named("cohort"), pool_truth=True, labelled_strata=2)
+    return workspace
+
+
+def _cohort_records(workspace) -> dict:
+    return json.loads(cases_json(workspace).read_text())
+
+
+def test_cohort_same_seed_gives_identical_files_other_seed_differs(tmp_path, cohort_workspace):
+    again, other = Workspace(tmp_path / "again"), Workspace(tmp_path / "other")
+    for workspace, seed in ((again, 5), (other, 6)):
+        make_phantom_dataset(workspace, num_labelled=4, num_unlabelled=14, num_test=2, seed=seed,
+                             profile=profile_named("cohort"), pool_truth=True, labelled_strata=2)
+    files = sorted(p.relative_to(cohort_workspace.root) for p in cohort_workspace.raw.rglob("*") if p.is_file())
+    assert len(files) == 4 + 4 + 14 + 14 + 2 + 2 + 2  # images, labels, pool (+truth), test, both JSONs
+    for name in files:
+        assert (again.root / name).read_bytes() == (cohort_workspace.root / name).read_bytes(), name
+    first = cohort_workspace.images_unlabelled / "unlabelled_000_0000.nii.gz"
+    assert (other.images_unlabelled / first.name).read_bytes() != first.read_bytes()
+
+
+def test_cohort_covers_every_source_of_variation(cohort_workspace):
+    records = _cohort_records(cohort_workspace)
+    assert len(records) == 20
+    rows = list(records.values())
+    assert len({p for row in rows for p in row["patterns"]}) >= 4
+    assert len({row["stage"] for row in rows}) >= 3
+    severities = [row["severity"] for row in rows]
+    assert min(severities) < 0.05 and max(severities) > 0.3
+    assert any(row["confounders"] for row in rows)
+    assert {"hu", "windowed_0_255"} <= {row["intensity"] for row in rows}
+    assert {"soft", "sharp"} <= {row["kernel"] for row in rows}
+    assert len({row["thickness_mm"] for row in rows}) >= 3
+    assert any(row["fov"] != "full" for row in rows) and any(row["fov"] == "full" for row in rows)
+    assert any(row["contrast"] for row in rows) and any(not row["bilateral"] or row["diffuse"] for row in rows)
+
+
+def test_cohort_severity_reaches_both_extremes():
+    # Over many patients, the stage-dependent severity spans < 5 % to > 75 % of the lungs.
+    from covnet.phantoms.lesions import draw_disease
+    rng = np.random.default_rng(0)
+    anatomy = draw_anatomy(rng)
+    severities = [draw_disease(rng, anatomy).severity for _ in range(400)]
+    assert min(severities) < 0.05 and max(severities) > 0.75
+
+
+def test_cohort_labels_valid_and_confounders_not_infection(cohort_workspace):
+    records = _cohort_records(cohort_workspace)
+    for labels_dir in (cohort_workspace.labels_tr, cohort_workspace.labels_unlabelled):
+        for path in sorted(labels_dir.glob("*.nii.gz")):
+            label, _ = read_image(path)
+            image, _ = read_image(path.parent.parent / path.parent.name.replace("labels", "images")
+                                  / path.name.replace(".nii.gz", "_0000.nii.gz"))
+            record = records[path.name[:-len(".nii.gz")]]
+            assert set(np.unique(label).tolist()) <= {0, 1, 2, 3}
+            assert record["lungs_present"] and set(record["lungs_present"]) <= {1, 2}
+            if record["intensity"] == "windowed_0_255":  # restored to HU as the importer does: 256 levels
+                assert len(np.unique(image)) <= 256 and image.max() <= 250
+            else:
+                assert image.min() < -900 and len(np.unique(image)) > 256
+            fraction = np.count_nonzero(label == 3) / max(np.count_nonzero(label), 1)
+            assert abs(fraction - record["severity"]) < 1e-3
+
+
+def test_cohort_confounders_are_never_labelled_infection():
+    from covnet.phantoms.cohort import SITES, draw_cohort_scan, render_cohort
+    from covnet.phantoms.lesions import Disease, draw_disease
+    rng = np.random.default_rng(2)
+    anatomy = draw_anatomy(rng)
+    disease = draw_disease(rng, anatomy)
+    scan = draw_cohort_scan(rng, anatomy, "small", SITES[1])
+    healthy = Disease(disease.stage, 0.0, True, False, (), disease.field, ())
+    confounded = Disease(disease.stage, 0.0, True, False, (), disease.field,
+                         ("pleural_effusion", "dependent_atelectasis", "emphysema", "fibrotic_bands"))
+    clean_image, clean_label = render_cohort(anatomy, healthy, scan)
+    image, label = render_cohort(anatomy, confounded, scan)
+    assert (label == 3).sum() == 0 and not np.array_equal(image, clean_image)
+    assert 0 < (label > 0).sum() < (clean_label > 0).sum()  # effusion fluid is not lung
+
+
+def test_labelled_strata_restrict_the_labelled_sites(cohort_workspace):
+    rows = _cohort_records(cohort_workspace).values()
+    labelled = {row["site"] for row in rows if row["split"] == "labelled"}
+    pool = {row["site"] for row in rows if row["split"] != "labelled"}
+    assert len(labelled) <= 2 and len(pool) >= 4
+    from covnet.phantoms.cohort import SITES, site_choices
+    assert labelled <= {SITES[i].name for i in site_choices(5, 2)}
+
+
+def test_labelled_strata_needs_the_cohort_profile(tmp_path):
+    code = run_command("covnet_make_phantoms", cli.main, ["--workspace", str(tmp_path), "--num-labelled", "2",
+                                                         "--labelled-strata", "1"])
+    assert code != 0
+
+
+def test_cohort_cli_writes_cases_json(tmp_path):
+    code = run_command("covnet_make_phantoms", cli.main, ["--workspace", str(tmp_path), "--num-labelled", "2",
+                                                         "--num-unlabelled", "0", "--num-test", "1",
+                                                         "--profile", "cohort", "--labelled-strata", "1"])
+    assert code == 0
+    records = json.loads(cases_json(Workspace(tmp_path)).read_text())
+    assert sorted(records) == ["phantom_000", "phantom_001", "test_000"]
+    assert len({records["phantom_000"]["site"], records["phantom_001"]["site"]}) == 1

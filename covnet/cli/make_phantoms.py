@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="acquisition profile (scanner, protocol, cohort) of every split: standard; "
                              "low_dose_soft (thick slices, soft kernel, grainy noise, +50 HU, faint lesions); "
                              "varied_lesions (each patient at one disease stage, faint ground glass to "
-                             "consolidation)")
+                             "consolidation); cohort (a multi-site COVID-19 cohort: lesion patterns by disease "
+                             "stage, severity <5%% to >75%%, confounders, kernels, 1-10 mm slices, raw HU or "
+                             "0-255 pre-windowed sites, partial fields of view; see docs/phantoms_cohort.md)")
     parser.add_argument("--unlabelled-profile", choices=tuple(PROFILES), default=None,
                         help="scan the unlabelled pool with another profile (domain shift; default: --profile)")
     parser.add_argument("--test-profile", choices=tuple(PROFILES), default=None,
@@ -35,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-truth", action="store_true",
                         help="also write the pool's true labels to raw/labelsUnlabelled (for measuring "
                              "pseudo-labels; training never reads them)")
+    parser.add_argument("--labelled-strata", type=int, default=None,
+                        help="cohort profile: draw the labelled cases from only this many of the cohort's sites "
+                             "(a small expert set from one hospital); pool and test cases come from all")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in raw/")
     return parser
 
@@ -59,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              overwrite=args.overwrite, report=print, profile=profile_named(args.profile),
                              unlabelled_profile=args.unlabelled_profile and profile_named(args.unlabelled_profile),
                              test_profile=args.test_profile and profile_named(args.test_profile),
-                             pool_truth=args.pool_truth)
+                             pool_truth=args.pool_truth, labelled_strata=args.labelled_strata)
     print(f"wrote {workspace.dataset_json}")
     return 0
 

@@ -7,6 +7,8 @@ scanner for domain-shift experiments: thick slices, a soft kernel, more and coar
 calibration offset and fainter, more numerous ground-glass lesions. ``varied_lesions`` is a cohort seen at
 every stage of the disease: each patient's lesions share one stage, from faint early ground glass to dense
 consolidation, so that a few labelled cases cover only a few stages (label scarcity with room to gain).
+``cohort`` is a multi-site COVID-19 cohort drawn by ``covnet.phantoms.cohort`` (its own anatomy scaling, lesion
+patterns by disease stage, confounders, sites, fields of view); the other fields do not apply to it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class AcquisitionProfile:
     # in lesion_hu) and each of its lesions stays within this many HU of it.
     lesion_stage_spread_hu: float | None = None
     lesion_floor_hu: float = -720.0             # the faintest a lesion voxel may be
+    cohort: bool = False                        # drawn by covnet.phantoms.cohort instead
 
     def __post_init__(self):
         if self.slices not in SLICE_CHOICES:
@@ -75,6 +78,7 @@ PROFILES = {
                                         lesion_hu=(-760.0, -450.0), lesion_count_scale=2.0),
     "varied_lesions": AcquisitionProfile("varied_lesions", lesion_hu=(-790.0, -150.0), lesion_stage_spread_hu=60.0,
                                          lesion_floor_hu=-800.0, lesion_count_scale=2.0),
+    "cohort": AcquisitionProfile("cohort", cohort=True),
 }
 DEFAULT_PROFILE = PROFILES["standard"]
 

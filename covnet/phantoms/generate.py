@@ -6,6 +6,7 @@ origin, an infection burden and a noise level. Arrays are int16 HU and uint8 lab
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -25,6 +26,7 @@ from covnet.phantoms.anatomy import (
     vessel_weight,
 )
 from covnet.runtime.errors import CovnetError
+from covnet.runtime.log import logger
 from covnet.workspace import Workspace
 
 SIZES = ("small", "clinical")
@@ -282,12 +284,21 @@ def _prepare_raw(workspace: Workspace, overwrite: bool) -> None:
         if not overwrite:
             raise CovnetError(workspace.dataset_json, "already holds a dataset; pass --overwrite to replace it")
         workspace.dataset_json.unlink()
+    if cases_json(workspace).is_file():
+        cases_json(workspace).unlink()
     # Old phantom files (or those of an interrupted run) would mix with the new ones. Only phantom-named
     # files go: imagesUnlabelled may also hold real CTs added by covnet_import_unlabelled.
     for folder in folders:
         for stale in folder.glob("*.nii.gz") if folder.is_dir() else []:
             if STALE_NAME.match(stale.name):
                 stale.unlink()
+
+
+CASES_JSON = "phantom_cases.json"  # per-case draws of the cohort profile, beside dataset.json
+
+
+def cases_json(workspace: Workspace):
+    return workspace.raw / CASES_JSON
 
 
 STALE_NAME = re.compile(r"^(phantom|unlabelled|test)_\d+(_0000)?\.nii\.gz$")
@@ -300,7 +311,8 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
                          unlabelled_profile: AcquisitionProfile | None = None,
                          test_profile: AcquisitionProfile | None = None,
                          pool_truth: bool = False, distinct_patients: bool = False,
-                         burden_range: tuple[float, float] | None = None) -> DatasetDescription:
+                         burden_range: tuple[float, float] | None = None,
+                         labelled_strata: int | None = None) -> DatasetDescription:
     """Write phantoms into ``<workspace>/raw`` (imagesTr/labelsTr, imagesUnlabelled, imagesTs/labelsTs) and
     dataset.json last, so an interrupted run leaves no dataset that looks complete. ``profile`` scans every
     split; ``unlabelled_profile`` and ``test_profile`` scan those splits with another scanner (domain shift).
@@ -308,7 +320,9 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
     ``distinct_patients``: every labelled case is another patient (by default some are rescans of one).
     ``burden_range``: every case infected, with an infected fraction of the lungs log-uniform in this range (a
     cohort of confirmed COVID-19 cases, as COVID-19-CT-Seg is); by default some cases are clean and most
-    infections small."""
+    infections small. ``labelled_strata`` (cohort profile): the labelled cases come from that many of the
+    cohort's sites, the pool and test cases from all of them. Cohort splits record their cases' draws in
+    ``raw/phantom_cases.json``."""
     workspace = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     for name, count in (("num_labelled", num_labelled), ("num_unlabelled", num_unlabelled), ("num_test", num_test)):
         if count < 0:
@@ -317,9 +331,14 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
         raise CovnetError(None, "at least one labelled case is needed")
     if size not in SIZES or spacing_mode not in SPACING_MODES:
         raise CovnetError(None, f"size must be one of {SIZES} and spacing mode one of {SPACING_MODES}")
+    if labelled_strata is not None and (labelled_strata < 1 or not profile.cohort):
+        raise CovnetError(None, "labelled_strata must be >= 1 and needs the cohort profile for the labelled cases")
+    if burden_range is not None and profile.cohort:
+        logger(__name__).warning("burden_range is ignored for cohort splits: their severity follows "
+                                 "each patient's disease stage")
     _prepare_raw(workspace, overwrite)
     patients = list(range(num_labelled)) if distinct_patients else patient_indices(seed, num_labelled)
-    groups = {}
+    groups, records = {}, {}
     outputs = ((workspace.images_tr, workspace.labels_tr),
                (workspace.images_unlabelled, workspace.labels_unlabelled if pool_truth else None),
                (workspace.images_ts, workspace.labels_ts))
@@ -327,10 +346,19 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
     for split, ((split_name, prefix), count, (images_dir, labels_dir), split_profile) in enumerate(
             zip(SPLITS, (num_labelled, num_unlabelled, num_test), outputs, profiles)):
         geometries, burdens = [], []
-        for index, image, label, geometry in generate_split(seed, split, count, size, spacing_mode,
-                                                            patients if split == 0 else None, split_profile,
-                                                            burden_range):
+        if split_profile.cohort:
+            from covnet.phantoms.cohort import generate_cohort_split
+            cases = generate_cohort_split(seed, split, count, size, prefix, labelled_strata=labelled_strata)
+            if split == 0:
+                patients = list(range(num_labelled))
+        else:
+            cases = ((*case, None) for case in generate_split(seed, split, count, size, spacing_mode,
+                                                              patients if split == 0 else None, split_profile,
+                                                              burden_range))
+        for index, image, label, geometry, record in cases:
             case = f"{prefix}_{index:03d}"
+            if record is not None:
+                records[case] = dict(record.as_json(), split=split_name)
             write_image(image, geometry, image_path(images_dir, case))
             if labels_dir is not None:
                 write_image(label, geometry, label_path(labels_dir, case))
@@ -341,6 +369,8 @@ def make_phantom_dataset(workspace, num_labelled: int = 20, num_unlabelled: int 
         if report is not None:
             report(f"{split_summary(f'{split_name} ({images_dir.name})', geometries, burdens)}; "
                    f"{split_profile.name} acquisition")
+    if records:
+        cases_json(workspace).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
     description = covid_description("covnet_phantoms", num_labelled, groups)
     description.save(workspace.dataset_json)
     return description
