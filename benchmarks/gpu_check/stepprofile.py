@@ -176,7 +176,7 @@ def profile_step(plan_path: Path, device_name: str, *, warm_up: int, steps: int,
 
     def run(iterations: int):
         return train_epoch(parts.model, itertools.repeat(batch), parts.loss, parts.optimizer, parts.scaler,
-                           iterations, device, parts.clip, Progress())
+                           iterations, device, parts.clip, Progress(), mixed_precision=parts.autocast["enabled"])
 
     figures = {"device": str(device), "torch": torch.__version__, "patch_size": plan.patch_size,
                "batch_size": plan.batch_size, "warm_up": warm_up, "steps": steps,

@@ -193,7 +193,8 @@ def run_iterations(parts: Parts, batch: dict, iterations: int, device, variant: 
 
     if variant.covnet_loop:
         return train_epoch(parts.model, itertools.repeat(batch), parts.loss, parts.optimizer, parts.scaler,
-                           iterations, device, parts.clip, Progress()).mean_loss
+                           iterations, device, parts.clip, Progress(),
+                           mixed_precision=parts.autocast["enabled"]).mean_loss
     memory_format = torch.channels_last_3d if variant.channels_last else torch.contiguous_format
     parts.network.train()
     total, device_total = 0.0, torch.zeros((), device=device)
