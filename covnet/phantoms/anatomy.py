@@ -46,6 +46,19 @@ class Block:
     def sub(self, index: tuple[slice, ...]) -> "Block":
         return Block(self.z[index[0]], self.y[index[1]], self.x[index[2]], self.voxel_mm)
 
+    def ellipsoid(self, centre, radii) -> tuple[tuple[slice, ...], "Block", np.ndarray] | None:
+        """The voxels within 1.5 radii of an ellipsoid's centre (their index, their block) and each one's
+        normalised distance from the centre (1 on the surface); None when the box misses this block."""
+        reach = 1.5 * radii
+        index = self.box(centre - reach, centre + reach)
+        if index is None:
+            return None
+        sub = self.sub(index)
+        z, y, x = sub.grids()
+        distance = np.sqrt(((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+                           + ((x - centre[2]) / radii[2]) ** 2)
+        return index, sub, distance
+
 
 @dataclass(frozen=True)
 class SmoothField:

@@ -106,14 +106,10 @@ def paint_infection(infection: Infection, block: Block, labels: np.ndarray, hu: 
     """Label 3 and infection HU (the profile's floor … -90) where a blob meets a lung; the blob edge is
     irregular."""
     for blob in infection.blobs:
-        reach = 1.5 * blob.radii
-        index = block.box(blob.centre - reach, blob.centre + reach)
-        if index is None:
+        found = block.ellipsoid(blob.centre, blob.radii)
+        if found is None:
             continue
-        sub = block.sub(index)
-        z, y, x = sub.grids()
-        distance = np.sqrt(((z - blob.centre[0]) / blob.radii[0]) ** 2 + ((y - blob.centre[1]) / blob.radii[1]) ** 2
-                           + ((x - blob.centre[2]) / blob.radii[2]) ** 2)
+        index, sub, distance = found
         noise = infection.field.sample(sub)
         inside = (distance < 1.0 + 0.3 * noise) & (labels[index] > 0)
         value = blob.base_hu + blob.core_hu * np.clip(1.0 - distance, 0.0, 1.0) + 40.0 * noise

@@ -100,14 +100,10 @@ def paint_disease(disease: Disease, block: Block, labels: np.ndarray, hu: np.nda
     """Label 3 and lesion HU where a lesion meets a lung (``labels`` 1 or 2). Ground glass keeps the vessels
     visible (the denser of lesion and parenchyma wins); consolidation hides them."""
     for lesion in disease.lesions:
-        reach = 1.5 * lesion.radii
-        index = block.box(lesion.centre - reach, lesion.centre + reach)
-        if index is None:
+        found = block.ellipsoid(lesion.centre, lesion.radii)
+        if found is None:
             continue
-        sub = block.sub(index)
-        z, y, x = sub.grids()
-        distance = np.sqrt(((z - lesion.centre[0]) / lesion.radii[0]) ** 2 + ((y - lesion.centre[1])
-                           / lesion.radii[1]) ** 2 + ((x - lesion.centre[2]) / lesion.radii[2]) ** 2)
+        index, sub, distance = found
         noise = disease.field.sample(sub)
         inside = (distance < 1.0 + 0.3 * noise) & np.isin(labels[index], (1, 2, INFECTION))
         value = lesion.base_hu + 50.0 * noise
