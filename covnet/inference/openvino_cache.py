@@ -10,8 +10,8 @@ openvino before covnet did is told so with a warning (covnet cannot turn the rep
 
 **Cache.** ``<cache>/openvino/<key>/`` (:func:`covnet.runtime.cache.openvino_cache_dir`) holds ``model.xml`` and
 ``model.bin`` (OpenVINO's IR, float32 weights as converted) and ``entry.json`` (the key's parts and each file's
-SHA-256 and size). The key is the SHA-256 of what the conversion depends on: the caller's parts (the checkpoint
-file's SHA-256, the topology, the input shape, torch's version), openvino's version and this entry format. An entry
+SHA-256 and size). The key is the SHA-256 of what the conversion depends on: the caller's parts (the SHA-256 of
+the weights in memory, the topology, the input shape, torch's version), openvino's version and this entry format. An entry
 is written into a temporary folder and renamed into place whole, under a lock file that makes a second run wait
 for the first one's conversion and then read it. An entry whose files do not match ``entry.json``, or that
 OpenVINO cannot read, is converted again (with a warning); a cache that cannot be written is a warning, and the
